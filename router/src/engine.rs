@@ -53,7 +53,10 @@ pub struct InboxState {
 #[derive(Debug, Clone)]
 pub enum LiveEvent {
     /// `msg` was stored in `user`'s inbox.
-    Message { user: UserId, msg: Arc<InboxMessage> },
+    Message {
+        user: UserId,
+        msg: Arc<InboxMessage>,
+    },
     /// Live notifications may have been lost (the pub/sub connection dropped and is back, or a
     /// buffer overflowed): every session must catch up from the store.
     Resync,
@@ -111,7 +114,10 @@ pub trait Engine: Send + Sync + 'static {
 
     /// Dedupe check, capacity check, epoch creation, seq allocation, store, TTL refresh and live
     /// publish, atomically, checks before writes.
-    fn append<'a>(&'a self, msg: &'a NewMessage) -> BoxFuture<'a, Result<AppendOutcome, EngineError>>;
+    fn append<'a>(
+        &'a self,
+        msg: &'a NewMessage,
+    ) -> BoxFuture<'a, Result<AppendOutcome, EngineError>>;
 
     /// Up to `limit` messages with seq above `after`, in seq order.
     fn read_after<'a>(
@@ -126,7 +132,8 @@ pub trait Engine: Send + Sync + 'static {
 
     /// The inbox's epoch (created and stored now if absent) and head; refreshes its TTL.
     /// Called at `hello`.
-    fn open_inbox<'a>(&'a self, user: &'a UserId) -> BoxFuture<'a, Result<InboxState, EngineError>>;
+    fn open_inbox<'a>(&'a self, user: &'a UserId)
+    -> BoxFuture<'a, Result<InboxState, EngineError>>;
 
     /// The inbox's epoch and head without creating anything: `None` if the inbox has no epoch
     /// (never reported, expired or lost). Used by the periodic position check.
@@ -136,6 +143,8 @@ pub trait Engine: Send + Sync + 'static {
     ) -> BoxFuture<'a, Result<Option<InboxState>, EngineError>>;
 
     /// Starts live delivery of `user`'s messages to this node; resolves once it is in effect.
+    /// An `Unavailable` error means it was not in effect within `store_timeout`; the request
+    /// still stands (and takes effect when the live bus is back) until `unsubscribe`.
     fn subscribe(&self, user: &UserId) -> BoxFuture<'static, Result<(), EngineError>>;
 
     /// Stops live delivery of `user`'s messages to this node.

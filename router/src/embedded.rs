@@ -1,0 +1,377 @@
+//! The embedded engine: the Redis engine's semantics in one process, for a single node (a
+//! laptop, a demo, the single-process tests). Nothing survives the process, so every inbox gets a
+//! new epoch after a restart and clients learn through `reset` that their inboxes were lost.
+//!
+//! One mutex orders everything: an append stores, allocates its seq and hands the live event to
+//! the bus under it, so live events leave in seq order, as Redis's single-threaded scripts do.
+//!
+//! Live bus overflow: the append never waits for the hub. When the hub's channel is full, the
+//! message is not sent and a `Resync` is owed; a task sends it as soon as there is room, and until
+//! then further live messages are dropped. That is safe because every dropped message is already
+//! in the store that the resync makes every session read.
+
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::time::Duration;
+
+use ferry_shared::{MessageId, UserId};
+use futures_util::future::{self, BoxFuture};
+use tokio::sync::mpsc::{self, error::TrySendError};
+use tokio::time::Instant;
+
+use crate::engine::{
+    AppendOutcome, Engine, EngineError, EngineOptions, InboxMessage, InboxState, LiveEvent,
+    NewMessage,
+};
+use crate::epoch::new_epoch;
+use crate::metrics;
+
+/// How often expired inboxes of users who never came back are swept out, at most.
+const SWEEP_INTERVAL: Duration = Duration::from_secs(60);
+
+/// An engine without Redis.
+pub struct EmbeddedEngine {
+    options: EngineOptions,
+    state: Arc<Mutex<State>>,
+    /// The live events until the hub takes them.
+    live_events: Mutex<Option<mpsc::Receiver<LiveEvent>>>,
+}
+
+/// (recipient, sender, id): what a dedupe entry remembers a `send` by.
+type DedupeKey = (UserId, UserId, MessageId);
+
+struct State {
+    inboxes: HashMap<UserId, Inbox>,
+    /// The seq each recent `send` got, until it expires.
+    dedupe: HashMap<DedupeKey, Remembered>,
+    /// Dedupe entries in expiry order (the window is fixed), for lazy purging.
+    dedupe_expiry: VecDeque<(DedupeKey, Instant)>,
+    /// When expired inboxes are next swept out.
+    next_sweep: Instant,
+    /// Users this node wants live messages for.
+    subscribed: HashSet<UserId>,
+    live: mpsc::Sender<LiveEvent>,
+    /// A `Resync` is owed to the hub (a task is waiting for room to send it).
+    resync_owed: bool,
+}
+
+struct Inbox {
+    epoch: String,
+    /// The last allocated seq.
+    seq: u64,
+    messages: BTreeMap<u64, InboxMessage>,
+    /// The inbox is gone at this instant unless an append or open refreshes it.
+    expires: Instant,
+}
+
+struct Remembered {
+    seq: u64,
+    expires: Instant,
+}
+
+impl EmbeddedEngine {
+    pub fn new(options: EngineOptions) -> EmbeddedEngine {
+        let (live, live_events) = mpsc::channel(options.live_buffer.max(1));
+        metrics::init();
+        let state = State {
+            inboxes: HashMap::new(),
+            dedupe: HashMap::new(),
+            dedupe_expiry: VecDeque::new(),
+            next_sweep: Instant::now() + SWEEP_INTERVAL,
+            subscribed: HashSet::new(),
+            live,
+            resync_owed: false,
+        };
+        EmbeddedEngine {
+            options,
+            state: Arc::new(Mutex::new(state)),
+            live_events: Mutex::new(Some(live_events)),
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, State> {
+        lock(&self.state)
+    }
+
+    fn append_now(&self, msg: &NewMessage) -> AppendOutcome {
+        let now = Instant::now();
+        let mut guard = self.lock();
+        let state = &mut *guard;
+        state.purge(now);
+        let key = (msg.to.clone(), msg.from.clone(), msg.id.clone());
+        if let Some(seen) = state.dedupe.get(&key).filter(|r| r.expires > now) {
+            return AppendOutcome::Duplicate { seq: seen.seq };
+        }
+        let inbox = state.live_inbox(&msg.to, now);
+        if inbox.is_some_and(|i| i.messages.len() as u64 >= self.options.max_inbox) {
+            return AppendOutcome::InboxFull;
+        }
+        let inbox = state
+            .inboxes
+            .entry(msg.to.clone())
+            .or_insert_with(|| Inbox::new(now));
+        inbox.seq += 1;
+        inbox.expires = now + self.options.inbox_ttl;
+        let seq = inbox.seq;
+        let stored = InboxMessage {
+            seq,
+            from: msg.from.clone(),
+            id: msg.id.clone(),
+            ts: msg.ts,
+            body: msg.body.clone(),
+        };
+        inbox.messages.insert(seq, stored.clone());
+        let expires = now + self.options.dedupe_window;
+        state
+            .dedupe
+            .insert(key.clone(), Remembered { seq, expires });
+        state.dedupe_expiry.push_back((key, expires));
+        if state.subscribed.contains(&msg.to) {
+            self.publish(state, msg.to.clone(), stored);
+        }
+        AppendOutcome::Stored { seq }
+    }
+
+    /// Hands a stored message to the live bus, or owes the hub a resync (see the module docs).
+    fn publish(&self, state: &mut State, user: UserId, msg: InboxMessage) {
+        if state.resync_owed {
+            return;
+        }
+        let event = LiveEvent::Message {
+            user,
+            msg: Arc::new(msg),
+        };
+        match state.live.try_send(event) {
+            Ok(()) | Err(TrySendError::Closed(_)) => {}
+            Err(TrySendError::Full(_)) => {
+                tracing::warn!("live buffer full; sessions will catch up from the store");
+                state.resync_owed = true;
+                let shared = Arc::clone(&self.state);
+                let live = state.live.clone();
+                tokio::spawn(async move {
+                    // Fails only when the hub is gone, and then nobody needs the resync.
+                    let Ok(permit) = live.reserve().await else {
+                        return;
+                    };
+                    let mut state = lock(&shared);
+                    permit.send(LiveEvent::Resync);
+                    state.resync_owed = false;
+                    metrics::LIVE_RESYNCS.inc();
+                });
+            }
+        }
+    }
+}
+
+fn lock(state: &Mutex<State>) -> MutexGuard<'_, State> {
+    // Nothing under the lock can leave the state half-changed in a way a panic would expose.
+    state.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+impl Inbox {
+    fn new(now: Instant) -> Self {
+        Self {
+            epoch: new_epoch(),
+            seq: 0,
+            messages: BTreeMap::new(),
+            expires: now,
+        }
+    }
+}
+
+impl State {
+    /// `user`'s inbox unless it has expired (an expired one is removed).
+    fn live_inbox(&mut self, user: &UserId, now: Instant) -> Option<&mut Inbox> {
+        if self.inboxes.get(user).is_some_and(|i| i.expires <= now) {
+            self.inboxes.remove(user);
+        }
+        self.inboxes.get_mut(user)
+    }
+
+    /// Forgets expired dedupe entries, and now and then expired inboxes.
+    fn purge(&mut self, now: Instant) {
+        while let Some((_, expires)) = self.dedupe_expiry.front() {
+            if *expires > now {
+                break;
+            }
+            if let Some((key, expires)) = self.dedupe_expiry.pop_front()
+                && self.dedupe.get(&key).is_some_and(|r| r.expires == expires)
+            {
+                self.dedupe.remove(&key);
+            }
+        }
+        if now >= self.next_sweep {
+            self.inboxes.retain(|_, inbox| inbox.expires > now);
+            self.next_sweep = now + SWEEP_INTERVAL;
+        }
+    }
+}
+
+impl Engine for EmbeddedEngine {
+    fn name(&self) -> &'static str {
+        "embedded"
+    }
+
+    fn append<'a>(
+        &'a self,
+        msg: &'a NewMessage,
+    ) -> BoxFuture<'a, Result<AppendOutcome, EngineError>> {
+        // A future, not an immediate answer, so the overflow task is spawned inside the runtime.
+        Box::pin(async move { Ok(self.append_now(msg)) })
+    }
+
+    fn read_after<'a>(
+        &'a self,
+        user: &'a UserId,
+        after: u64,
+        limit: usize,
+    ) -> BoxFuture<'a, Result<Vec<InboxMessage>, EngineError>> {
+        let mut state = self.lock();
+        let page = match state.live_inbox(user, Instant::now()) {
+            Some(inbox) if after < u64::MAX => inbox
+                .messages
+                .range(after + 1..)
+                .take(limit)
+                .map(|(_, msg)| msg.clone())
+                .collect(),
+            _ => Vec::new(),
+        };
+        Box::pin(future::ready(Ok(page)))
+    }
+
+    fn trim<'a>(&'a self, user: &'a UserId, upto: u64) -> BoxFuture<'a, Result<(), EngineError>> {
+        let mut state = self.lock();
+        if let Some(inbox) = state.live_inbox(user, Instant::now()) {
+            let kept = match upto.checked_add(1) {
+                Some(first_kept) => inbox.messages.split_off(&first_kept),
+                None => BTreeMap::new(),
+            };
+            inbox.messages = kept;
+        }
+        Box::pin(future::ready(Ok(())))
+    }
+
+    fn open_inbox<'a>(
+        &'a self,
+        user: &'a UserId,
+    ) -> BoxFuture<'a, Result<InboxState, EngineError>> {
+        let now = Instant::now();
+        let mut state = self.lock();
+        state.purge(now);
+        if state.live_inbox(user, now).is_none() {
+            state.inboxes.insert(user.clone(), Inbox::new(now));
+        }
+        let inbox = state
+            .inboxes
+            .get_mut(user)
+            .map(|inbox| {
+                inbox.expires = now + self.options.inbox_ttl;
+                InboxState {
+                    epoch: inbox.epoch.clone(),
+                    head: inbox.seq,
+                }
+            })
+            .ok_or_else(|| EngineError::Internal("inbox vanished while opened".into()));
+        Box::pin(future::ready(inbox))
+    }
+
+    fn inbox_state<'a>(
+        &'a self,
+        user: &'a UserId,
+    ) -> BoxFuture<'a, Result<Option<InboxState>, EngineError>> {
+        let mut state = self.lock();
+        let answer = state
+            .live_inbox(user, Instant::now())
+            .map(|inbox| InboxState {
+                epoch: inbox.epoch.clone(),
+                head: inbox.seq,
+            });
+        Box::pin(future::ready(Ok(answer)))
+    }
+
+    fn subscribe(&self, user: &UserId) -> BoxFuture<'static, Result<(), EngineError>> {
+        self.lock().subscribed.insert(user.clone());
+        Box::pin(future::ready(Ok(())))
+    }
+
+    fn unsubscribe(&self, user: &UserId) -> BoxFuture<'static, Result<(), EngineError>> {
+        self.lock().subscribed.remove(user);
+        Box::pin(future::ready(Ok(())))
+    }
+
+    fn take_live_events(&self) -> Option<mpsc::Receiver<LiveEvent>> {
+        self.live_events
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take()
+    }
+
+    fn ping(&self) -> BoxFuture<'_, Result<(), EngineError>> {
+        Box::pin(future::ready(Ok(())))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use bytes::Bytes;
+
+    fn send(to: &str, id: &str) -> NewMessage {
+        NewMessage {
+            from: UserId::parse("alice").unwrap(),
+            to: UserId::parse(to).unwrap(),
+            id: MessageId::parse(id).unwrap(),
+            ts: 1,
+            body: Bytes::from_static(b"x"),
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn dedupe_entries_expire_and_are_purged() {
+        let options = EngineOptions {
+            dedupe_window: Duration::from_secs(60),
+            ..EngineOptions::default()
+        };
+        let engine = EmbeddedEngine::new(options);
+        for i in 0..100 {
+            engine.append(&send("bob", &format!("m{i}"))).await.unwrap();
+        }
+        assert_eq!(engine.lock().dedupe.len(), 100);
+        let again = engine.append(&send("bob", "m7")).await.unwrap();
+        assert_eq!(again, AppendOutcome::Duplicate { seq: 8 });
+        tokio::time::advance(Duration::from_secs(61)).await;
+        let later = engine.append(&send("bob", "m7")).await.unwrap();
+        assert_eq!(later, AppendOutcome::Stored { seq: 101 });
+        let state = engine.lock();
+        assert_eq!(state.dedupe.len(), 1, "expired entries are purged");
+        assert_eq!(state.dedupe_expiry.len(), 1);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn untouched_inboxes_expire_with_a_new_epoch() {
+        let options = EngineOptions {
+            inbox_ttl: Duration::from_secs(3600),
+            ..EngineOptions::default()
+        };
+        let engine = EmbeddedEngine::new(options);
+        let bob = UserId::parse("bob").unwrap();
+        let first = engine.open_inbox(&bob).await.unwrap();
+        engine.append(&send("bob", "m1")).await.unwrap();
+        tokio::time::advance(Duration::from_secs(1800)).await;
+        assert_eq!(engine.inbox_state(&bob).await.unwrap().unwrap().head, 1);
+        tokio::time::advance(Duration::from_secs(1801)).await;
+        assert_eq!(engine.inbox_state(&bob).await.unwrap(), None);
+        assert!(engine.read_after(&bob, 0, 10).await.unwrap().is_empty());
+        let second = engine.open_inbox(&bob).await.unwrap();
+        assert_ne!(second.epoch, first.epoch);
+        assert_eq!(second.head, 0);
+        // Users who never come back are swept out by later activity.
+        engine
+            .open_inbox(&UserId::parse("carol").unwrap())
+            .await
+            .unwrap();
+        tokio::time::advance(Duration::from_secs(3601)).await;
+        engine.append(&send("dave", "m1")).await.unwrap();
+        assert_eq!(engine.lock().inboxes.len(), 1);
+    }
+}

@@ -1,0 +1,26 @@
+//! Where a Ferry message goes and how: the `Engine` trait (store and live bus), its Redis and
+//! embedded implementations, and the node-local `Hub` that maps users to the sessions on a node.
+//!
+//! The router knows nothing of WebSockets; the gateway knows nothing of Redis commands.
+
+mod embedded;
+mod engine;
+mod epoch;
+mod hub;
+pub mod metrics;
+mod pubsub;
+mod record;
+mod redis_engine;
+mod script;
+
+#[cfg(feature = "testkit")]
+pub mod testkit;
+
+pub use embedded::EmbeddedEngine;
+pub use engine::{
+    AppendOutcome, Engine, EngineError, EngineOptions, InboxMessage, InboxState, LiveEvent,
+    NewMessage,
+};
+pub use hub::{CatchUpReason, Hub, HubOptions, LiveSignal, Membership};
+pub use record::{RecordError, decode_member, encode_payload};
+pub use redis_engine::RedisEngine;

@@ -1,0 +1,104 @@
+//! The Redis engine's live bus: one dedicated pub/sub connection per node, owned by one task that
+//! keeps the set of users this node wants, survives drops, and feeds `LiveEvent`s to the hub.
+//!
+//! - `subscribe`/`unsubscribe` queue a request on an unbounded channel when they are *called*, so
+//!   requests take effect in call order, and a dropped future cancels nothing.
+//! - The task records each request in the *desired* set at once, whatever the connection's state.
+//!   A subscribe resolves when the connection has confirmed it; while the connection is down that
+//!   is after the reconnect. The caller gives up after `store_timeout` (`Unavailable`), but the
+//!   request stays in the desired set: it is withdrawn by an `unsubscribe`, which the hub sends
+//!   when a join fails. An unsubscribe resolves when confirmed, or at once while disconnected.
+//! - The drop of the connection is seen when its message stream ends (the redis crate ends it on
+//!   EOF or a reset, e.g. after `CLIENT KILL TYPE pubsub` or a Redis restart), or when a periodic
+//!   `PING` goes unanswered for `store_timeout` (a silent network). The task then reconnects with
+//!   jittered exponential backoff (50 ms doubling to 2 s), subscribes every desired user again,
+//!   and only then sends `LiveEvent::Resync`: anything published while it was away was missed.
+//! - Messages are forwarded with `try_send`, never awaited: the redis crate reads the socket into
+//!   an unbounded queue of its own, so awaiting a slow hub would grow that queue instead of pushing
+//!   back on Redis. When the hub's channel is full, the message is dropped and a `Resync` is owed;
+//!   until it is delivered (as soon as there is room) further messages are dropped too, which is
+//!   safe because each of them is already in the store the resync reads.
+
+mod backoff;
+mod task;
+
+use std::time::Duration;
+
+use ferry_shared::{Keys, UserId};
+use futures_util::future::BoxFuture;
+use tokio::sync::{mpsc, oneshot};
+
+use crate::engine::{EngineError, LiveEvent};
+use task::LiveTask;
+
+/// Handle to the live task; the task stops when this is dropped.
+pub(crate) struct LiveBus {
+    requests: mpsc::UnboundedSender<Request>,
+    store_timeout: Duration,
+}
+
+struct Request {
+    user: UserId,
+    subscribe: bool,
+    /// Answered once the request is in effect.
+    done: oneshot::Sender<()>,
+}
+
+impl LiveBus {
+    /// Starts the live task (inside the current Tokio runtime). Returns the handle and the
+    /// channel of live events for the hub.
+    pub fn start(
+        client: redis::Client,
+        keys: Keys,
+        store_timeout: Duration,
+        live_buffer: usize,
+    ) -> (LiveBus, mpsc::Receiver<LiveEvent>) {
+        let (requests, requests_rx) = mpsc::unbounded_channel();
+        let (events, events_rx) = mpsc::channel(live_buffer.max(1));
+        tokio::spawn(LiveTask::new(client, keys, store_timeout, requests_rx, events).run());
+        let bus = LiveBus {
+            requests,
+            store_timeout,
+        };
+        (bus, events_rx)
+    }
+
+    pub fn subscribe(&self, user: &UserId) -> BoxFuture<'static, Result<(), EngineError>> {
+        self.request(user, true)
+    }
+
+    pub fn unsubscribe(&self, user: &UserId) -> BoxFuture<'static, Result<(), EngineError>> {
+        self.request(user, false)
+    }
+
+    fn request(
+        &self,
+        user: &UserId,
+        subscribe: bool,
+    ) -> BoxFuture<'static, Result<(), EngineError>> {
+        let (done, confirmed) = oneshot::channel();
+        // Queued now, not when the future is first polled: this is what orders requests.
+        let queued = self.requests.send(Request {
+            user: user.clone(),
+            subscribe,
+            done,
+        });
+        let store_timeout = self.store_timeout;
+        Box::pin(async move {
+            let stopped = || EngineError::Unavailable("the live bus has stopped".into());
+            queued.map_err(|_| stopped())?;
+            match tokio::time::timeout(store_timeout, confirmed).await {
+                Ok(Ok(())) => Ok(()),
+                Ok(Err(_)) => Err(stopped()),
+                Err(_) => Err(EngineError::Unavailable(format!(
+                    "pub/sub {} not confirmed within {store_timeout:?}",
+                    if subscribe {
+                        "subscription"
+                    } else {
+                        "unsubscription"
+                    }
+                ))),
+            }
+        })
+    }
+}

@@ -1,0 +1,204 @@
+//! Helpers shared by the router's integration tests: ids and messages, bounded waits, an engine
+//! wrapper that records subscriptions, and `on_both_engines!`, which runs one test body against
+//! the embedded engine and against a Redis engine on its own fresh `redis-server`.
+
+#![allow(dead_code, unused_macros)]
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use ferry_router::{
+    AppendOutcome, Engine, EngineError, EngineOptions, InboxMessage, InboxState, LiveEvent,
+    NewMessage,
+};
+use ferry_shared::{MessageId, UserId};
+use futures_util::future::BoxFuture;
+use tokio::sync::mpsc;
+
+/// The longest any single wait in a test may take before the test fails.
+pub const WAIT: Duration = Duration::from_secs(10);
+/// The longest a whole test body may take.
+pub const TEST_LIMIT: Duration = Duration::from_secs(60);
+
+/// Defines `mod $name { fn embedded(); fn redis(); }`, two tests running `$body` (an async block
+/// that uses the engine as `$engine`) on each engine built with `$options`.
+macro_rules! on_both_engines {
+    ($name:ident, $options:expr, |$engine:ident| $body:expr) => {
+        mod $name {
+            use super::*;
+
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn embedded() {
+                let $engine: std::sync::Arc<dyn ferry_router::Engine> =
+                    std::sync::Arc::new(ferry_router::EmbeddedEngine::new($options));
+                common::bounded($body).await;
+            }
+
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn redis() {
+                let server = ferry_router::testkit::RedisServer::start();
+                let $engine: std::sync::Arc<dyn ferry_router::Engine> = std::sync::Arc::new(
+                    ferry_router::RedisEngine::connect(&server.url(), $options, 4)
+                        .await
+                        .expect("a valid URL"),
+                );
+                common::bounded($body).await;
+                drop(server);
+            }
+        }
+    };
+}
+
+/// Runs a whole test body with an upper bound.
+pub async fn bounded<F: Future<Output = ()>>(body: F) {
+    tokio::time::timeout(TEST_LIMIT, body)
+        .await
+        .unwrap_or_else(|_| panic!("test body did not finish within {TEST_LIMIT:?}"));
+}
+
+/// Awaits `work` for at most `WAIT`.
+pub async fn within<F: Future>(what: &str, work: F) -> F::Output {
+    tokio::time::timeout(WAIT, work)
+        .await
+        .unwrap_or_else(|_| panic!("timed out waiting for {what}"))
+}
+
+/// Options for tests: defaults with a short store timeout.
+pub fn options() -> EngineOptions {
+    EngineOptions {
+        store_timeout: Duration::from_secs(2),
+        live_buffer: 1024,
+        ..EngineOptions::default()
+    }
+}
+
+pub fn user(name: &str) -> UserId {
+    UserId::parse(name).expect("a valid user id")
+}
+
+pub fn message(from: &str, to: &str, id: &str, body: &[u8]) -> NewMessage {
+    NewMessage {
+        from: user(from),
+        to: user(to),
+        id: MessageId::parse(id).expect("a valid message id"),
+        ts: 1_764_086_400_000,
+        body: Bytes::copy_from_slice(body),
+    }
+}
+
+/// Appends and expects it stored; returns the seq.
+pub async fn stored(engine: &dyn Engine, msg: &NewMessage) -> u64 {
+    match engine.append(msg).await {
+        Ok(AppendOutcome::Stored { seq }) => seq,
+        other => panic!("expected stored, got {other:?}"),
+    }
+}
+
+/// Appends `n` messages from alice to `to` with ids `<prefix>-<i>`; returns their seqs.
+pub async fn fill(engine: &dyn Engine, to: &str, prefix: &str, n: usize) -> Vec<u64> {
+    let mut seqs = Vec::with_capacity(n);
+    for i in 0..n {
+        let body = format!("body {i}");
+        let msg = message("alice", to, &format!("{prefix}-{i}"), body.as_bytes());
+        seqs.push(stored(engine, &msg).await);
+    }
+    seqs
+}
+
+pub fn seqs(messages: &[InboxMessage]) -> Vec<u64> {
+    messages.iter().map(|m| m.seq).collect()
+}
+
+/// The next live event, within `WAIT`.
+pub async fn next_event(events: &mut mpsc::Receiver<LiveEvent>) -> LiveEvent {
+    within("a live event", events.recv())
+        .await
+        .expect("the live channel is open")
+}
+
+/// The next live event, which must be a message for `to`; returns its seq.
+pub async fn next_message(events: &mut mpsc::Receiver<LiveEvent>, to: &str) -> u64 {
+    match next_event(events).await {
+        LiveEvent::Message { user: u, msg } if u == user(to) => msg.seq,
+        other => panic!("expected a message for {to}, got {other:?}"),
+    }
+}
+
+/// Delegates to an engine and records subscribe (`+user`) and unsubscribe (`-user`) calls in the
+/// order they were made.
+pub struct Recorder {
+    inner: Arc<dyn Engine>,
+    calls: Mutex<Vec<String>>,
+}
+
+impl Recorder {
+    pub fn new(inner: Arc<dyn Engine>) -> Arc<Recorder> {
+        Arc::new(Recorder {
+            inner,
+            calls: Mutex::new(Vec::new()),
+        })
+    }
+
+    pub fn calls(&self) -> Vec<String> {
+        self.calls.lock().unwrap().clone()
+    }
+}
+
+impl Engine for Recorder {
+    fn name(&self) -> &'static str {
+        self.inner.name()
+    }
+
+    fn append<'a>(
+        &'a self,
+        msg: &'a NewMessage,
+    ) -> BoxFuture<'a, Result<AppendOutcome, EngineError>> {
+        self.inner.append(msg)
+    }
+
+    fn read_after<'a>(
+        &'a self,
+        user: &'a UserId,
+        after: u64,
+        limit: usize,
+    ) -> BoxFuture<'a, Result<Vec<InboxMessage>, EngineError>> {
+        self.inner.read_after(user, after, limit)
+    }
+
+    fn trim<'a>(&'a self, user: &'a UserId, upto: u64) -> BoxFuture<'a, Result<(), EngineError>> {
+        self.inner.trim(user, upto)
+    }
+
+    fn open_inbox<'a>(
+        &'a self,
+        user: &'a UserId,
+    ) -> BoxFuture<'a, Result<InboxState, EngineError>> {
+        self.inner.open_inbox(user)
+    }
+
+    fn inbox_state<'a>(
+        &'a self,
+        user: &'a UserId,
+    ) -> BoxFuture<'a, Result<Option<InboxState>, EngineError>> {
+        self.inner.inbox_state(user)
+    }
+
+    fn subscribe(&self, user: &UserId) -> BoxFuture<'static, Result<(), EngineError>> {
+        self.calls.lock().unwrap().push(format!("+{user}"));
+        self.inner.subscribe(user)
+    }
+
+    fn unsubscribe(&self, user: &UserId) -> BoxFuture<'static, Result<(), EngineError>> {
+        self.calls.lock().unwrap().push(format!("-{user}"));
+        self.inner.unsubscribe(user)
+    }
+
+    fn take_live_events(&self) -> Option<mpsc::Receiver<LiveEvent>> {
+        self.inner.take_live_events()
+    }
+
+    fn ping(&self) -> BoxFuture<'_, Result<(), EngineError>> {
+        self.inner.ping()
+    }
+}

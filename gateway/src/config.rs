@@ -1,0 +1,673 @@
+//! The gateway's settings: one typed struct read from flags and `FERRY_*` environment variables,
+//! validated before any port is bound.
+
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::builder::BoolishValueParser;
+use clap::{ArgAction, CommandFactory, FromArgMatches, Parser, ValueEnum};
+
+/// Every setting of a gateway node. Each flag `--some-name` can also be given as the environment
+/// variable `FERRY_SOME_NAME`; a flag on the command line wins over the variable.
+#[derive(Debug, Clone, Parser)]
+#[command(name = "ferry-gateway", version, about = "Ferry's WebSocket gateway")]
+pub struct Config {
+    /// WebSocket listener.
+    #[arg(long, env = "FERRY_LISTEN", default_value = "0.0.0.0:8080")]
+    pub listen: SocketAddr,
+
+    /// Admin listener: /healthz, /readyz, /metrics.
+    #[arg(long, env = "FERRY_ADMIN_LISTEN", default_value = "0.0.0.0:9090")]
+    pub admin_listen: SocketAddr,
+
+    /// `redis://` or `rediss://` URL; without one the embedded (single-node) engine is used.
+    #[arg(long, env = "FERRY_REDIS_URL")]
+    pub redis_url: Option<String>,
+
+    /// Prefix of every Redis key and channel, so several deployments can share one Redis.
+    #[arg(long, env = "FERRY_KEY_PREFIX", default_value = "ferry")]
+    pub key_prefix: String,
+
+    /// This node's name in `welcome`, logs and metrics [default: the host name].
+    #[arg(long, env = "FERRY_NODE_ID")]
+    pub node_id: Option<String>,
+
+    /// HS256 shared secret for verifying tokens.
+    #[arg(long, env = "FERRY_JWT_SECRET", hide_env_values = true)]
+    pub jwt_secret: Option<JwtSecret>,
+
+    /// Path of a PEM public key for verifying tokens, with --jwt-alg RS256 or ES256.
+    #[arg(long, env = "FERRY_JWT_PUBLIC_KEY")]
+    pub jwt_public_key: Option<PathBuf>,
+
+    /// The one algorithm tokens may be signed with.
+    #[arg(
+        long,
+        env = "FERRY_JWT_ALG",
+        value_enum,
+        ignore_case = true,
+        default_value = "HS256"
+    )]
+    pub jwt_alg: JwtAlg,
+
+    /// Required `iss` of every token, when set.
+    #[arg(long, env = "FERRY_JWT_ISSUER")]
+    pub jwt_issuer: Option<String>,
+
+    /// Required `aud` of every token, when set.
+    #[arg(long, env = "FERRY_JWT_AUDIENCE")]
+    pub jwt_audience: Option<String>,
+
+    /// Allow running without a JWT key; serve the demo page and a token endpoint. Insecure.
+    /// (`FERRY_DEV` takes true/false, 1/0, yes/no, on/off.)
+    #[arg(long, env = "FERRY_DEV", action = ArgAction::SetTrue, value_parser = BoolishValueParser::new())]
+    pub dev: bool,
+
+    /// Largest WebSocket message accepted, in bytes.
+    #[arg(long, env = "FERRY_MAX_FRAME_BYTES", default_value_t = 1_048_576)]
+    pub max_frame_bytes: usize,
+
+    /// Largest `send` body, in bytes.
+    #[arg(long, env = "FERRY_MAX_BODY_BYTES", default_value_t = 65_536)]
+    pub max_body_bytes: usize,
+
+    /// Unacknowledged messages per inbox before `inbox_full`.
+    #[arg(long, env = "FERRY_MAX_INBOX", default_value_t = 10_000)]
+    pub max_inbox: u64,
+
+    /// An inbox untouched this long expires (a new epoch follows).
+    #[arg(long, env = "FERRY_INBOX_TTL", default_value = "30d", value_parser = parse_duration)]
+    pub inbox_ttl: Duration,
+
+    /// How long a `send` id is remembered for deduplication.
+    #[arg(long, env = "FERRY_DEDUPE_WINDOW", default_value = "60s", value_parser = parse_duration)]
+    pub dedupe_window: Duration,
+
+    /// Per-connection token bucket for `send`: sends per second.
+    #[arg(long, env = "FERRY_SEND_RATE", default_value_t = 100.0)]
+    pub send_rate: f64,
+
+    /// Per-connection token bucket for `send`: the bucket's size (it starts full).
+    #[arg(long, env = "FERRY_SEND_BURST", default_value_t = 200)]
+    pub send_burst: u32,
+
+    /// A store command slower than this fails (`unavailable`, or close 1013 at `hello`).
+    #[arg(long, env = "FERRY_STORE_TIMEOUT", default_value = "2s", value_parser = parse_duration)]
+    pub store_timeout: Duration,
+
+    /// Time allowed between the upgrade and `hello`.
+    #[arg(long, env = "FERRY_HELLO_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
+    pub hello_timeout: Duration,
+
+    /// Ping interval; silence for two intervals closes the connection.
+    #[arg(long, env = "FERRY_HEARTBEAT", default_value = "25s", value_parser = parse_duration)]
+    pub heartbeat: Duration,
+
+    /// Window over which a draining node spreads `reconnect` (0 sends them all at once).
+    #[arg(long, env = "FERRY_DRAIN_TIMEOUT", default_value = "30s", value_parser = parse_duration)]
+    pub drain_timeout: Duration,
+
+    /// Log format.
+    #[arg(long, env = "FERRY_LOG_FORMAT", value_enum, default_value = "text")]
+    pub log_format: LogFormat,
+
+    /// Open WebSocket connections accepted at once; further upgrades are refused.
+    #[arg(long, env = "FERRY_MAX_CONNECTIONS", default_value_t = 100_000)]
+    pub max_connections: usize,
+
+    /// Bound of each connection's outbound queue, in messages; beyond it the session lags and
+    /// catches up from the inbox.
+    #[arg(long, env = "FERRY_OUTBOUND_QUEUE", default_value_t = 256)]
+    pub outbound_queue: usize,
+
+    /// Bound of each connection's outbound queue, in bytes.
+    #[arg(long, env = "FERRY_OUTBOUND_QUEUE_BYTES", default_value_t = 1_048_576)]
+    pub outbound_queue_bytes: usize,
+
+    /// A socket that accepts nothing for this long is closed.
+    #[arg(long, env = "FERRY_WRITE_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
+    pub write_timeout: Duration,
+
+    /// Messages read from the inbox per catch-up page.
+    #[arg(long, env = "FERRY_CATCHUP_PAGE", default_value_t = 256)]
+    pub catchup_page: usize,
+
+    /// Interval of each session's position check against the inbox head (jittered ±20%).
+    #[arg(long, env = "FERRY_POSITION_CHECK", default_value = "30s", value_parser = parse_duration)]
+    pub position_check: Duration,
+
+    /// Redis command connections in the pool (each one multiplexed).
+    #[arg(long, env = "FERRY_REDIS_POOL_SIZE", default_value_t = 8)]
+    pub redis_pool_size: usize,
+
+    /// Lifetime of tokens minted by the --dev token endpoint.
+    #[arg(long, env = "FERRY_DEV_TOKEN_TTL", default_value = "1h", value_parser = parse_duration)]
+    pub dev_token_ttl: Duration,
+}
+
+/// The algorithm tokens must be signed with; exactly one is accepted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum JwtAlg {
+    /// HMAC-SHA256 with --jwt-secret.
+    #[value(name = "HS256")]
+    Hs256,
+    /// RSA PKCS#1 v1.5 with SHA-256, with --jwt-public-key.
+    #[value(name = "RS256")]
+    Rs256,
+    /// ECDSA P-256 with SHA-256, with --jwt-public-key.
+    #[value(name = "ES256")]
+    Es256,
+}
+
+/// How log events are written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per event.
+    Json,
+}
+
+/// The HS256 secret. Its `Debug` is redacted so that logging the config never leaks it.
+#[derive(Clone, PartialEq, Eq)]
+pub struct JwtSecret(String);
+
+impl JwtSecret {
+    /// The secret itself, for building keys.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl From<String> for JwtSecret {
+    fn from(s: String) -> Self {
+        Self(s)
+    }
+}
+
+impl From<&str> for JwtSecret {
+    fn from(s: &str) -> Self {
+        Self(s.to_owned())
+    }
+}
+
+impl fmt::Debug for JwtSecret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("JwtSecret(<redacted>)")
+    }
+}
+
+/// Why a configuration is refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ConfigError {
+    #[error(
+        "no JWT key configured: give --jwt-secret (HS256) or --jwt-public-key with --jwt-alg \
+         RS256 or ES256, or run with --dev (insecure, for development only)"
+    )]
+    NoJwtKey,
+    #[error("--jwt-secret and --jwt-public-key exclude each other: configure one key")]
+    BothJwtKeys,
+    #[error("{0}")]
+    JwtAlgMismatch(&'static str),
+    #[error("--{flag} must not be zero")]
+    Zero { flag: &'static str },
+    #[error("--{flag}: {reason}")]
+    Invalid { flag: &'static str, reason: String },
+}
+
+fn parse_duration(s: &str) -> Result<Duration, String> {
+    humantime::parse_duration(s).map_err(|e| format!("{e} (write durations like 10s, 500ms, 30d)"))
+}
+
+impl Config {
+    /// Parses `args` (the first item is the program name) without reading the process
+    /// environment: clap's `env` attribute reads the real environment even in
+    /// `try_parse_from`, so this strips every `env` binding first and tests stay hermetic.
+    /// The binary uses `Config::parse()`, which does read `FERRY_*` variables.
+    pub fn from_args<'a, I: IntoIterator<Item = &'a str>>(args: I) -> Result<Config, clap::Error> {
+        let matches = Self::command()
+            .mut_args(|arg| arg.env(None))
+            .try_get_matches_from(args)?;
+        Self::from_arg_matches(&matches)
+    }
+
+    /// A `--dev` config for tests: both listeners on `127.0.0.1:0`, every other setting at its
+    /// default. Reads no environment variable.
+    pub fn for_tests() -> Config {
+        let args = [
+            "ferry-gateway",
+            "--dev",
+            "--listen",
+            "127.0.0.1:0",
+            "--admin-listen",
+            "127.0.0.1:0",
+        ];
+        Self::from_args(args).expect("the built-in test arguments parse")
+    }
+
+    /// This node's name: `--node-id`, else the host name, else `ferry`.
+    pub fn node_id(&self) -> String {
+        if let Some(id) = &self.node_id {
+            return id.clone();
+        }
+        std::fs::read_to_string("/proc/sys/kernel/hostname")
+            .ok()
+            .map(|h| h.trim().to_owned())
+            .filter(|h| !h.is_empty())
+            .or_else(|| std::env::var("HOSTNAME").ok().map(|h| h.trim().to_owned()))
+            .filter(|h| !h.is_empty())
+            .unwrap_or_else(|| "ferry".to_owned())
+    }
+
+    /// Refuses settings the gateway cannot run with. Pure: it reads no file (the JWT key file
+    /// is read by `Authenticator::from_config`).
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        self.validate_jwt()?;
+        self.validate_names()?;
+        self.validate_limits()?;
+        self.validate_durations()
+    }
+
+    pub(crate) fn validate_jwt(&self) -> Result<(), ConfigError> {
+        match (&self.jwt_secret, &self.jwt_public_key, self.jwt_alg) {
+            (Some(_), Some(_), _) => return Err(ConfigError::BothJwtKeys),
+            (None, None, JwtAlg::Hs256) if !self.dev => return Err(ConfigError::NoJwtKey),
+            (Some(_), None, JwtAlg::Rs256 | JwtAlg::Es256) => {
+                return Err(ConfigError::JwtAlgMismatch(
+                    "--jwt-secret is an HS256 key: use --jwt-alg HS256, or give --jwt-public-key \
+                     for RS256 / ES256",
+                ));
+            }
+            (None, Some(_), JwtAlg::Hs256) => {
+                return Err(ConfigError::JwtAlgMismatch(
+                    "--jwt-public-key needs --jwt-alg RS256 or ES256 (HS256 uses --jwt-secret)",
+                ));
+            }
+            (None, None, JwtAlg::Rs256 | JwtAlg::Es256) => {
+                return Err(ConfigError::JwtAlgMismatch(
+                    "--jwt-alg RS256 / ES256 needs --jwt-public-key",
+                ));
+            }
+            _ => {}
+        }
+        if self
+            .jwt_secret
+            .as_ref()
+            .is_some_and(|s| s.expose().is_empty())
+        {
+            return Err(invalid("jwt-secret", "must not be empty"));
+        }
+        if self
+            .jwt_public_key
+            .as_ref()
+            .is_some_and(|p| p.as_os_str().is_empty())
+        {
+            return Err(invalid("jwt-public-key", "must not be empty"));
+        }
+        if self.jwt_issuer.as_ref().is_some_and(|s| s.is_empty()) {
+            return Err(invalid("jwt-issuer", "must not be empty when set"));
+        }
+        if self.jwt_audience.as_ref().is_some_and(|s| s.is_empty()) {
+            return Err(invalid("jwt-audience", "must not be empty when set"));
+        }
+        Ok(())
+    }
+
+    fn validate_names(&self) -> Result<(), ConfigError> {
+        if let Some(url) = &self.redis_url
+            && !(url.starts_with("redis://") || url.starts_with("rediss://"))
+        {
+            return Err(invalid(
+                "redis-url",
+                "must start with redis:// or rediss://",
+            ));
+        }
+        let prefix = &self.key_prefix;
+        if prefix.is_empty()
+            || prefix.contains(['{', '}'])
+            || prefix.chars().any(|c| c.is_whitespace() || c.is_control())
+        {
+            return Err(invalid(
+                "key-prefix",
+                "must be non-empty, without braces (they would change Redis Cluster hash tags) \
+                 or whitespace",
+            ));
+        }
+        if let Some(id) = &self.node_id
+            && (id.is_empty() || id.chars().any(|c| c.is_whitespace() || c.is_control()))
+        {
+            return Err(invalid("node-id", "must be non-empty, without whitespace"));
+        }
+        if self.listen == self.admin_listen && self.listen.port() != 0 {
+            return Err(invalid("admin-listen", "must differ from --listen"));
+        }
+        Ok(())
+    }
+
+    fn validate_limits(&self) -> Result<(), ConfigError> {
+        let counts = [
+            ("max-frame-bytes", self.max_frame_bytes),
+            ("max-body-bytes", self.max_body_bytes),
+            ("max-connections", self.max_connections),
+            ("outbound-queue", self.outbound_queue),
+            ("outbound-queue-bytes", self.outbound_queue_bytes),
+            ("catchup-page", self.catchup_page),
+            ("redis-pool-size", self.redis_pool_size),
+        ];
+        if let Some((flag, _)) = counts.iter().find(|(_, v)| *v == 0) {
+            return Err(ConfigError::Zero { flag });
+        }
+        if self.max_inbox == 0 {
+            return Err(ConfigError::Zero { flag: "max-inbox" });
+        }
+        if self.send_burst == 0 {
+            return Err(ConfigError::Zero { flag: "send-burst" });
+        }
+        if !(self.send_rate.is_finite() && self.send_rate > 0.0) {
+            return Err(invalid(
+                "send-rate",
+                "must be a positive number of sends per second",
+            ));
+        }
+        if self.max_body_bytes > self.max_frame_bytes {
+            return Err(invalid(
+                "max-body-bytes",
+                "must not exceed --max-frame-bytes (a send carrying it would not fit in a frame)",
+            ));
+        }
+        if self.outbound_queue_bytes < self.max_body_bytes {
+            return Err(invalid(
+                "outbound-queue-bytes",
+                "must be at least --max-body-bytes (the largest message must fit in the queue)",
+            ));
+        }
+        Ok(())
+    }
+
+    fn validate_durations(&self) -> Result<(), ConfigError> {
+        // Zero would mean "never wait", "expire at once" or "spin"; sub-millisecond TTLs round to
+        // zero in Redis. `drain_timeout` may be zero: every `reconnect` goes out at once.
+        let durations = [
+            ("inbox-ttl", self.inbox_ttl),
+            ("dedupe-window", self.dedupe_window),
+            ("store-timeout", self.store_timeout),
+            ("hello-timeout", self.hello_timeout),
+            ("heartbeat", self.heartbeat),
+            ("write-timeout", self.write_timeout),
+            ("position-check", self.position_check),
+            ("dev-token-ttl", self.dev_token_ttl),
+        ];
+        match durations.iter().find(|(_, d)| d.as_millis() == 0) {
+            Some((flag, _)) => Err(invalid(flag, "must be at least 1ms")),
+            None => Ok(()),
+        }
+    }
+}
+
+fn invalid(flag: &'static str, reason: &str) -> ConfigError {
+    ConfigError::Invalid {
+        flag,
+        reason: reason.to_owned(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(extra: &[&str]) -> Config {
+        let args = std::iter::once("ferry-gateway").chain(extra.iter().copied());
+        Config::from_args(args).expect("arguments parse")
+    }
+
+    fn secs(n: u64) -> Duration {
+        Duration::from_secs(n)
+    }
+
+    #[test]
+    fn defaults_match_the_design_table() {
+        let c = parse(&[]);
+        assert_eq!(c.listen, "0.0.0.0:8080".parse().expect("addr"));
+        assert_eq!(c.admin_listen, "0.0.0.0:9090".parse().expect("addr"));
+        assert_eq!(c.redis_url, None);
+        assert_eq!(c.key_prefix, "ferry");
+        assert_eq!(c.node_id, None);
+        assert_eq!(c.jwt_secret, None);
+        assert_eq!(c.jwt_public_key, None);
+        assert_eq!(c.jwt_alg, JwtAlg::Hs256);
+        assert_eq!((c.jwt_issuer, c.jwt_audience), (None, None));
+        assert!(!c.dev);
+        assert_eq!(c.max_frame_bytes, 1_048_576);
+        assert_eq!(c.max_body_bytes, 65_536);
+        assert_eq!(c.max_inbox, 10_000);
+        assert_eq!(c.inbox_ttl, secs(30 * 24 * 3600));
+        assert_eq!(c.dedupe_window, secs(60));
+        assert_eq!((c.send_rate, c.send_burst), (100.0, 200));
+        assert_eq!(c.store_timeout, secs(2));
+        assert_eq!(c.hello_timeout, secs(10));
+        assert_eq!(c.heartbeat, secs(25));
+        assert_eq!(c.drain_timeout, secs(30));
+        assert_eq!(c.log_format, LogFormat::Text);
+        assert_eq!(c.max_connections, 100_000);
+        assert_eq!((c.outbound_queue, c.outbound_queue_bytes), (256, 1_048_576));
+        assert_eq!(c.write_timeout, secs(10));
+        assert_eq!(c.catchup_page, 256);
+        assert_eq!(c.position_check, secs(30));
+        assert_eq!(c.redis_pool_size, 8);
+        assert_eq!(c.dev_token_ttl, secs(3600));
+    }
+
+    /// The flag names are an interface (DESIGN.md's table, then the additions).
+    const FLAGS: [&str; 31] = [
+        "listen",
+        "admin-listen",
+        "redis-url",
+        "key-prefix",
+        "node-id",
+        "jwt-secret",
+        "jwt-public-key",
+        "jwt-alg",
+        "jwt-issuer",
+        "jwt-audience",
+        "dev",
+        "max-frame-bytes",
+        "max-body-bytes",
+        "max-inbox",
+        "inbox-ttl",
+        "dedupe-window",
+        "send-rate",
+        "send-burst",
+        "store-timeout",
+        "hello-timeout",
+        "heartbeat",
+        "drain-timeout",
+        "log-format",
+        "max-connections",
+        "outbound-queue",
+        "outbound-queue-bytes",
+        "write-timeout",
+        "catchup-page",
+        "position-check",
+        "redis-pool-size",
+        "dev-token-ttl",
+    ];
+
+    #[test]
+    fn every_flag_has_its_ferry_env_var() {
+        let cmd = Config::command();
+        let mut longs = Vec::new();
+        for arg in cmd.get_arguments() {
+            let Some(long) = arg.get_long() else { continue };
+            if matches!(long, "help" | "version") {
+                continue;
+            }
+            let want = format!("FERRY_{}", long.to_uppercase().replace('-', "_"));
+            assert_eq!(
+                arg.get_env().and_then(|e| e.to_str()),
+                Some(want.as_str()),
+                "--{long}"
+            );
+            longs.push(long);
+        }
+        assert_eq!(longs, FLAGS);
+    }
+
+    #[test]
+    fn durations_parse() {
+        let c = parse(&[
+            "--hello-timeout",
+            "500ms",
+            "--heartbeat",
+            "10s",
+            "--inbox-ttl",
+            "30d",
+        ]);
+        assert_eq!(c.hello_timeout, Duration::from_millis(500));
+        assert_eq!(c.heartbeat, secs(10));
+        assert_eq!(c.inbox_ttl, secs(30 * 86_400));
+        assert!(Config::from_args(["ferry-gateway", "--heartbeat", "10"]).is_err());
+        assert!(Config::from_args(["ferry-gateway", "--heartbeat", "soon"]).is_err());
+    }
+
+    #[test]
+    fn enums_parse() {
+        let c = parse(&["--jwt-alg", "rs256", "--log-format", "json"]);
+        assert_eq!((c.jwt_alg, c.log_format), (JwtAlg::Rs256, LogFormat::Json));
+        assert_eq!(parse(&["--jwt-alg", "ES256"]).jwt_alg, JwtAlg::Es256);
+        assert!(Config::from_args(["ferry-gateway", "--jwt-alg", "none"]).is_err());
+    }
+
+    #[test]
+    fn for_tests_is_a_valid_dev_config() {
+        let c = Config::for_tests();
+        assert!(c.dev);
+        assert_eq!(c.listen, "127.0.0.1:0".parse().expect("addr"));
+        assert_eq!(c.admin_listen, "127.0.0.1:0".parse().expect("addr"));
+        assert_eq!(c.validate(), Ok(()));
+    }
+
+    #[test]
+    fn secret_is_redacted() {
+        let c = parse(&["--jwt-secret", "hunter2-hunter2"]);
+        assert!(!format!("{c:?}").contains("hunter2"));
+        assert_eq!(
+            c.jwt_secret.as_ref().map(JwtSecret::expose),
+            Some("hunter2-hunter2")
+        );
+    }
+
+    #[test]
+    fn node_id_falls_back_to_the_host_name() {
+        assert_eq!(parse(&["--node-id", "n1"]).node_id(), "n1");
+        assert!(!parse(&[]).node_id().is_empty());
+    }
+
+    #[test]
+    fn jwt_key_rules() {
+        let err = |args: &[&str]| parse(args).validate().err();
+        assert_eq!(err(&[]), Some(ConfigError::NoJwtKey));
+        let msg = ConfigError::NoJwtKey.to_string();
+        for flag in ["--jwt-secret", "--jwt-public-key", "--dev"] {
+            assert!(msg.contains(flag), "{msg}");
+        }
+        assert_eq!(err(&["--dev"]), None);
+        assert_eq!(err(&["--jwt-secret", "s"]), None);
+        assert_eq!(
+            err(&["--jwt-public-key", "k.pem", "--jwt-alg", "RS256"]),
+            None
+        );
+        assert_eq!(
+            err(&["--jwt-public-key", "k.pem", "--jwt-alg", "ES256"]),
+            None
+        );
+        assert_eq!(
+            err(&[
+                "--jwt-secret",
+                "s",
+                "--jwt-public-key",
+                "k.pem",
+                "--jwt-alg",
+                "RS256"
+            ]),
+            Some(ConfigError::BothJwtKeys)
+        );
+        let mismatch = |args: &[&str]| matches!(err(args), Some(ConfigError::JwtAlgMismatch(_)));
+        assert!(mismatch(&["--jwt-public-key", "k.pem"]));
+        assert!(mismatch(&["--jwt-public-key", "k.pem", "--dev"]));
+        assert!(mismatch(&["--jwt-alg", "RS256"]));
+        assert!(mismatch(&["--jwt-alg", "ES256", "--dev"]));
+        assert!(mismatch(&["--jwt-secret", "s", "--jwt-alg", "ES256"]));
+        assert!(err(&["--jwt-secret", ""]).is_some());
+        assert!(err(&["--dev", "--jwt-issuer", ""]).is_some());
+        assert!(err(&["--dev", "--jwt-audience", ""]).is_some());
+    }
+
+    #[test]
+    fn limit_rules() {
+        let flag_of = |args: &[&str]| match parse(&[&["--dev"][..], args].concat()).validate() {
+            Ok(()) => None,
+            Err(ConfigError::Zero { flag } | ConfigError::Invalid { flag, .. }) => Some(flag),
+            Err(other) => panic!("unexpected {other}"),
+        };
+        for flag in [
+            "max-frame-bytes",
+            "max-body-bytes",
+            "max-inbox",
+            "send-burst",
+            "max-connections",
+            "outbound-queue",
+            "outbound-queue-bytes",
+            "catchup-page",
+            "redis-pool-size",
+            "send-rate",
+        ] {
+            assert_eq!(flag_of(&[format!("--{flag}").as_str(), "0"]), Some(flag));
+        }
+        for flag in [
+            "inbox-ttl",
+            "dedupe-window",
+            "store-timeout",
+            "hello-timeout",
+            "heartbeat",
+            "write-timeout",
+            "position-check",
+            "dev-token-ttl",
+        ] {
+            assert_eq!(flag_of(&[format!("--{flag}").as_str(), "0s"]), Some(flag));
+        }
+        assert_eq!(flag_of(&["--drain-timeout", "0s"]), None);
+        assert_eq!(flag_of(&["--send-rate", "NaN"]), Some("send-rate"));
+        assert_eq!(flag_of(&["--send-rate", "0.5"]), None);
+        assert_eq!(
+            flag_of(&["--max-frame-bytes", "1000", "--max-body-bytes", "1001"]),
+            Some("max-body-bytes")
+        );
+        assert_eq!(
+            flag_of(&["--outbound-queue-bytes", "1000"]),
+            Some("outbound-queue-bytes")
+        );
+        assert!(Config::from_args(["ferry-gateway", "--max-inbox", "-1"]).is_err());
+    }
+
+    #[test]
+    fn name_rules() {
+        let flag_of = |args: &[&str]| match parse(&[&["--dev"][..], args].concat()).validate() {
+            Err(ConfigError::Invalid { flag, .. }) => Some(flag),
+            _ => None,
+        };
+        assert_eq!(flag_of(&["--redis-url", "redis://127.0.0.1:6379"]), None);
+        assert_eq!(flag_of(&["--redis-url", "rediss://r.example:6380/0"]), None);
+        assert_eq!(flag_of(&["--redis-url", "http://x"]), Some("redis-url"));
+        assert_eq!(flag_of(&["--redis-url", ""]), Some("redis-url"));
+        assert_eq!(flag_of(&["--key-prefix", "app{1}"]), Some("key-prefix"));
+        assert_eq!(flag_of(&["--key-prefix", ""]), Some("key-prefix"));
+        assert_eq!(flag_of(&["--key-prefix", "staging:ferry"]), None);
+        assert_eq!(flag_of(&["--node-id", "a b"]), Some("node-id"));
+        assert_eq!(
+            flag_of(&["--listen", "0.0.0.0:80", "--admin-listen", "0.0.0.0:80"]),
+            Some("admin-listen")
+        );
+    }
+}

@@ -1,0 +1,166 @@
+//! The start of a session: wait for `hello` (within the hello timeout), authenticate, join the
+//! hub (so live delivery is on before the inbox is read), open the inbox, decide the resume
+//! point, and answer `welcome`.
+
+use std::time::Duration;
+
+use ferry_router::{EngineError, Membership};
+use ferry_shared::{ClientFrame, Codec, ErrorCode, ServerFrame, UserId};
+use futures_util::{Stream, StreamExt};
+use tokio::time::Instant;
+use tokio_tungstenite::tungstenite::{Error as WsError, Message};
+
+use crate::close;
+use crate::metrics;
+use crate::node::Node;
+use crate::session::{Incoming, classify};
+
+/// A session that said a good `hello`.
+pub struct Opened {
+    pub user: UserId,
+    pub membership: Membership,
+    pub epoch: String,
+    /// Everything at or below this seq is processed by the client (and acknowledged).
+    pub resume: u64,
+    pub welcome: ServerFrame,
+}
+
+/// Why the session ends before `welcome`: an optional error frame, then a close.
+pub struct Refusal {
+    pub error: Option<(ErrorCode, String)>,
+    pub close: u16,
+    pub reason: &'static str,
+    /// `ferry_hellos_total` outcome.
+    pub outcome: &'static str,
+}
+
+impl Refusal {
+    fn unauthorized(message: impl Into<String>) -> Self {
+        Self {
+            error: Some((ErrorCode::Unauthorized, message.into())),
+            close: close::POLICY,
+            reason: "unauthorized",
+            outcome: "unauthorized",
+        }
+    }
+
+    fn bad_frame(message: impl Into<String>) -> Self {
+        Self {
+            error: Some((ErrorCode::BadFrame, message.into())),
+            close: close::POLICY,
+            reason: "bad frame",
+            outcome: "bad_frame",
+        }
+    }
+
+    fn unavailable(e: EngineError) -> Self {
+        tracing::warn!(error = %e, "store unavailable at hello");
+        Self {
+            error: Some((
+                ErrorCode::Unavailable,
+                "the store is unavailable; retry later".into(),
+            )),
+            close: close::TRY_AGAIN_LATER,
+            reason: "store unavailable",
+            outcome: "unavailable",
+        }
+    }
+}
+
+/// Runs the hello phase on `stream`.
+pub async fn hello<St>(
+    stream: &mut St,
+    node: &Node,
+    codec: Codec,
+    upgrade_token: Option<String>,
+) -> Result<Opened, Refusal>
+where
+    St: Stream<Item = Result<Message, WsError>> + Unpin,
+{
+    let deadline = Instant::now() + node.config.hello_timeout;
+    let frame = loop {
+        let next = tokio::time::timeout_at(deadline, stream.next()).await;
+        let Ok(next) = next else {
+            return Err(Refusal {
+                error: None,
+                close: close::POLICY,
+                reason: "hello timeout",
+                outcome: "timeout",
+            });
+        };
+        match classify(next, codec) {
+            Incoming::Frame(frame) => break frame,
+            Incoming::Control => continue,
+            Incoming::Bad(message) => return Err(Refusal::bad_frame(message)),
+            Incoming::TooBig => {
+                return Err(Refusal {
+                    error: Some((ErrorCode::TooLarge, "message over max_frame_bytes".into())),
+                    close: close::TOO_BIG,
+                    reason: "message too big",
+                    outcome: "bad_frame",
+                });
+            }
+            Incoming::Gone => {
+                return Err(Refusal {
+                    error: None,
+                    close: close::NORMAL,
+                    reason: "closed before hello",
+                    outcome: "timeout",
+                });
+            }
+        }
+    };
+    metrics::FRAMES_IN.with_label_values(&[frame.kind()]).inc();
+    let started = Instant::now();
+    let ClientFrame::Hello {
+        token,
+        last_seq,
+        epoch: client_epoch,
+    } = frame
+    else {
+        return Err(Refusal::unauthorized("hello must be the first frame"));
+    };
+    let Some(token) = token.or(upgrade_token) else {
+        return Err(Refusal::unauthorized("no token in hello or at the upgrade"));
+    };
+    let user = node.auth.verify(&token).map_err(|e| {
+        tracing::info!(error = %e, "hello refused");
+        Refusal::unauthorized(e.to_string())
+    })?;
+
+    // Live delivery first, then the inbox: a message stored in between is both live and read,
+    // and the session drops the copy at or below what it delivered.
+    let membership = node.hub.join(&user).await.map_err(Refusal::unavailable)?;
+    let inbox = node
+        .engine
+        .open_inbox(&user)
+        .await
+        .map_err(Refusal::unavailable)?;
+
+    // The position is void when it names another incarnation, or one this inbox never reached
+    // (a client that lost its epoch but kept a seq): replay from the start rather than skip.
+    let reset = client_epoch.as_deref().is_some_and(|e| e != inbox.epoch) || last_seq > inbox.head;
+    let resume = if reset { 0 } else { last_seq };
+    metrics::HELLOS.with_label_values(&["ok"]).inc();
+    metrics::HELLO_DURATION.observe(started.elapsed().as_secs_f64());
+    tracing::debug!(%user, resume, reset, head = inbox.head, "welcome");
+    let welcome = ServerFrame::Welcome {
+        user: user.to_string(),
+        node: node.node_id.clone(),
+        epoch: inbox.epoch.clone(),
+        head: inbox.head,
+        reset,
+        heartbeat_ms: duration_ms(node.config.heartbeat),
+    };
+    Ok(Opened {
+        user,
+        membership,
+        epoch: inbox.epoch,
+        resume,
+        welcome,
+    })
+}
+
+pub fn duration_ms(d: Duration) -> u64 {
+    d.as_millis().try_into().unwrap_or(u64::MAX)
+}

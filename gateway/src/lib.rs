@@ -1,0 +1,116 @@
+//! Ferry's gateway: the edge of the system. `run` takes bound listeners, a configuration and a
+//! shutdown token, and serves WebSocket sessions and the admin endpoints until the node has
+//! drained. `main.rs` only parses flags, sets up logging, binds and calls it.
+
+pub mod admin;
+pub mod auth;
+pub mod close;
+pub mod config;
+pub mod hello;
+pub mod http;
+pub mod limits;
+pub mod metrics;
+pub mod node;
+pub mod outbound;
+pub mod server;
+pub mod session;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use ferry_router::{EmbeddedEngine, Engine, EngineOptions, Hub, HubOptions, RedisEngine};
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+pub use config::Config;
+
+/// Why the gateway could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum GatewayError {
+    #[error("configuration: {0}")]
+    Config(#[from] config::ConfigError),
+    #[error("authentication key: {0}")]
+    Auth(#[from] auth::AuthError),
+    #[error("store: {0}")]
+    Store(#[from] ferry_router::EngineError),
+}
+
+/// Time allowed past the drain window for the last sessions to close.
+const DRAIN_MARGIN: Duration = Duration::from_secs(5);
+
+/// The engine the configuration asks for: Redis with `--redis-url`, else the embedded one.
+pub async fn build_engine(config: &Config) -> Result<Arc<dyn Engine>, GatewayError> {
+    let options = EngineOptions {
+        key_prefix: config.key_prefix.clone(),
+        max_inbox: config.max_inbox,
+        inbox_ttl: config.inbox_ttl,
+        dedupe_window: config.dedupe_window,
+        store_timeout: config.store_timeout,
+        ..EngineOptions::default()
+    };
+    Ok(match &config.redis_url {
+        Some(url) => Arc::new(RedisEngine::connect(url, options, config.redis_pool_size).await?),
+        None => Arc::new(EmbeddedEngine::new(options)),
+    })
+}
+
+/// Serves until `shutdown` is cancelled, then drains: readiness fails, no new connections are
+/// accepted, each session gets `reconnect` at a random point of the drain window and a 1012
+/// close, and `run` returns when every session has ended (or the window plus a margin passed).
+pub async fn run(
+    listener: TcpListener,
+    admin_listener: TcpListener,
+    config: Config,
+    shutdown: CancellationToken,
+) -> Result<(), GatewayError> {
+    config.validate()?;
+    metrics::init();
+    let auth = auth::Authenticator::from_config(&config)?;
+    let engine = build_engine(&config).await?;
+    let hub = Hub::new(
+        engine.clone(),
+        HubOptions {
+            session_queue: config.outbound_queue,
+        },
+    );
+    let node = Arc::new(node::Node {
+        node_id: config.node_id(),
+        config,
+        engine,
+        hub,
+        auth,
+        draining: shutdown.clone(),
+    });
+    tracing::info!(
+        node = %node.node_id,
+        engine = node.engine.name(),
+        listen = ?listener.local_addr().ok(),
+        admin = ?admin_listener.local_addr().ok(),
+        "gateway serving"
+    );
+
+    let admin_stop = CancellationToken::new();
+    let admin = tokio::spawn(admin::serve(
+        admin_listener,
+        node.clone(),
+        admin_stop.clone(),
+    ));
+    let tracker = TaskTracker::new();
+    server::accept_loop(listener, node.clone(), tracker.clone()).await;
+
+    metrics::DRAINS.inc();
+    tracing::info!(sessions = tracker.len(), "draining");
+    tracker.close();
+    let window = node.config.drain_timeout + DRAIN_MARGIN;
+    if tokio::time::timeout(window, tracker.wait()).await.is_err() {
+        tracing::warn!(
+            left = tracker.len(),
+            "drain window passed with sessions still open"
+        );
+    }
+    admin_stop.cancel();
+    let _ = admin.await;
+    tracing::info!("drained");
+    Ok(())
+}

@@ -1,0 +1,62 @@
+//! The `ferry-gateway` binary: parse flags (and `FERRY_*` variables), set up logging, bind, and
+//! run until SIGTERM or Ctrl-C, then drain.
+
+use anyhow::Context;
+use clap::Parser;
+use ferry_gateway::Config;
+use ferry_gateway::config::LogFormat;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let config = Config::parse();
+    if let Err(e) = config.validate() {
+        eprintln!("ferry-gateway: {e}");
+        std::process::exit(2);
+    }
+    init_tracing(config.log_format);
+    if config.dev {
+        tracing::warn!(
+            "--dev is INSECURE: anyone can get a token for any user from /dev/token; \
+             never use it in production"
+        );
+    }
+    let listener = TcpListener::bind(config.listen)
+        .await
+        .with_context(|| format!("binding --listen {}", config.listen))?;
+    let admin = TcpListener::bind(config.admin_listen)
+        .await
+        .with_context(|| format!("binding --admin-listen {}", config.admin_listen))?;
+
+    let shutdown = CancellationToken::new();
+    tokio::spawn(stop_on_signal(shutdown.clone()));
+    ferry_gateway::run(listener, admin, config, shutdown).await?;
+    Ok(())
+}
+
+async fn stop_on_signal(shutdown: CancellationToken) {
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut sig) => {
+                sig.recv().await;
+            }
+            Err(_) => std::future::pending().await,
+        }
+    };
+    tokio::select! {
+        () = term => tracing::info!("SIGTERM: draining"),
+        _ = tokio::signal::ctrl_c() => tracing::info!("interrupt: draining"),
+    }
+    shutdown.cancel();
+}
+
+fn init_tracing(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("FERRY_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter);
+    match format {
+        LogFormat::Json => builder.json().init(),
+        LogFormat::Text => builder.init(),
+    }
+}

@@ -1,0 +1,194 @@
+//! Every metric the gateway exports, defined in one place, in prometheus's default registry
+//! (the router registers its store and pub/sub metrics there too). Label values come from closed
+//! sets: frame types, outcomes, paths and reasons; never a user, message or connection id.
+
+use std::sync::LazyLock;
+
+use prometheus::{
+    Histogram, HistogramVec, IntCounter, IntCounterVec, IntGauge, exponential_buckets,
+    register_histogram, register_histogram_vec, register_int_counter, register_int_counter_vec,
+    register_int_gauge,
+};
+
+// A registration can only fail on a duplicate or malformed name, which is a bug caught by the
+// metrics test, never something a client or the network can cause.
+const REGISTERED: &str = "metric registers once with a valid name";
+
+pub static CONNECTIONS_OPEN: LazyLock<IntGauge> = LazyLock::new(|| {
+    register_int_gauge!(
+        "ferry_connections_open",
+        "WebSocket connections open on this node"
+    )
+    .expect(REGISTERED)
+});
+
+pub static CONNECTIONS_REFUSED: LazyLock<IntCounterVec> = LazyLock::new(|| {
+    register_int_counter_vec!(
+        "ferry_connections_refused_total",
+        "Connections refused before the WebSocket opened, by reason",
+        &["reason"]
+    )
+    .expect(REGISTERED)
+});
+
+pub static HELLOS: LazyLock<IntCounterVec> = LazyLock::new(|| {
+    register_int_counter_vec!(
+        "ferry_hellos_total",
+        "Hello frames by outcome",
+        &["outcome"]
+    )
+    .expect(REGISTERED)
+});
+
+pub static FRAMES_IN: LazyLock<IntCounterVec> = LazyLock::new(|| {
+    register_int_counter_vec!(
+        "ferry_frames_in_total",
+        "Frames received from clients, by type",
+        &["type"]
+    )
+    .expect(REGISTERED)
+});
+
+pub static FRAMES_OUT: LazyLock<IntCounterVec> = LazyLock::new(|| {
+    register_int_counter_vec!(
+        "ferry_frames_out_total",
+        "Frames queued to clients, by type",
+        &["type"]
+    )
+    .expect(REGISTERED)
+});
+
+pub static SENDS: LazyLock<IntCounterVec> = LazyLock::new(|| {
+    register_int_counter_vec!("ferry_sends_total", "Send frames by outcome", &["outcome"])
+        .expect(REGISTERED)
+});
+
+pub static DELIVERED: LazyLock<IntCounterVec> = LazyLock::new(|| {
+    register_int_counter_vec!(
+        "ferry_messages_delivered_total",
+        "Messages written to a client socket, by path (live, catchup)",
+        &["path"]
+    )
+    .expect(REGISTERED)
+});
+
+pub static DELIVERY_LATENCY: LazyLock<HistogramVec> = LazyLock::new(|| {
+    register_histogram_vec!(
+        "ferry_delivery_latency_seconds",
+        "Time from a message being stored to its write to the recipient's socket, by path",
+        &["path"],
+        exponential_buckets(0.000_25, 2.0, 16).expect(REGISTERED)
+    )
+    .expect(REGISTERED)
+});
+
+pub static CATCHUPS: LazyLock<IntCounterVec> = LazyLock::new(|| {
+    register_int_counter_vec!(
+        "ferry_catchup_reads_total",
+        "Catch-up reads from the inbox, by the reason the catch-up started",
+        &["reason"]
+    )
+    .expect(REGISTERED)
+});
+
+pub static LAGGING: LazyLock<IntGauge> = LazyLock::new(|| {
+    register_int_gauge!(
+        "ferry_sessions_lagging",
+        "Sessions that stopped taking live messages because their socket was slow"
+    )
+    .expect(REGISTERED)
+});
+
+pub static DRAINS: LazyLock<IntCounter> = LazyLock::new(|| {
+    register_int_counter!("ferry_drains_total", "Times this node started draining")
+        .expect(REGISTERED)
+});
+
+pub static SESSION_CLOSES: LazyLock<IntCounterVec> = LazyLock::new(|| {
+    register_int_counter_vec!(
+        "ferry_session_closes_total",
+        "Sessions ended, by reason",
+        &["reason"]
+    )
+    .expect(REGISTERED)
+});
+
+pub static HELLO_DURATION: LazyLock<Histogram> = LazyLock::new(|| {
+    register_histogram!(
+        "ferry_hello_duration_seconds",
+        "Time from hello to welcome (authentication, subscription, inbox open)",
+        exponential_buckets(0.000_25, 2.0, 16).expect(REGISTERED)
+    )
+    .expect(REGISTERED)
+});
+
+/// Touches every metric so that all series exist from the start (and a registration bug shows
+/// at start-up, not on the first rare event).
+pub fn init() {
+    CONNECTIONS_OPEN.get();
+    LAGGING.get();
+    DRAINS.get();
+    HELLO_DURATION.get_sample_count();
+    for reason in [
+        "capacity",
+        "draining",
+        "bad_request",
+        "protocol",
+        "not_found",
+    ] {
+        CONNECTIONS_REFUSED.with_label_values(&[reason]);
+    }
+    for outcome in ["ok", "unauthorized", "bad_frame", "timeout", "unavailable"] {
+        HELLOS.with_label_values(&[outcome]);
+    }
+    for kind in ["hello", "send", "ack", "ping"] {
+        FRAMES_IN.with_label_values(&[kind]);
+    }
+    for kind in ["welcome", "msg", "sent", "error", "reconnect", "pong"] {
+        FRAMES_OUT.with_label_values(&[kind]);
+    }
+    for outcome in SEND_OUTCOMES {
+        SENDS.with_label_values(&[outcome]);
+    }
+    for path in ["live", "catchup"] {
+        DELIVERED.with_label_values(&[path]);
+        DELIVERY_LATENCY.with_label_values(&[path]);
+    }
+    for reason in ["resume", "gap", "lagged", "resync", "position"] {
+        CATCHUPS.with_label_values(&[reason]);
+    }
+    for reason in CLOSE_REASONS {
+        SESSION_CLOSES.with_label_values(&[reason]);
+    }
+    ferry_router::metrics::init();
+}
+
+pub const SEND_OUTCOMES: [&str; 8] = [
+    "stored",
+    "duplicate",
+    "invalid",
+    "too_large",
+    "rate_limited",
+    "inbox_full",
+    "unavailable",
+    "internal",
+];
+
+pub const CLOSE_REASONS: [&str; 8] = [
+    "client",
+    "protocol",
+    "unauthorized",
+    "heartbeat",
+    "write_timeout",
+    "drain",
+    "epoch_changed",
+    "store_unavailable",
+];
+
+/// The exposition text for `/metrics`.
+pub fn render() -> String {
+    let families = prometheus::gather();
+    prometheus::TextEncoder::new()
+        .encode_to_string(&families)
+        .unwrap_or_else(|e| format!("# metrics encoding failed: {e}\n"))
+}

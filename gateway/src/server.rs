@@ -1,0 +1,196 @@
+//! The WebSocket listener: accepts connections up to `--max-connections`, reads the upgrade
+//! request, negotiates the subprotocol, answers `101`, and runs a session. In `--dev` it also
+//! serves the token endpoint. Refusals are plain HTTP statuses.
+
+use std::sync::Arc;
+
+use ferry_shared::{Codec, UserId};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::Semaphore;
+use tokio_tungstenite::WebSocketStream;
+use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
+use tokio_tungstenite::tungstenite::protocol::{Role, WebSocketConfig};
+use tokio_util::task::TaskTracker;
+
+use crate::http::{self, Request};
+use crate::metrics;
+use crate::node::Node;
+use crate::outbound::Outbound;
+use crate::session;
+
+/// Accepts until the node drains; every connection task is tracked so drain can wait for them.
+pub async fn accept_loop(listener: TcpListener, node: Arc<Node>, tracker: TaskTracker) {
+    let slots = Arc::new(Semaphore::new(node.config.max_connections));
+    loop {
+        let accepted = tokio::select! {
+            () = node.draining.cancelled() => return,
+            accepted = listener.accept() => accepted,
+        };
+        let (stream, peer) = match accepted {
+            Ok(conn) => conn,
+            Err(e) => {
+                // Out of file descriptors and the like: back off instead of spinning.
+                tracing::warn!(error = %e, "accept failed");
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let _ = stream.set_nodelay(true);
+        let permit = slots.clone().try_acquire_owned().ok();
+        let node = node.clone();
+        tracker.spawn(async move {
+            let span = tracing::debug_span!("conn", %peer);
+            let _permit = permit.as_ref();
+            if permit.is_none() {
+                metrics::CONNECTIONS_REFUSED
+                    .with_label_values(&["capacity"])
+                    .inc();
+                refuse(stream, 503, "node at connection capacity").await;
+                return;
+            }
+            tracing::Instrument::instrument(serve(stream, node), span).await;
+        });
+    }
+}
+
+async fn refuse(mut stream: TcpStream, status: u16, text: &str) {
+    let _ = http::respond_text(&mut stream, status, text).await;
+}
+
+async fn serve(mut stream: TcpStream, node: Arc<Node>) {
+    let request = match http::read_request(&mut stream, node.config.hello_timeout).await {
+        Ok(request) => request,
+        Err(e) => {
+            tracing::debug!(error = %e, "no request");
+            if matches!(e, http::HttpError::Malformed(_) | http::HttpError::TooLarge) {
+                metrics::CONNECTIONS_REFUSED
+                    .with_label_values(&["bad_request"])
+                    .inc();
+                refuse(stream, 400, &e.to_string()).await;
+            }
+            return;
+        }
+    };
+    match (request.method.as_str(), request.path.as_str()) {
+        ("GET", "/v1/ws") => upgrade(stream, request, node).await,
+        ("GET", "/dev/token") if node.config.dev => dev_token(stream, &request, &node).await,
+        _ => {
+            metrics::CONNECTIONS_REFUSED
+                .with_label_values(&["not_found"])
+                .inc();
+            refuse(stream, 404, "not found; the WebSocket endpoint is /v1/ws").await;
+        }
+    }
+}
+
+/// Checks the upgrade request; the chosen codec and the token given at the upgrade, if any.
+fn check_upgrade(request: &Request) -> Result<(Codec, Option<String>, String), (u16, String)> {
+    let has = |name: &str, token: &str| {
+        request
+            .header_values(name)
+            .any(|v| v.eq_ignore_ascii_case(token))
+    };
+    if !has("upgrade", "websocket") || !has("connection", "upgrade") {
+        return Err((426, "a WebSocket upgrade is required".into()));
+    }
+    if request.header("sec-websocket-version") != Some("13") {
+        return Err((400, "Sec-WebSocket-Version must be 13".into()));
+    }
+    let Some(key) = request.header("sec-websocket-key") else {
+        return Err((400, "Sec-WebSocket-Key is missing".into()));
+    };
+    let Some(codec) = Codec::negotiate(request.header_values("sec-websocket-protocol")) else {
+        let message = format!(
+            "unknown subprotocol; offer {} or {}",
+            Codec::MSGPACK_SUBPROTOCOL,
+            Codec::JSON_SUBPROTOCOL
+        );
+        return Err((400, message));
+    };
+    let token = request
+        .header("authorization")
+        .and_then(|v| v.strip_prefix("Bearer ").map(|t| t.trim().to_string()))
+        .or_else(|| request.query_param("token"));
+    Ok((codec, token, derive_accept_key(key.as_bytes())))
+}
+
+async fn upgrade(mut stream: TcpStream, request: Request, node: Arc<Node>) {
+    let (codec, token, accept) = match check_upgrade(&request) {
+        Ok(ok) => ok,
+        Err((status, text)) => {
+            metrics::CONNECTIONS_REFUSED
+                .with_label_values(&["protocol"])
+                .inc();
+            refuse(stream, status, &text).await;
+            return;
+        }
+    };
+    // Echo a subprotocol only when the client offered one (RFC 6455 §4.2.2).
+    let offered = request
+        .header_values("sec-websocket-protocol")
+        .next()
+        .is_some();
+    let protocol_line = if offered {
+        format!("Sec-WebSocket-Protocol: {}\r\n", codec.subprotocol())
+    } else {
+        String::new()
+    };
+    let head = format!(
+        "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+         Sec-WebSocket-Accept: {accept}\r\n{protocol_line}\r\n"
+    );
+    if tokio::io::AsyncWriteExt::write_all(&mut stream, head.as_bytes())
+        .await
+        .is_err()
+    {
+        return;
+    }
+    let ws = WebSocketStream::from_partially_read(
+        stream,
+        request.rest.to_vec(),
+        Role::Server,
+        Some(ws_config(&node)),
+    )
+    .await;
+    let (sink, reader) = futures_util::StreamExt::split(ws);
+    let config = &node.config;
+    let out = Outbound::spawn(
+        sink,
+        config.outbound_queue,
+        config.outbound_queue_bytes,
+        config.write_timeout,
+    );
+    metrics::CONNECTIONS_OPEN.inc();
+    session::run(reader, out, node.clone(), codec, token).await;
+    metrics::CONNECTIONS_OPEN.dec();
+}
+
+/// Buffers sized for many idle connections rather than one fast one: tungstenite's 128 KiB read
+/// buffer default would dominate memory per connection.
+fn ws_config(node: &Node) -> WebSocketConfig {
+    let max = node.config.max_frame_bytes;
+    WebSocketConfig::default()
+        .read_buffer_size(4 * 1024)
+        .write_buffer_size(0)
+        .max_write_buffer_size(max.saturating_mul(2).max(64 * 1024))
+        .max_message_size(Some(max))
+        .max_frame_size(Some(max))
+}
+
+/// `GET /dev/token?user=alice` → `{"user":"alice","token":"…"}`; only with `--dev`.
+async fn dev_token(mut stream: TcpStream, request: &Request, node: &Node) {
+    let user = request.query_param("user").unwrap_or_default();
+    let answer = UserId::parse(&user)
+        .map_err(|e| (400, e.to_string()))
+        .and_then(|user| {
+            let token = node
+                .auth
+                .mint_dev_token(&user, node.config.dev_token_ttl)
+                .map_err(|e| (400, e.to_string()))?;
+            Ok(serde_json::json!({ "user": user.as_str(), "token": token }).to_string())
+        });
+    let _ = match answer {
+        Ok(body) => http::respond(&mut stream, 200, "application/json", body.as_bytes()).await,
+        Err((status, text)) => http::respond_text(&mut stream, status, &text).await,
+    };
+}

@@ -1,0 +1,551 @@
+//! One WebSocket connection after the upgrade: the hello phase, then the loop that takes frames
+//! from the client, live messages from the hub and timer ticks, and keeps the rule that makes
+//! delivery correct: the inbox is the truth, a live message is only a hint.
+//!
+//! `delivered` is the highest seq written to this client. A live message at `delivered + 1` goes
+//! out at once; one at or below is dropped; one further ahead, a pub/sub resync, a slow socket or
+//! the periodic position check starts a catch-up, which reads the inbox after `delivered`, a page
+//! at a time, while the outbound queue has room. While catching up, live messages are ignored:
+//! each was stored before it reached us, so the next page read includes it.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use ferry_router::{CatchUpReason, EngineError, InboxMessage, LiveSignal, Membership, NewMessage};
+use ferry_shared::{Body, ClientFrame, Codec, ErrorCode, MessageId, ServerFrame, UserId, Wire};
+use futures_util::{Stream, StreamExt};
+use tokio::task::JoinHandle;
+use tokio::time::Instant;
+use tokio_tungstenite::tungstenite::error::CapacityError;
+use tokio_tungstenite::tungstenite::{Error as WsError, Message};
+
+use crate::close;
+use crate::hello::{self, Opened};
+use crate::limits::TokenBucket;
+use crate::metrics;
+use crate::node::Node;
+use crate::outbound::{Item, Outbound, Path, now_ms};
+
+/// How long a closing session waits for its close frame to be written and answered.
+const CLOSE_GRACE: Duration = Duration::from_secs(2);
+/// Pause before retrying a catch-up read that failed (the store is down or slow).
+const CATCHUP_RETRY: Duration = Duration::from_millis(250);
+
+/// What arrived from the client.
+pub enum Incoming {
+    Frame(ClientFrame),
+    /// Ping, pong or a raw frame: activity, nothing to do.
+    Control,
+    /// Undecodable, or the wrong message kind for the subprotocol.
+    Bad(String),
+    /// Over `max_frame_bytes`.
+    TooBig,
+    /// Closed or broken.
+    Gone,
+}
+
+/// Sorts one item of the WebSocket stream.
+pub fn classify(next: Option<Result<Message, WsError>>, codec: Codec) -> Incoming {
+    let wire = match next {
+        Some(Ok(Message::Binary(data))) => Wire::Binary(data),
+        Some(Ok(Message::Text(text))) => Wire::Text(text.as_str().to_owned()),
+        Some(Ok(Message::Ping(_) | Message::Pong(_) | Message::Frame(_))) => {
+            return Incoming::Control;
+        }
+        Some(Ok(Message::Close(_))) | None => return Incoming::Gone,
+        Some(Err(WsError::Capacity(CapacityError::MessageTooLong { .. }))) => {
+            return Incoming::TooBig;
+        }
+        Some(Err(e)) => {
+            tracing::debug!(error = %e, "websocket read failed");
+            return Incoming::Gone;
+        }
+    };
+    match codec.decode_client(&wire) {
+        Ok(frame) => Incoming::Frame(frame),
+        Err(e) => Incoming::Bad(e.to_string()),
+    }
+}
+
+/// Encodes a server frame for the queue.
+pub fn encode(codec: Codec, frame: &ServerFrame, delivery: Option<(Path, u64)>) -> Item {
+    let message = match codec.encode_server(frame) {
+        Ok(Wire::Binary(data)) => Message::Binary(data),
+        Ok(Wire::Text(text)) => Message::Text(text.into()),
+        Err(e) => {
+            // Only a bug can get here (every server frame encodes); tell the client, not silence.
+            tracing::error!(error = %e, kind = frame.kind(), "cannot encode a server frame");
+            let fallback = ServerFrame::error(ErrorCode::Internal, "frame encoding failed");
+            return encode(codec, &fallback, None);
+        }
+    };
+    Item::Frame {
+        message,
+        kind: frame.kind(),
+        delivery,
+    }
+}
+
+/// Runs a connection from just after the upgrade to its close.
+pub async fn run<St>(
+    mut stream: St,
+    out: Outbound,
+    node: Arc<Node>,
+    codec: Codec,
+    token: Option<String>,
+) where
+    St: Stream<Item = Result<Message, WsError>> + Unpin,
+{
+    let opened = match hello::hello(&mut stream, &node, codec, token).await {
+        Ok(opened) => opened,
+        Err(refusal) => {
+            metrics::HELLOS.with_label_values(&[refusal.outcome]).inc();
+            if let Some((code, message)) = refusal.error {
+                let _ = out
+                    .push(encode(codec, &ServerFrame::error(code, message), None))
+                    .await;
+            }
+            out.close(refusal.close, refusal.reason, CLOSE_GRACE).await;
+            drain_reads(&mut stream).await;
+            return;
+        }
+    };
+    let span = tracing::info_span!("session", user = %opened.user);
+    let welcome = encode(codec, &opened.welcome, None);
+    if out.push(welcome).await.is_err() {
+        return;
+    }
+    let mut session = Session::new(node, codec, out, opened);
+    let lifetime = async {
+        let reason = session.run(&mut stream).await;
+        metrics::SESSION_CLOSES
+            .with_label_values(&[reason.label])
+            .inc();
+        tracing::debug!(reason = reason.label, "session ends");
+        if let Some(code) = reason.close {
+            session.out.close(code, reason.label, CLOSE_GRACE).await;
+            drain_reads(&mut stream).await;
+        }
+        session.finish().await;
+    };
+    tracing::Instrument::instrument(lifetime, span).await;
+}
+
+/// After a close frame went out, read (and drop) until the client answers or a grace period
+/// passes, so the TCP connection is not reset under frames the client still had in flight.
+async fn drain_reads<St>(stream: &mut St)
+where
+    St: Stream<Item = Result<Message, WsError>> + Unpin,
+{
+    let _ = tokio::time::timeout(CLOSE_GRACE, async {
+        while let Some(Ok(_)) = stream.next().await {}
+    })
+    .await;
+}
+
+/// Why the loop ended, and the close code to send (none when the socket is already gone).
+struct End {
+    label: &'static str,
+    close: Option<u16>,
+}
+
+impl End {
+    fn closing(label: &'static str, code: u16) -> Self {
+        Self {
+            label,
+            close: Some(code),
+        }
+    }
+}
+
+struct Session {
+    node: Arc<Node>,
+    codec: Codec,
+    out: Outbound,
+    user: UserId,
+    membership: Membership,
+    epoch: String,
+    /// Highest seq written to the client (the resume point at first).
+    delivered: u64,
+    /// Set while a catch-up is due: why it started (for metrics).
+    catching_up: Option<&'static str>,
+    /// Don't read for catch-up before this (after a failed read).
+    catchup_retry_at: Option<Instant>,
+    /// In the `ferry_sessions_lagging` gauge.
+    lagging: bool,
+    bucket: TokenBucket,
+    /// Highest seq the client acknowledged (clamped to `delivered`).
+    ack_wanted: u64,
+    /// Highest seq trimmed from the inbox by this session.
+    ack_done: u64,
+    /// The one trim in flight, if any.
+    trim: Option<JoinHandle<Result<u64, EngineError>>>,
+    last_activity: Instant,
+}
+
+impl Session {
+    fn new(node: Arc<Node>, codec: Codec, out: Outbound, opened: Opened) -> Self {
+        let bucket = TokenBucket::new(node.config.send_rate, f64::from(node.config.send_burst));
+        let mut session = Self {
+            codec,
+            out,
+            user: opened.user,
+            membership: opened.membership,
+            epoch: opened.epoch,
+            delivered: opened.resume,
+            catching_up: None,
+            catchup_retry_at: None,
+            lagging: false,
+            bucket,
+            ack_wanted: 0,
+            ack_done: 0,
+            trim: None,
+            last_activity: Instant::now(),
+            node,
+        };
+        // Giving last_seq acknowledges everything up to it.
+        session.on_ack(opened.resume);
+        session.start_catch_up("resume");
+        session
+    }
+
+    async fn run<St>(&mut self, stream: &mut St) -> End
+    where
+        St: Stream<Item = Result<Message, WsError>> + Unpin,
+    {
+        let node = self.node.clone();
+        let drain_turn = node.drain_turn();
+        tokio::pin!(drain_turn);
+        let mut heartbeat = tokio::time::interval_at(
+            Instant::now() + node.config.heartbeat,
+            node.config.heartbeat,
+        );
+        heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let position_check = tokio::time::sleep(Node::jittered(node.config.position_check));
+        tokio::pin!(position_check);
+
+        loop {
+            tokio::select! {
+                () = &mut drain_turn => return self.leave_for_drain().await,
+                () = self.out.closed() => return End { label: "write_timeout", close: None },
+                next = stream.next() => {
+                    self.last_activity = Instant::now();
+                    match classify(next, self.codec) {
+                        Incoming::Frame(frame) => {
+                            if let Some(end) = self.on_frame(frame).await {
+                                return end;
+                            }
+                        }
+                        Incoming::Control => {}
+                        Incoming::Bad(message) => {
+                            self.reply(ServerFrame::error(ErrorCode::BadFrame, message)).await;
+                            return End::closing("protocol", close::POLICY);
+                        }
+                        Incoming::TooBig => {
+                            let error = ServerFrame::error(
+                                ErrorCode::TooLarge,
+                                "message over max_frame_bytes",
+                            );
+                            self.reply(error).await;
+                            return End::closing("protocol", close::TOO_BIG);
+                        }
+                        Incoming::Gone => return End { label: "client", close: None },
+                    }
+                }
+                signal = self.membership.next() => self.on_live(signal),
+                () = wait_catch_up(&self.out, self.catching_up.is_some(), self.catchup_retry_at) => {
+                    self.catch_up_page().await;
+                }
+                done = join_trim(&mut self.trim) => self.on_trimmed(done),
+                _ = heartbeat.tick() => {
+                    if self.last_activity.elapsed() > node.config.heartbeat * 2 {
+                        return End::closing("heartbeat", close::NORMAL);
+                    }
+                    let _ = self.out.try_push(Item::Ping);
+                }
+                () = &mut position_check => {
+                    if let Some(end) = self.check_position().await {
+                        return end;
+                    }
+                    let next = Instant::now() + Node::jittered(node.config.position_check);
+                    position_check.as_mut().reset(next);
+                }
+            }
+        }
+    }
+
+    /// Handles one client frame; `Some` ends the session.
+    async fn on_frame(&mut self, frame: ClientFrame) -> Option<End> {
+        metrics::FRAMES_IN.with_label_values(&[frame.kind()]).inc();
+        match frame {
+            ClientFrame::Send { id, to, body } => self.on_send(id, to, body).await,
+            ClientFrame::Ack { seq } => self.on_ack(seq),
+            ClientFrame::Ping => self.reply(ServerFrame::Pong).await,
+            ClientFrame::Hello { .. } => {
+                let error = ServerFrame::error(ErrorCode::BadFrame, "hello was already said");
+                self.reply(error).await;
+                return Some(End::closing("protocol", close::POLICY));
+            }
+        }
+        None
+    }
+
+    async fn reply(&self, frame: ServerFrame) {
+        // A closed queue means the writer is gone; the loop sees that next.
+        let _ = self.out.push(encode(self.codec, &frame, None)).await;
+    }
+
+    async fn on_send(&mut self, id: String, to: String, body: Body) {
+        let answer = match self.accept_send(&id, &to, body).await {
+            Ok(frame) => frame,
+            Err((code, message, retry)) => {
+                metrics::SENDS.with_label_values(&[code.as_str()]).inc();
+                ServerFrame::Error {
+                    code,
+                    message,
+                    id: Some(id),
+                    retry_after_ms: retry,
+                }
+            }
+        };
+        self.reply(answer).await;
+    }
+
+    /// Checks a `send` and appends it; the `sent` frame, or the error to answer.
+    async fn accept_send(
+        &mut self,
+        id: &str,
+        to: &str,
+        body: Body,
+    ) -> Result<ServerFrame, (ErrorCode, String, Option<u64>)> {
+        let invalid = |m: String| (ErrorCode::Invalid, m, None);
+        if let Err(wait) = self.bucket.take() {
+            let retry = hello::duration_ms(wait).max(1);
+            let message = "send rate exceeded".to_string();
+            return Err((ErrorCode::RateLimited, message, Some(retry)));
+        }
+        let message_id = MessageId::parse(id).map_err(|e| invalid(e.to_string()))?;
+        let recipient = UserId::parse(to).map_err(|e| invalid(format!("to: {e}")))?;
+        if body.0.is_empty() {
+            return Err(invalid("empty body".into()));
+        }
+        let max = self.node.config.max_body_bytes;
+        if body.0.len() > max {
+            let message = format!("body of {} bytes is over {max}", body.0.len());
+            return Err((ErrorCode::TooLarge, message, None));
+        }
+        let msg = NewMessage {
+            from: self.user.clone(),
+            to: recipient,
+            id: message_id,
+            ts: now_ms(),
+            body: body.0,
+        };
+        let outcome = self.node.engine.append(&msg).await;
+        let sent = |seq, duplicate| ServerFrame::Sent {
+            id: id.to_string(),
+            to: to.to_string(),
+            seq,
+            duplicate,
+        };
+        match outcome {
+            Ok(ferry_router::AppendOutcome::Stored { seq }) => {
+                metrics::SENDS.with_label_values(&["stored"]).inc();
+                Ok(sent(seq, false))
+            }
+            Ok(ferry_router::AppendOutcome::Duplicate { seq }) => {
+                metrics::SENDS.with_label_values(&["duplicate"]).inc();
+                Ok(sent(seq, true))
+            }
+            Ok(ferry_router::AppendOutcome::InboxFull) => {
+                Err((ErrorCode::InboxFull, format!("{to}'s inbox is full"), None))
+            }
+            Err(EngineError::Unavailable(e)) => {
+                tracing::warn!(error = %e, "append failed");
+                let message = "the store did not answer in time; retry with the same id";
+                Err((ErrorCode::Unavailable, message.into(), None))
+            }
+            Err(EngineError::Internal(e)) => {
+                tracing::error!(error = %e, "append failed");
+                Err((ErrorCode::Internal, "store fault".into(), None))
+            }
+        }
+    }
+
+    /// A cumulative ack, clamped to what this connection delivered (G6); at most one trim in
+    /// flight, the highest seq wins.
+    fn on_ack(&mut self, seq: u64) {
+        self.ack_wanted = self.ack_wanted.max(seq.min(self.delivered));
+        if self.trim.is_none() && self.ack_wanted > self.ack_done {
+            let engine = self.node.engine.clone();
+            let user = self.user.clone();
+            let upto = self.ack_wanted;
+            self.trim = Some(tokio::spawn(async move {
+                engine.trim(&user, upto).await.map(|()| upto)
+            }));
+        }
+    }
+
+    fn on_trimmed(&mut self, done: Result<u64, EngineError>) {
+        match done {
+            Ok(upto) => {
+                self.ack_done = self.ack_done.max(upto);
+                self.on_ack(0);
+            }
+            // The messages stay in the inbox; the client's next ack (or resume) trims them.
+            Err(e) => tracing::warn!(error = %e, "trim failed"),
+        }
+    }
+
+    fn on_live(&mut self, signal: LiveSignal) {
+        let msg = match signal {
+            LiveSignal::Message(msg) => msg,
+            LiveSignal::CatchUp(CatchUpReason::Lagged) => return self.lag(),
+            LiveSignal::CatchUp(CatchUpReason::Resync) => return self.start_catch_up("resync"),
+        };
+        if msg.seq <= self.delivered || self.catching_up.is_some() {
+            return;
+        }
+        if msg.seq > self.delivered + 1 {
+            return self.start_catch_up("gap");
+        }
+        if !self.out.has_room() {
+            return self.lag();
+        }
+        self.deliver(&msg, Path::Live);
+    }
+
+    fn deliver(&mut self, msg: &InboxMessage, path: Path) {
+        let frame = ServerFrame::Msg {
+            seq: msg.seq,
+            from: msg.from.to_string(),
+            id: msg.id.to_string(),
+            ts: msg.ts,
+            body: Body(msg.body.clone()),
+        };
+        match self
+            .out
+            .try_push(encode(self.codec, &frame, Some((path, msg.ts))))
+        {
+            Ok(()) => self.delivered = msg.seq,
+            Err(_) => self.lag(),
+        }
+    }
+
+    fn lag(&mut self) {
+        if !self.lagging {
+            self.lagging = true;
+            metrics::LAGGING.inc();
+        }
+        self.start_catch_up("lagged");
+    }
+
+    fn start_catch_up(&mut self, reason: &'static str) {
+        self.catching_up.get_or_insert(reason);
+    }
+
+    /// Reads one page after `delivered` into the queue's free slots.
+    async fn catch_up_page(&mut self) {
+        let Some(reason) = self.catching_up else {
+            return;
+        };
+        let page = self
+            .node
+            .config
+            .catchup_page
+            .min(self.out.free_slots())
+            .max(1);
+        metrics::CATCHUPS.with_label_values(&[reason]).inc();
+        match self
+            .node
+            .engine
+            .read_after(&self.user, self.delivered, page)
+            .await
+        {
+            Ok(messages) => {
+                self.catchup_retry_at = None;
+                let full_page = messages.len() >= page;
+                for msg in &messages {
+                    if msg.seq > self.delivered {
+                        self.deliver(msg, Path::CatchUp);
+                    }
+                }
+                if !full_page {
+                    self.catching_up = None;
+                    if self.lagging {
+                        self.lagging = false;
+                        metrics::LAGGING.dec();
+                    }
+                }
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "catch-up read failed; will retry");
+                self.catchup_retry_at = Some(Instant::now() + CATCHUP_RETRY);
+            }
+        }
+    }
+
+    /// The periodic position check against the inbox's head: a catch-up if something stored was
+    /// not delivered (a lost live notification), a reconnect if the inbox's epoch changed.
+    async fn check_position(&mut self) -> Option<End> {
+        match self.node.engine.inbox_state(&self.user).await {
+            Ok(Some(state)) if state.epoch == self.epoch => {
+                if state.head > self.delivered {
+                    self.start_catch_up("position");
+                }
+                None
+            }
+            Ok(_) => {
+                tracing::info!("inbox epoch changed under the session; asking for a reconnect");
+                self.reply(ServerFrame::Reconnect { after_ms: 0 }).await;
+                Some(End::closing("epoch_changed", close::SERVICE_RESTART))
+            }
+            Err(e) => {
+                tracing::debug!(error = %e, "position check failed");
+                None
+            }
+        }
+    }
+
+    async fn leave_for_drain(&mut self) -> End {
+        let after_ms = rand::random_range(0..1000);
+        self.reply(ServerFrame::Reconnect { after_ms }).await;
+        End::closing("drain", close::SERVICE_RESTART)
+    }
+
+    /// Lets the last trim finish (bounded by the store timeout) and leaves the lag gauge right.
+    async fn finish(&mut self) {
+        if let Some(trim) = self.trim.take() {
+            let _ = tokio::time::timeout(self.node.config.store_timeout, trim).await;
+        }
+        if self.lagging {
+            metrics::LAGGING.dec();
+        }
+    }
+}
+
+/// Resolves when a catch-up page should be read: one is due, the retry pause is over, and the
+/// queue has room.
+async fn wait_catch_up(out: &Outbound, due: bool, retry_at: Option<Instant>) {
+    if !due {
+        return std::future::pending().await;
+    }
+    if let Some(at) = retry_at {
+        tokio::time::sleep_until(at).await;
+    }
+    out.wait_room().await;
+}
+
+/// Resolves with the trim's result when one is in flight.
+async fn join_trim(
+    trim: &mut Option<JoinHandle<Result<u64, EngineError>>>,
+) -> Result<u64, EngineError> {
+    let Some(handle) = trim.as_mut() else {
+        return std::future::pending().await;
+    };
+    let result = handle
+        .await
+        .unwrap_or_else(|e| Err(EngineError::Internal(format!("trim task: {e}"))));
+    *trim = None;
+    result
+}

@@ -180,7 +180,9 @@ fn body_from_b64(value: &mut serde_json::Value) -> Result<(), DecodeError> {
     let Some(serde_json::Value::String(b64)) = map.remove("body_b64") else {
         return Ok(());
     };
-    let bytes = B64.decode(b64.as_bytes()).map_err(|_| DecodeError::Base64)?;
+    let bytes = B64
+        .decode(b64.as_bytes())
+        .map_err(|_| DecodeError::Base64)?;
     map.insert(
         "body".into(),
         serde_json::Value::Array(bytes.into_iter().map(serde_json::Value::from).collect()),
@@ -214,7 +216,9 @@ mod tests {
             }
         );
         let send = json
-            .decode_client(&text(r#"{"type":"send","id":"a-9","to":"bob","body":"hello bob"}"#))
+            .decode_client(&text(
+                r#"{"type":"send","id":"a-9","to":"bob","body":"hello bob"}"#,
+            ))
             .unwrap();
         assert_eq!(
             send,
@@ -227,7 +231,8 @@ mod tests {
         let welcome = r#"{"type":"welcome","user":"alice","node":"gw-1","epoch":"k3v9","head":43,"reset":false,"heartbeat_ms":25000}"#;
         let frame = json.decode_server(&text(welcome)).unwrap();
         assert_eq!(json.encode_server(&frame).unwrap(), text(welcome));
-        let msg = r#"{"type":"msg","seq":42,"from":"bob","id":"b-17","ts":1764086400000,"body":"hi"}"#;
+        let msg =
+            r#"{"type":"msg","seq":42,"from":"bob","id":"b-17","ts":1764086400000,"body":"hi"}"#;
         let frame = json.decode_server(&text(msg)).unwrap();
         assert_eq!(json.encode_server(&frame).unwrap(), text(msg));
     }
@@ -320,7 +325,10 @@ mod tests {
             id: Some("m1".into()),
             retry_after_ms: Some(10),
         };
-        assert_eq!(mp.decode_server(&mp.encode_server(&err).unwrap()).unwrap(), err);
+        assert_eq!(
+            mp.decode_server(&mp.encode_server(&err).unwrap()).unwrap(),
+            err
+        );
     }
 
     #[test]
@@ -339,12 +347,16 @@ mod tests {
         );
         assert_eq!(Codec::Json.decode_server(&wire).unwrap(), msg);
         let send = Codec::Json
-            .decode_client(&text(r#"{"type":"send","id":"a","to":"b","body_b64":"/wCA"}"#))
+            .decode_client(&text(
+                r#"{"type":"send","id":"a","to":"b","body_b64":"/wCA"}"#,
+            ))
             .unwrap();
         assert!(matches!(send, ClientFrame::Send { body, .. } if body.0[..] == [0xff, 0, 0x80]));
         assert!(
             Codec::Json
-                .decode_client(&text(r#"{"type":"send","id":"a","to":"b","body_b64":"%%"}"#))
+                .decode_client(&text(
+                    r#"{"type":"send","id":"a","to":"b","body_b64":"%%"}"#
+                ))
                 .is_err()
         );
     }

@@ -9,7 +9,10 @@ pub enum IdError {
     #[error("{kind} must be 1 to {max} bytes long")]
     Length { kind: &'static str, max: usize },
     #[error("{kind} contains a character outside {allowed}")]
-    Character { kind: &'static str, allowed: &'static str },
+    Character {
+        kind: &'static str,
+        allowed: &'static str,
+    },
 }
 
 const USER_MAX: usize = 128;
@@ -101,9 +104,15 @@ mod tests {
         assert!(UserId::parse("a.b_c-d@e:f9").is_ok());
         assert!(UserId::parse(&"x".repeat(128)).is_ok());
         assert!(matches!(UserId::parse(""), Err(IdError::Length { .. })));
-        assert!(matches!(UserId::parse(&"x".repeat(129)), Err(IdError::Length { .. })));
+        assert!(matches!(
+            UserId::parse(&"x".repeat(129)),
+            Err(IdError::Length { .. })
+        ));
         for bad in ["a b", "a{b", "é", "a/b", "a}"] {
-            assert!(matches!(UserId::parse(bad), Err(IdError::Character { .. })), "{bad}");
+            assert!(
+                matches!(UserId::parse(bad), Err(IdError::Character { .. })),
+                "{bad}"
+            );
         }
     }
 

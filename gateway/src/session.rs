@@ -319,10 +319,9 @@ impl Session {
         body: Body,
     ) -> Result<ServerFrame, (ErrorCode, String, Option<u64>)> {
         let invalid = |m: String| (ErrorCode::Invalid, m, None);
-        if let Err(wait) = self.bucket.take() {
-            let retry = hello::duration_ms(wait).max(1);
+        if let Err(retry_ms) = self.bucket.take() {
             let message = "send rate exceeded".to_string();
-            return Err((ErrorCode::RateLimited, message, Some(retry)));
+            return Err((ErrorCode::RateLimited, message, Some(retry_ms)));
         }
         let message_id = MessageId::parse(id).map_err(|e| invalid(e.to_string()))?;
         let recipient = UserId::parse(to).map_err(|e| invalid(format!("to: {e}")))?;
@@ -464,13 +463,19 @@ impl Session {
         {
             Ok(messages) => {
                 self.catchup_retry_at = None;
-                let full_page = messages.len() >= page;
+                let mut complete = messages.len() < page;
                 for msg in &messages {
-                    if msg.seq > self.delivered {
-                        self.deliver(msg, Path::CatchUp);
+                    if msg.seq <= self.delivered {
+                        continue;
                     }
+                    // The byte bound holds for catch-up too; the rest is read again later.
+                    if !self.out.has_room() {
+                        complete = false;
+                        break;
+                    }
+                    self.deliver(msg, Path::CatchUp);
                 }
-                if !full_page {
+                if complete {
                     self.catching_up = None;
                     if self.lagging {
                         self.lagging = false;

@@ -176,67 +176,93 @@ struct Writer<S> {
 /// Most items written before one flush.
 const BATCH: usize = 64;
 
+/// Why the writer stopped.
+enum Stop {
+    /// The close frame is written.
+    Closed,
+    /// The socket failed, or took nothing for the write timeout.
+    Failed,
+}
+
 impl<S> Writer<S>
 where
     S: Sink<Message, Error = WsError> + Unpin,
 {
     async fn run(mut self) {
         let mut batch = Vec::with_capacity(BATCH);
+        let mut delivered = Vec::with_capacity(BATCH);
         loop {
             if self.rx.recv_many(&mut batch, BATCH).await == 0 {
                 let _ = tokio::time::timeout(self.write_timeout, self.sink.close()).await;
                 return;
             }
-            let mut closing = false;
-            let mut written = 0;
-            let mut delivered = Vec::new();
-            let result = tokio::time::timeout(self.write_timeout, async {
-                for (item, size) in batch.drain(..) {
-                    written += size;
-                    match item {
-                        Item::Frame {
-                            message,
-                            kind,
-                            delivery,
-                        } => {
-                            metrics::FRAMES_OUT.with_label_values(&[kind]).inc();
-                            if let Some(d) = delivery {
-                                delivered.push(d);
-                            }
-                            self.sink.feed(message).await?;
-                        }
-                        Item::Ping => self.sink.feed(Message::Ping(Default::default())).await?,
-                        Item::Close { code, reason } => {
-                            let frame = CloseFrame {
-                                code: CloseCode::from(code),
-                                reason: reason.into(),
-                            };
-                            self.sink.feed(Message::Close(Some(frame))).await?;
-                            closing = true;
-                            break;
-                        }
-                    }
-                }
-                self.sink.flush().await
-            })
-            .await;
+            let written: usize = batch.iter().map(|(_, size)| size).sum();
+            let result = self.write_batch(&mut batch, &mut delivered).await;
             self.bytes.fetch_sub(written, Ordering::Relaxed);
             self.room.notify_waiters();
             record_deliveries(&delivered);
-            match result {
-                Ok(Ok(())) if !closing => {}
-                Ok(Ok(())) => return,
-                Ok(Err(e)) => {
-                    tracing::debug!(error = %e, "socket write failed");
-                    return;
+            delivered.clear();
+            if result.is_err() {
+                return;
+            }
+        }
+    }
+
+    /// Writes a batch and flushes it. Each write has its own timeout, so a slow socket that
+    /// keeps taking data stays open and one that takes nothing is closed.
+    async fn write_batch(
+        &mut self,
+        batch: &mut Vec<(Item, usize)>,
+        delivered: &mut Vec<(Path, u64)>,
+    ) -> Result<(), Stop> {
+        let mut closing = false;
+        for (item, _) in batch.drain(..) {
+            let message = match item {
+                Item::Frame {
+                    message,
+                    kind,
+                    delivery,
+                } => {
+                    metrics::FRAMES_OUT.with_label_values(&[kind]).inc();
+                    delivered.extend(delivery);
+                    message
                 }
-                Err(_) => {
-                    tracing::info!("socket took nothing for the write timeout; closing");
-                    metrics::SESSION_CLOSES
-                        .with_label_values(&["write_timeout"])
-                        .inc();
-                    return;
+                Item::Ping => Message::Ping(Default::default()),
+                Item::Close { code, reason } => {
+                    closing = true;
+                    Message::Close(Some(CloseFrame {
+                        code: CloseCode::from(code),
+                        reason: reason.into(),
+                    }))
                 }
+            };
+            self.step(|sink| sink.feed(message)).await?;
+            if closing {
+                break;
+            }
+        }
+        self.step(|sink| sink.flush()).await?;
+        if closing { Err(Stop::Closed) } else { Ok(()) }
+    }
+
+    /// One socket operation, bounded by the write timeout.
+    async fn step<'a, F, Fut>(&'a mut self, op: F) -> Result<(), Stop>
+    where
+        F: FnOnce(&'a mut S) -> Fut,
+        Fut: std::future::Future<Output = Result<(), WsError>> + 'a,
+    {
+        match tokio::time::timeout(self.write_timeout, op(&mut self.sink)).await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(e)) => {
+                tracing::debug!(error = %e, "socket write failed");
+                Err(Stop::Failed)
+            }
+            Err(_) => {
+                tracing::info!("socket took nothing for the write timeout; closing");
+                metrics::SESSION_CLOSES
+                    .with_label_values(&["write_timeout"])
+                    .inc();
+                Err(Stop::Failed)
             }
         }
     }

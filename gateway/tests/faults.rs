@@ -176,9 +176,7 @@ async fn store_frozen_mid_send_never_stores_twice() {
 async fn redis_crash_with_aof_always_keeps_every_sent_message() {
     let mut gw = TestGateway::start_redis_with(AOF_ALWAYS, |_| {}).await;
     let (_, welcome) = gw.raw("bob").await;
-    let ServerFrame::Welcome { epoch, .. } = welcome else {
-        unreachable!()
-    };
+    let epoch = epoch_of(&welcome);
     let (alice, _alice_events) = gw.client("alice").await;
     for i in 1..=50 {
         alice
@@ -206,9 +204,7 @@ async fn lost_inbox_keys_give_reset() {
     let gw = TestGateway::start(EngineKind::Redis).await;
     let (mut alice, _) = gw.raw("alice").await;
     let (mut bob, welcome) = gw.raw("bob").await;
-    let ServerFrame::Welcome { epoch, .. } = welcome else {
-        unreachable!()
-    };
+    let epoch = epoch_of(&welcome);
     for i in 1..=3 {
         raw_send(&mut alice, &format!("m{i}"), "bob", "x").await;
     }

@@ -7,20 +7,6 @@ use std::time::Duration;
 use common::*;
 use ferry_shared::{ClientFrame, ServerFrame};
 
-fn epoch_of(welcome: &ServerFrame) -> String {
-    match welcome {
-        ServerFrame::Welcome { epoch, .. } => epoch.clone(),
-        other => panic!("not a welcome: {other:?}"),
-    }
-}
-
-fn head_of(welcome: &ServerFrame) -> u64 {
-    match welcome {
-        ServerFrame::Welcome { head, .. } => *head,
-        other => panic!("not a welcome: {other:?}"),
-    }
-}
-
 both_engines! {
     // G1: `sent` means stored: the recipient, connecting only afterwards, finds every one.
     async fn g1_durable_acceptance(kind: EngineKind) {

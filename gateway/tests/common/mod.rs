@@ -379,3 +379,60 @@ pub async fn raw_send(conn: &mut RawConnection, id: &str, to: &str, body: &str) 
         }
     }
 }
+
+/// The epoch a `welcome` reports.
+pub fn epoch_of(welcome: &ServerFrame) -> String {
+    match welcome {
+        ServerFrame::Welcome { epoch, .. } => epoch.clone(),
+        other => panic!("not a welcome: {other:?}"),
+    }
+}
+
+/// The head a `welcome` reports.
+pub fn head_of(welcome: &ServerFrame) -> u64 {
+    match welcome {
+        ServerFrame::Welcome { head, .. } => *head,
+        other => panic!("not a welcome: {other:?}"),
+    }
+}
+
+/// Sends an application `ping` and waits for its `pong`, skipping other frames.
+pub async fn ping_pong(conn: &mut RawConnection) {
+    conn.send_frame(&ClientFrame::Ping)
+        .await
+        .expect("send ping");
+    while !matches!(next_frame(conn).await, ServerFrame::Pong) {}
+}
+
+/// A raw WebSocket to `gateway` offering `subprotocols`, before any `hello`.
+pub async fn raw_open(gateway: &TestGateway, subprotocols: &[&str]) -> RawConnection {
+    RawConnection::connect(&gateway.url(), subprotocols, &[])
+        .await
+        .expect("raw connects")
+}
+
+/// The next frame must be an `error` with `code`: its (message, id, retry_after_ms).
+pub async fn expect_error(
+    conn: &mut RawConnection,
+    code: ferry_shared::ErrorCode,
+) -> (String, Option<String>, Option<u64>) {
+    match next_frame(conn).await {
+        ServerFrame::Error {
+            code: got,
+            message,
+            id,
+            retry_after_ms,
+        } if got == code => (message, id, retry_after_ms),
+        other => panic!("expected error {}, got {other:?}", code.as_str()),
+    }
+}
+
+/// The next event must be the close, with `code` (no frame before it).
+pub async fn expect_closed(conn: &mut RawConnection, code: u16) {
+    match conn.next_frame(WAIT).await.expect("a close in time") {
+        RawEvent::Closed { code: got, reason } => {
+            assert_eq!(got, Some(code), "close code (reason: {reason:?})")
+        }
+        RawEvent::Frame(frame) => panic!("expected close {code}, got {frame:?}"),
+    }
+}

@@ -1,0 +1,184 @@
+//! A recipient that stops reading while thousands of messages arrive: the gateway keeps serving
+//! everyone else, its session stops queueing (lags) instead of buffering without bound, and
+//! nothing is lost: when the reader reads again, or reconnects, every seq arrives once, in order.
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+use ferry_shared::ServerFrame;
+use ferry_shared::client::{RawConnection, RawEvent};
+use tokio::sync::Mutex;
+
+/// Messages in the flood.
+const FLOOD: u64 = 2000;
+/// Body size: the flood (16 MiB) must be well over what the socket buffers absorb (a few MiB on
+/// loopback; a 2 MiB flood went out without the session ever lagging on the Redis engine).
+const BODY_BYTES: usize = 8 * 1024;
+/// Sends written before their answers are read.
+const WINDOW: u64 = 100;
+/// Upper bound on any of these tests' phases.
+const PHASE: Duration = Duration::from_secs(15);
+
+/// The lag metrics are process-wide: one slow-reader test at a time, so each test's readings
+/// are its own.
+static SERIAL: Mutex<()> = Mutex::const_new(());
+
+async fn slow_gateway(kind: EngineKind) -> TestGateway {
+    TestGateway::start_with(kind, |c| {
+        c.outbound_queue = 16;
+        c.outbound_queue_bytes = 64 * 1024;
+        c.write_timeout = Duration::from_secs(30);
+        c.catchup_page = 8;
+        c.send_rate = 1_000_000.0;
+        c.send_burst = 1_000_000;
+    })
+    .await
+}
+
+/// How the gateway saw the flood.
+#[derive(Debug, Default)]
+struct Observed {
+    /// Highest `ferry_sessions_lagging` seen while flooding.
+    max_lagging: f64,
+}
+
+/// Sends `from..=to` (ids `m<seq>`, `BODY_BYTES` bodies) to `recipient`, pipelined by `WINDOW`,
+/// checking each answer is `sent` with the expected seq; samples the lag gauge after each window.
+async fn flood(
+    gateway: &TestGateway,
+    sender: &mut RawConnection,
+    recipient: &str,
+    from: u64,
+    to: u64,
+    observed: &mut Observed,
+) {
+    let body = "x".repeat(BODY_BYTES);
+    let mut next = from;
+    while next <= to {
+        let end = (next + WINDOW - 1).min(to);
+        for seq in next..=end {
+            let frame = send_frame(&format!("m{seq}"), recipient, &body);
+            sender.send_frame(&frame).await.expect("send");
+        }
+        for seq in next..=end {
+            match next_frame(sender).await {
+                ServerFrame::Sent {
+                    id,
+                    seq: got,
+                    duplicate: false,
+                    ..
+                } if id == format!("m{seq}") => {
+                    assert_eq!(got, seq, "seq of m{seq}");
+                }
+                other => panic!("answer to m{seq}: {other:?}"),
+            }
+        }
+        let lagging = metric(gateway, "ferry_sessions_lagging")
+            .await
+            .unwrap_or(0.0);
+        observed.max_lagging = observed.max_lagging.max(lagging);
+        next = end + 1;
+    }
+}
+
+/// Reads `msg` frames until seq `last`; every seq from `first` to `last` must come exactly once
+/// and in order, and nothing after it.
+async fn read_all_in_order(conn: &mut RawConnection, first: u64, last: u64) {
+    let deadline = tokio::time::Instant::now() + PHASE;
+    let mut expected = first;
+    while expected <= last {
+        let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+        let event = conn.next_frame(left).await.unwrap_or_else(|e| {
+            panic!("{e}: only seqs {first}..{expected} of {first}..={last} arrived")
+        });
+        match event {
+            RawEvent::Frame(ServerFrame::Msg { seq, id, body, .. }) => {
+                assert_eq!(seq, expected, "seqs arrive once each, in order");
+                assert_eq!(id, format!("m{seq}"));
+                assert_eq!(body.0.len(), BODY_BYTES);
+                expected += 1;
+            }
+            RawEvent::Frame(_) => {}
+            RawEvent::Closed { code, reason } => {
+                panic!("closed ({code:?}, {reason}) after seq {}", expected - 1)
+            }
+        }
+    }
+    no_message(conn, Duration::from_millis(300)).await;
+}
+
+async fn lagged_catchups(gateway: &TestGateway) -> f64 {
+    let series = r#"ferry_catchup_reads_total{reason="lagged"}"#;
+    metric(gateway, series).await.unwrap_or(0.0)
+}
+
+both_engines! {
+    async fn a_slow_reader_gets_everything_once_in_order(kind: EngineKind) {
+        let _serial = SERIAL.lock().await;
+        let gateway = slow_gateway(kind).await;
+        let lagged_before = lagged_catchups(&gateway).await;
+        let (mut bystander, _) = gateway.raw("bystander").await;
+        let (mut sender, _) = gateway.raw("sender").await;
+        // The reader says hello, then reads nothing while the flood arrives.
+        let (mut reader, _) = gateway.raw("slow").await;
+
+        let mut observed = Observed::default();
+        tokio::time::timeout(PHASE, flood(&gateway, &mut sender, "slow", 1, FLOOD, &mut observed))
+            .await
+            .expect("the flood is stored in time");
+
+        // The gateway still serves everyone else.
+        ping_pong(&mut bystander).await;
+        raw_send(&mut bystander, "b1", "sender", "still here").await;
+        // The reader's session stopped queueing live messages and lagged.
+        let lagged = lagged_catchups(&gateway).await - lagged_before;
+        assert!(
+            observed.max_lagging >= 1.0 || lagged > 0.0,
+            "the slow session never lagged: {observed:?}, lagged catch-up reads {lagged}"
+        );
+
+        read_all_in_order(&mut reader, 1, FLOOD).await;
+        // Caught up: the session is no longer lagging.
+        eventually("no session lagging", || async {
+            metric(&gateway, "ferry_sessions_lagging").await == Some(0.0)
+        })
+        .await;
+        // And it is live again.
+        raw_send(&mut sender, &format!("m{}", FLOOD + 1), "slow", &"x".repeat(BODY_BYTES)).await;
+        read_all_in_order(&mut reader, FLOOD + 1, FLOOD + 1).await;
+    }
+
+    async fn a_slow_reader_that_reconnects_gets_the_rest_in_order(kind: EngineKind) {
+        let _serial = SERIAL.lock().await;
+        let gateway = slow_gateway(kind).await;
+        let (mut bystander, _) = gateway.raw("bystander").await;
+        let (mut sender, _) = gateway.raw("sender").await;
+        let (mut reader, welcome) = gateway.raw("slow").await;
+        let epoch = epoch_of(&welcome);
+
+        // The reader keeps up with the first 50, then stops reading.
+        let mut observed = Observed::default();
+        flood(&gateway, &mut sender, "slow", 1, 100, &mut observed).await;
+        let got = raw_messages(&mut reader, 50).await;
+        assert_eq!(got.last().map(|m| m.0), Some(50));
+        tokio::time::timeout(PHASE, flood(&gateway, &mut sender, "slow", 101, FLOOD, &mut observed))
+            .await
+            .expect("the flood is stored in time");
+        ping_pong(&mut bystander).await;
+
+        // It drops the connection with most of the flood unread, and resumes from 50.
+        drop(reader);
+        let (mut reader, welcome) = gateway.raw_resume("slow", 50, Some(&epoch)).await;
+        match welcome {
+            ServerFrame::Welcome { reset, head, .. } => {
+                assert!(!reset, "same epoch, same inbox");
+                assert_eq!(head, FLOOD);
+            }
+            other => panic!("expected welcome, got {other:?}"),
+        }
+        read_all_in_order(&mut reader, 51, FLOOD).await;
+        ping_pong(&mut bystander).await;
+    }
+}

@@ -1,0 +1,28 @@
+//! Ferry's load generator and delivery verifier: many clients as distinct users, an open-loop
+//! send schedule at a target rate, latency from each message's scheduled time (HdrHistogram),
+//! a check after a drain that every message answered `sent` arrived exactly once and in order,
+//! and the gateway's memory and CPU. Modes: a load run ([`run_load`]), a connection ramp
+//! ([`run_ramp`]) and a reconnect storm ([`run_storm`]).
+//!
+//! Layout: `config` (typed settings), `cli` (flags), `auth` (tokens), `clients` (opening many
+//! connections), `schedule` (due times, routing, body layout), `verify` (ledger and per-user
+//! checks), `latency` (histograms), `report` (results), `procstat` (`/proc` readings), and
+//! `modes` (`run`, `user`, `ramp`, `storm`).
+
+pub mod auth;
+pub mod cli;
+pub mod config;
+pub mod procstat;
+pub mod report;
+
+mod clients;
+mod latency;
+mod modes;
+mod schedule;
+mod verify;
+
+pub use config::{Auth, LoadConfig, Offline, Pattern, RampConfig, StormConfig, Target};
+pub use latency::Percentiles;
+pub use modes::{run_load, run_ramp, run_storm};
+pub use report::{RampReport, RampStep, Report, StormReport, Verdict};
+pub use schedule::BODY_HEADER;

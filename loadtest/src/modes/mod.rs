@@ -1,0 +1,77 @@
+//! The modes of the load generator: a load run (`run`), a connection ramp (`ramp`) and a
+//! reconnect storm (`storm`), and what they share.
+
+use std::time::Duration;
+
+use tokio::time::Instant;
+
+use crate::config::Target;
+use crate::procstat::{self, ProcDelta, ProcSample};
+
+mod ramp;
+mod run;
+mod storm;
+mod user;
+
+pub use ramp::run_ramp;
+pub use run::run_load;
+pub use storm::run_storm;
+
+/// How long one user may keep retrying its connection, from its turn.
+pub(crate) fn patience(target: &Target) -> Duration {
+    target.connect_timeout * 3
+}
+
+/// The gateway's and this process's RSS and CPU time from the start of a run.
+pub(crate) struct ProcWatch {
+    gateway_pid: Option<u32>,
+    gateway: Option<ProcSample>,
+    loadgen: Option<ProcSample>,
+    started: Instant,
+}
+
+impl ProcWatch {
+    pub(crate) fn start(gateway_pid: Option<u32>) -> Self {
+        ProcWatch {
+            gateway_pid,
+            gateway: gateway_pid.and_then(|pid| sample_or_warn(Some(pid))),
+            loadgen: sample_or_warn(None),
+            started: Instant::now(),
+        }
+    }
+
+    /// The gateway's RSS now, if its PID was given.
+    pub(crate) fn gateway_rss(&self) -> Option<u64> {
+        self.gateway_pid
+            .and_then(|pid| sample_or_warn(Some(pid)))
+            .map(|s| s.rss_bytes)
+    }
+
+    /// The gateway's and this process's change since `start`.
+    pub(crate) fn finish(&self) -> (Option<ProcDelta>, Option<ProcDelta>) {
+        let wall = self.started.elapsed().as_secs_f64();
+        let delta = |pid: Option<u32>, before: Option<ProcSample>| {
+            let after = sample_or_warn(pid)?;
+            Some(ProcDelta::new(
+                pid.unwrap_or_else(std::process::id),
+                before?,
+                after,
+                wall,
+            ))
+        };
+        let gateway = self
+            .gateway_pid
+            .and_then(|pid| delta(Some(pid), self.gateway));
+        (gateway, delta(None, self.loadgen))
+    }
+}
+
+fn sample_or_warn(pid: Option<u32>) -> Option<ProcSample> {
+    match procstat::sample(pid) {
+        Ok(sample) => Some(sample),
+        Err(e) => {
+            tracing::warn!(?pid, error = %e, "cannot read /proc");
+            None
+        }
+    }
+}

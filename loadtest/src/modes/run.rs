@@ -1,0 +1,227 @@
+//! The load run: connect every user, send the schedule, drain, close, verify, report.
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering::Relaxed;
+use std::time::Duration;
+
+use anyhow::bail;
+use tokio::task::JoinSet;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+use super::user::{RunShared, run_user};
+use super::{ProcWatch, patience};
+use crate::clients::{ConnectStats, Connector};
+use crate::config::LoadConfig;
+use crate::procstat::ProcDelta;
+use crate::report::Report;
+use crate::schedule::{Routing, Schedule, mix};
+use crate::verify::{Receiver, Verifier};
+
+/// Time between the last connection and the first scheduled message.
+const LEAD: Duration = Duration::from_millis(200);
+/// How often the drain looks whether everything arrived.
+const DRAIN_POLL: Duration = Duration::from_millis(20);
+/// Limit on the users' closing after the drain.
+const CLOSE_WITHIN: Duration = Duration::from_secs(30);
+
+/// Runs a load run and verifies it: see [`LoadConfig`]. An error means the run could not be
+/// carried out (bad settings, connections refused); what the run found is in the [`Report`].
+pub async fn run_load(config: LoadConfig) -> anyhow::Result<Report> {
+    config.validate()?;
+    let watch = ProcWatch::start(config.target.gateway_pid);
+    let (run, connected, mut tasks) = start(&config).await?;
+    tokio::time::sleep_until(run.schedule.end()).await;
+    let (drained, drain_secs) = drain(&run, config.drain).await;
+    run.stop.cancel();
+    let closing = async { while tasks.join_next().await.is_some() {} };
+    if tokio::time::timeout(CLOSE_WITHIN, closing).await.is_err() {
+        tracing::warn!("users still closing after {CLOSE_WITHIN:?}; reporting without them");
+    }
+    let (gateway, loadgen) = watch.finish();
+    let outcome = Outcome {
+        connected,
+        drained,
+        drain_secs,
+        gateway,
+        loadgen,
+    };
+    Ok(report(&config, &run, outcome))
+}
+
+/// Connects every user and starts their tasks; sending begins at `t0`, shortly after.
+async fn start(
+    config: &LoadConfig,
+) -> anyhow::Result<(Arc<RunShared>, ConnectStats, JoinSet<Receiver>)> {
+    let target = &config.target;
+    let count = config.connections;
+    let users: Vec<Arc<str>> = (0..count).map(|n| Arc::from(target.user_id(n))).collect();
+    let connector = Arc::new(Connector::new(
+        target,
+        config.ack_interval,
+        config.send_timeout,
+    ));
+    let named = users.iter().map(|u| u.to_string()).enumerate().collect();
+    let (conns, connected) = connector.connect_all(named, patience(target)).await;
+    if connected.failed > 0 {
+        bail!(
+            "{} of {count} connections failed; the first: {}",
+            connected.failed,
+            connected.first_error.unwrap_or_default()
+        );
+    }
+    let conns = conns.into_iter().collect::<anyhow::Result<Vec<_>>>()?;
+    let t0 = Instant::now() + LEAD;
+    let total = config.total_messages();
+    let routing = Routing::Load {
+        connections: count as u64,
+        pattern: config.pattern,
+        seed: config.seed,
+    };
+    let run = Arc::new(RunShared {
+        verifier: Verifier::new(total, routing, users.clone(), t0),
+        schedule: Schedule::new(t0, config.rate, total),
+        users,
+        body_bytes: config.body_bytes,
+        max_in_flight: config.max_in_flight,
+        offline_window: config.offline.map(|o| (t0 + o.at, t0 + o.at + o.duration)),
+        connector,
+        stop: CancellationToken::new(),
+    });
+    let offline = offline_users(config);
+    let mut tasks = JoinSet::new();
+    for (n, conn) in conns.into_iter().enumerate() {
+        tasks.spawn(run_user(Arc::clone(&run), n, conn, offline[n]));
+    }
+    Ok((run, connected, tasks))
+}
+
+/// Waits until every answered message arrived (or `limit` passed): whether it did, and how
+/// long it took.
+async fn drain(run: &RunShared, limit: Duration) -> (bool, f64) {
+    let start = Instant::now();
+    let drained = loop {
+        if run.verifier.settled() {
+            break true;
+        }
+        if start.elapsed() >= limit {
+            break false;
+        }
+        tokio::time::sleep(DRAIN_POLL).await;
+    };
+    (drained, start.elapsed().as_secs_f64())
+}
+
+/// What the run observed besides the verifier's counts.
+struct Outcome {
+    connected: ConnectStats,
+    drained: bool,
+    drain_secs: f64,
+    gateway: Option<ProcDelta>,
+    loadgen: Option<ProcDelta>,
+}
+
+fn report(config: &LoadConfig, run: &RunShared, outcome: Outcome) -> Report {
+    let Outcome {
+        connected,
+        drained,
+        drain_secs,
+        gateway,
+        loadgen,
+    } = outcome;
+    let (count, total) = (config.connections, run.schedule.total);
+    let v = &run.verifier;
+    let s = &v.stats;
+    let tally = v.ledger.tally();
+    let per_sec = |n: u64, last_ns: u64| {
+        let secs = last_ns as f64 / 1e9;
+        if secs > 0.0 { n as f64 / secs } else { 0.0 }
+    };
+    Report {
+        mode: "run",
+        run_id: config.target.run_id.clone(),
+        connections: count,
+        connected: connected.ok,
+        connect_failed: connected.failed,
+        connect_secs: connected.secs,
+        rate_target: config.rate,
+        duration_secs: config.duration.as_secs_f64(),
+        body_bytes: config.body_bytes,
+        pattern: config.pattern,
+        offline_users: offline_users(config).iter().filter(|&&o| o).count(),
+        scheduled: total,
+        skipped_offline: s.skipped_offline.load(Relaxed),
+        dispatched: s.dispatched.load(Relaxed),
+        not_dispatched: total
+            .saturating_sub(s.dispatched.load(Relaxed))
+            .saturating_sub(s.skipped_offline.load(Relaxed)),
+        sent: s.sent_ok.load(Relaxed),
+        sent_duplicate: s.sent_duplicate.load(Relaxed),
+        send_errors: s.send_errors(),
+        delivered: tally.delivered,
+        lost: tally.lost,
+        duplicates: tally.duplicates,
+        duplicates_dropped_by_seq: None,
+        out_of_order: s.out_of_order.load(Relaxed),
+        seq_mismatch: tally.seq_mismatch,
+        unconfirmed_delivered: tally.unconfirmed,
+        foreign: s.foreign.load(Relaxed),
+        resets: s.resets.load(Relaxed),
+        disconnects: s.disconnects.load(Relaxed),
+        resumes: s.resumes.load(Relaxed),
+        reconnect_requests: s.reconnect_requests.load(Relaxed),
+        reconnect_failures: s.connect_failures.load(Relaxed),
+        event_errors: s.event_errors(),
+        drained,
+        drain_secs,
+        sent_per_sec: per_sec(s.sent_ok.load(Relaxed), s.last_sent_ns.load(Relaxed)),
+        delivered_per_sec: per_sec(
+            s.unique_delivered.load(Relaxed),
+            s.last_delivery_ns.load(Relaxed),
+        ),
+        latency_sent: v.sent_latency.summary(),
+        latency_delivery: v.delivery_latency.summary(),
+        gateway,
+        loadgen,
+        lost_examples: tally.lost_examples,
+    }
+}
+
+/// Which users go offline: the `fraction` of them that a seeded hash ranks first.
+fn offline_users(config: &LoadConfig) -> Vec<bool> {
+    let count = config.connections;
+    let mut offline = vec![false; count];
+    let Some(o) = &config.offline else {
+        return offline;
+    };
+    let wanted = ((o.fraction * count as f64).round() as usize).min(count);
+    let mut ranked: Vec<usize> = (0..count).collect();
+    ranked.sort_by_key(|&n| mix(config.seed ^ (n as u64).rotate_left(32)));
+    for &n in &ranked[..wanted] {
+        offline[n] = true;
+    }
+    offline
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{Auth, Offline, Target};
+
+    #[test]
+    fn the_offline_fraction_is_exact_and_seeded() {
+        let mut config = LoadConfig::new(Target::new("ws://h:1/v1/ws", Auth::DevEndpoint));
+        config.connections = 200;
+        assert!(offline_users(&config).iter().all(|&o| !o));
+        config.offline = Some(Offline {
+            fraction: 0.25,
+            at: Duration::ZERO,
+            duration: Duration::ZERO,
+        });
+        let a = offline_users(&config);
+        assert_eq!(a.iter().filter(|&&o| o).count(), 50);
+        assert_eq!(a, offline_users(&config));
+        config.seed ^= 1;
+        assert_ne!(a, offline_users(&config));
+    }
+}

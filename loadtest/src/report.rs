@@ -1,0 +1,366 @@
+//! What a run found: one report per mode, printed as a human summary (`Display`) or as one JSON
+//! object, and the list of failures that makes the exit code non-zero.
+
+use std::collections::BTreeMap;
+use std::fmt;
+
+use serde::Serialize;
+
+use crate::config::Pattern;
+use crate::latency::Percentiles;
+use crate::procstat::ProcDelta;
+
+/// The result of a load run.
+#[derive(Debug, Clone, Serialize)]
+pub struct Report {
+    pub mode: &'static str,
+    pub run_id: String,
+    pub connections: usize,
+    pub connected: usize,
+    pub connect_failed: usize,
+    pub connect_secs: f64,
+    pub rate_target: f64,
+    pub duration_secs: f64,
+    pub body_bytes: usize,
+    pub pattern: Pattern,
+    /// Users that went offline for part of the run.
+    pub offline_users: usize,
+    /// Messages in the schedule.
+    pub scheduled: u64,
+    /// Scheduled while their sender was offline, so never sent.
+    pub skipped_offline: u64,
+    /// Sends handed to a client.
+    pub dispatched: u64,
+    /// Scheduled but still held back by `--max-in-flight` when sending ended (the gateway did
+    /// not keep up with the rate), so never sent.
+    pub not_dispatched: u64,
+    /// Sends answered `sent`.
+    pub sent: u64,
+    /// Of those, answered `duplicate: true` (a retry found it stored).
+    pub sent_duplicate: u64,
+    /// Sends that got no `sent`, by protocol code or client-side reason.
+    pub send_errors: BTreeMap<String, u64>,
+    /// Messages answered `sent` that their recipient received.
+    pub delivered: u64,
+    /// Messages answered `sent` that their recipient had not received when the run ended
+    /// (after the drain; if the drain timed out, `drained` is false and this includes messages
+    /// still waiting in their inboxes).
+    pub lost: u64,
+    /// Extra deliveries of one message (same `from` and `id`) to the application.
+    pub duplicates: u64,
+    /// Duplicate seqs dropped by the client before the application: not exposed by the Rust
+    /// client, so `null`.
+    pub duplicates_dropped_by_seq: Option<u64>,
+    /// Deliveries whose seq was not the one after the previous delivery on that user's
+    /// connection (a skipped or reordered seq).
+    pub out_of_order: u64,
+    /// Messages delivered at a seq other than the one their `sent` named.
+    pub seq_mismatch: u64,
+    /// Delivered although the send got no `sent` (outcome unknown, yet stored).
+    pub unconfirmed_delivered: u64,
+    /// Messages that were not this run's, or reached the wrong user.
+    pub foreign: u64,
+    pub resets: u64,
+    /// Connections that ended other than by this run closing them.
+    pub disconnects: u64,
+    /// `welcome`s after a user's first (client reconnects and offline returns).
+    pub resumes: u64,
+    pub reconnect_requests: u64,
+    pub reconnect_failures: u64,
+    /// `error` events not tied to a send, by code.
+    pub event_errors: BTreeMap<String, u64>,
+    /// Every answered message arrived before the drain timeout.
+    pub drained: bool,
+    pub drain_secs: f64,
+    /// `sent` answers per second, from the start of sending to the last answer.
+    pub sent_per_sec: f64,
+    /// Deliveries per second, from the start of sending to the last delivery.
+    pub delivered_per_sec: f64,
+    /// Scheduled send time → `sent` answer.
+    pub latency_sent: Percentiles,
+    /// Scheduled send time → delivery to the recipient.
+    pub latency_delivery: Percentiles,
+    pub gateway: Option<ProcDelta>,
+    /// This process (it shares the machine with the gateway).
+    pub loadgen: Option<ProcDelta>,
+    /// A few lost message numbers.
+    pub lost_examples: Vec<u64>,
+}
+
+/// The result of a connection ramp.
+#[derive(Debug, Clone, Serialize)]
+pub struct RampReport {
+    pub mode: &'static str,
+    pub run_id: String,
+    pub connections: usize,
+    pub connected: usize,
+    pub connect_failed: usize,
+    pub first_error: Option<String>,
+    pub steps: Vec<RampStep>,
+    pub gateway_rss_before: Option<u64>,
+    pub gateway_rss_after: Option<u64>,
+    /// Gateway RSS growth ÷ connections open, bytes.
+    pub gateway_bytes_per_connection: Option<f64>,
+    /// The load generator's own RSS growth ÷ connections, bytes.
+    pub loadgen_bytes_per_connection: f64,
+    pub gateway: Option<ProcDelta>,
+}
+
+/// One step of a ramp.
+#[derive(Debug, Clone, Serialize)]
+pub struct RampStep {
+    /// Connections open after this step.
+    pub connections: usize,
+    /// Seconds since the ramp started.
+    pub secs: f64,
+    pub gateway_rss_bytes: Option<u64>,
+    pub loadgen_rss_bytes: u64,
+}
+
+/// The result of a reconnect storm.
+#[derive(Debug, Clone, Serialize)]
+pub struct StormReport {
+    pub mode: &'static str,
+    pub run_id: String,
+    pub connections: usize,
+    pub connected: usize,
+    pub senders: usize,
+    pub backlog_per_user: usize,
+    /// Backlog messages answered `sent` while everyone was down.
+    pub stored: u64,
+    pub send_errors: BTreeMap<String, u64>,
+    pub reconnected: usize,
+    pub reconnect_failed: usize,
+    pub first_error: Option<String>,
+    /// From the storm's start until the last client got its `welcome`.
+    pub resumed_secs: f64,
+    /// From the storm's start until the last stored message was delivered.
+    pub caught_up_secs: Option<f64>,
+    pub delivered: u64,
+    pub lost: u64,
+    pub duplicates: u64,
+    pub out_of_order: u64,
+    pub seq_mismatch: u64,
+    pub resets: u64,
+    pub gateway: Option<ProcDelta>,
+}
+
+/// A report that can say what went wrong.
+pub trait Verdict: Serialize + fmt::Display {
+    /// What failed; empty when the run passed.
+    fn failures(&self) -> Vec<String>;
+}
+
+fn nonzero(out: &mut Vec<String>, what: &str, n: u64) {
+    if n > 0 {
+        out.push(format!("{what}: {n}"));
+    }
+}
+
+impl Verdict for Report {
+    fn failures(&self) -> Vec<String> {
+        let mut out = Vec::new();
+        nonzero(&mut out, "lost", self.lost);
+        nonzero(&mut out, "out of order", self.out_of_order);
+        nonzero(&mut out, "duplicates", self.duplicates);
+        nonzero(&mut out, "seq mismatch", self.seq_mismatch);
+        nonzero(&mut out, "connections failed", self.connect_failed as u64);
+        if !self.drained {
+            out.push(format!(
+                "drain timed out after {:.1} s (lost counts messages still waiting in inboxes)",
+                self.drain_secs
+            ));
+        }
+        out
+    }
+}
+
+impl Verdict for RampReport {
+    fn failures(&self) -> Vec<String> {
+        let mut out = Vec::new();
+        nonzero(&mut out, "connections failed", self.connect_failed as u64);
+        out
+    }
+}
+
+impl Verdict for StormReport {
+    fn failures(&self) -> Vec<String> {
+        let mut out = Vec::new();
+        nonzero(&mut out, "lost", self.lost);
+        nonzero(&mut out, "out of order", self.out_of_order);
+        nonzero(&mut out, "duplicates", self.duplicates);
+        nonzero(&mut out, "seq mismatch", self.seq_mismatch);
+        nonzero(&mut out, "reconnects failed", self.reconnect_failed as u64);
+        if self.caught_up_secs.is_none() {
+            out.push("not caught up before the timeout".into());
+        }
+        out
+    }
+}
+
+fn mib(bytes: u64) -> f64 {
+    bytes as f64 / (1024.0 * 1024.0)
+}
+
+fn proc_line(f: &mut fmt::Formatter<'_>, who: &str, p: &Option<ProcDelta>) -> fmt::Result {
+    match p {
+        Some(p) => writeln!(
+            f,
+            "{who:<9} pid {}: RSS {:.1} → {:.1} MiB, CPU {:.2} s ({:.2} cores)",
+            p.pid,
+            mib(p.before.rss_bytes),
+            mib(p.after.rss_bytes),
+            p.cpu_secs,
+            p.cores
+        ),
+        None => Ok(()),
+    }
+}
+
+fn latency_line(f: &mut fmt::Formatter<'_>, what: &str, p: &Percentiles) -> fmt::Result {
+    writeln!(
+        f,
+        "{what:<9} ms  p50 {:.2}  p90 {:.2}  p99 {:.2}  p99.9 {:.2}  max {:.2}  ({} samples)",
+        p.p50_ms, p.p90_ms, p.p99_ms, p.p999_ms, p.max_ms, p.count
+    )
+}
+
+impl fmt::Display for Report {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        writeln!(
+            f,
+            "run {}: {} connections ({} failed, {:.1} s to connect), {:.0} msg/s for {:.0} s, \
+             {} B bodies, {:?}, {} offline",
+            self.run_id,
+            self.connected,
+            self.connect_failed,
+            self.connect_secs,
+            self.rate_target,
+            self.duration_secs,
+            self.body_bytes,
+            self.pattern,
+            self.offline_users
+        )?;
+        writeln!(
+            f,
+            "messages  scheduled {}  skipped (sender offline) {}  not sent (behind schedule) {}  \
+             sent {} ({} duplicate)  delivered {}",
+            self.scheduled,
+            self.skipped_offline,
+            self.not_dispatched,
+            self.sent,
+            self.sent_duplicate,
+            self.delivered
+        )?;
+        writeln!(
+            f,
+            "verify    lost {}  duplicates {}  out of order {}  seq mismatch {}  \
+             unconfirmed {}  foreign {}  (drained: {}, {:.1} s)",
+            self.lost,
+            self.duplicates,
+            self.out_of_order,
+            self.seq_mismatch,
+            self.unconfirmed_delivered,
+            self.foreign,
+            self.drained,
+            self.drain_secs
+        )?;
+        writeln!(
+            f,
+            "errors    send {:?}  events {:?}  resets {}  disconnects {}  resumes {}",
+            self.send_errors, self.event_errors, self.resets, self.disconnects, self.resumes
+        )?;
+        writeln!(
+            f,
+            "rate      sent {:.0} msg/s  delivered {:.0} msg/s",
+            self.sent_per_sec, self.delivered_per_sec
+        )?;
+        latency_line(f, "sent", &self.latency_sent)?;
+        latency_line(f, "delivery", &self.latency_delivery)?;
+        proc_line(f, "gateway", &self.gateway)?;
+        proc_line(f, "loadgen", &self.loadgen)
+    }
+}
+
+impl fmt::Display for RampReport {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        writeln!(
+            f,
+            "ramp {}: {} of {} connections open ({} failed{})",
+            self.run_id,
+            self.connected,
+            self.connections,
+            self.connect_failed,
+            self.first_error
+                .as_deref()
+                .map(|e| format!(": {e}"))
+                .unwrap_or_default()
+        )?;
+        for step in &self.steps {
+            writeln!(
+                f,
+                "  {:>7} connections at {:>6.1} s: gateway RSS {} MiB, loadgen RSS {:.1} MiB",
+                step.connections,
+                step.secs,
+                step.gateway_rss_bytes
+                    .map(|b| format!("{:.1}", mib(b)))
+                    .unwrap_or_else(|| "?".into()),
+                mib(step.loadgen_rss_bytes)
+            )?;
+        }
+        match self.gateway_bytes_per_connection {
+            Some(b) => writeln!(
+                f,
+                "gateway   {:.0} bytes ({:.2} KiB) of RSS per idle authenticated connection",
+                b,
+                b / 1024.0
+            )?,
+            None => writeln!(f, "gateway   RSS not sampled (no --gateway-pid)")?,
+        }
+        writeln!(
+            f,
+            "loadgen   {:.0} bytes of RSS per client",
+            self.loadgen_bytes_per_connection
+        )?;
+        proc_line(f, "gateway", &self.gateway)
+    }
+}
+
+impl fmt::Display for StormReport {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        writeln!(
+            f,
+            "storm {}: {} clients ({} connected), {} messages stored for them while down \
+             ({} per client, {} senders)",
+            self.run_id,
+            self.connections,
+            self.connected,
+            self.stored,
+            self.backlog_per_user,
+            self.senders
+        )?;
+        writeln!(
+            f,
+            "resume    {} reconnected ({} failed) in {:.2} s; caught up in {}",
+            self.reconnected,
+            self.reconnect_failed,
+            self.resumed_secs,
+            self.caught_up_secs
+                .map(|s| format!("{s:.2} s"))
+                .unwrap_or_else(|| "— (timeout)".into())
+        )?;
+        writeln!(
+            f,
+            "verify    delivered {}  lost {}  duplicates {}  out of order {}  seq mismatch {}  \
+             resets {}  send errors {:?}",
+            self.delivered,
+            self.lost,
+            self.duplicates,
+            self.out_of_order,
+            self.seq_mismatch,
+            self.resets,
+            self.send_errors
+        )?;
+        proc_line(f, "gateway", &self.gateway)
+    }
+}

@@ -1,0 +1,173 @@
+//! A short load run in the test suite: an in-process gateway on `127.0.0.1:0` (on a real
+//! `redis-server`, and on the embedded engine), a few hundred clients for a few seconds with a
+//! fifth of them offline for part of it, and the verifier's verdict; then a small storm and a
+//! small ramp. It asserts correctness (nothing lost, duplicated or out of order; everything
+//! `sent` delivered), never a speed.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use ferry_loadtest::{
+    Auth, LoadConfig, Offline, Pattern, RampConfig, Report, StormConfig, Target, Verdict, run_load,
+    run_ramp, run_storm,
+};
+use ferry_router::testkit::RedisServer;
+use tokio::net::TcpListener;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+const SECRET: &str = "loadtest-secret-of-at-least-32-bytes!";
+
+/// A gateway running in this process; stopped on drop.
+struct Gateway {
+    addr: SocketAddr,
+    shutdown: CancellationToken,
+    task: JoinHandle<Result<(), ferry_gateway::GatewayError>>,
+}
+
+impl Gateway {
+    async fn start(redis_url: Option<String>) -> Gateway {
+        let mut config = ferry_gateway::Config::for_tests();
+        config.dev = false;
+        config.jwt_secret = Some(SECRET.into());
+        config.node_id = Some("gw-loadtest".into());
+        config.redis_url = redis_url;
+        // Each client sends about 10 msg/s; the default bucket would allow it, but a load run
+        // should never measure the rate limiter.
+        config.send_rate = 10_000.0;
+        config.send_burst = 10_000;
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let admin = TcpListener::bind("127.0.0.1:0").await.expect("bind admin");
+        let addr = listener.local_addr().expect("addr");
+        let shutdown = CancellationToken::new();
+        let task = tokio::spawn(ferry_gateway::run(
+            listener,
+            admin,
+            config,
+            shutdown.clone(),
+        ));
+        Gateway {
+            addr,
+            shutdown,
+            task,
+        }
+    }
+}
+
+impl Drop for Gateway {
+    fn drop(&mut self) {
+        self.shutdown.cancel();
+        self.task.abort();
+    }
+}
+
+/// 200 users, 2,000 msg/s for 3 s, 20% of them offline from 1 s to 2 s.
+fn short_run(gateway: &Gateway) -> LoadConfig {
+    let target = Target::new(
+        format!("ws://{}/v1/ws", gateway.addr),
+        Auth::Secret(SECRET.into()),
+    );
+    LoadConfig {
+        connections: 200,
+        rate: 2000.0,
+        duration: Duration::from_secs(3),
+        body_bytes: 64,
+        pattern: Pattern::Random,
+        ack_interval: Duration::from_millis(50),
+        offline: Some(Offline {
+            fraction: 0.2,
+            at: Duration::from_secs(1),
+            duration: Duration::from_secs(1),
+        }),
+        drain: Duration::from_secs(15),
+        ..LoadConfig::new(target)
+    }
+}
+
+fn assert_correct(report: &Report) {
+    println!("{report}");
+    assert!(report.failures().is_empty(), "{report}");
+    assert_eq!(report.lost, 0, "{report}");
+    assert_eq!(report.out_of_order, 0, "{report}");
+    assert_eq!(report.duplicates, 0, "{report}");
+    assert_eq!(report.seq_mismatch, 0, "{report}");
+    assert_eq!(report.foreign, 0, "{report}");
+    assert!(report.sent > 0, "{report}");
+    assert_eq!(report.delivered, report.sent, "{report}");
+    assert!(report.drained, "{report}");
+    // The offline users really were offline: their sends were skipped, and they came back.
+    assert_eq!(report.offline_users, 40, "{report}");
+    assert!(report.skipped_offline > 0, "{report}");
+    assert!(report.resumes >= 40, "{report}");
+    assert_eq!(report.not_dispatched, 0, "{report}");
+    assert_eq!(
+        report.sent + report.skipped_offline + report.send_errors.values().sum::<u64>(),
+        report.scheduled,
+        "{report}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_short_run_loses_nothing() {
+    let redis = RedisServer::start();
+    let gateway = Gateway::start(Some(redis.url())).await;
+    let report = run_load(short_run(&gateway))
+        .await
+        .expect("the run completes");
+    assert_correct(&report);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn embedded_short_run_loses_nothing() {
+    let gateway = Gateway::start(None).await;
+    let report = run_load(short_run(&gateway))
+        .await
+        .expect("the run completes");
+    assert_correct(&report);
+}
+
+/// The storm and the ramp, small and on the embedded engine: every client drops, a backlog is
+/// stored, all resume at once and get all of it, in order; idle connections open in steps.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn storm_and_ramp_complete_on_the_embedded_engine() {
+    let gateway = Gateway::start(None).await;
+    let target = || {
+        Target::new(
+            format!("ws://{}/v1/ws", gateway.addr),
+            Auth::Secret(SECRET.into()),
+        )
+    };
+    let storm = run_storm(StormConfig {
+        target: target(),
+        connections: 100,
+        backlog: 5,
+        senders: 3,
+        body_bytes: 32,
+        ack_interval: Duration::from_millis(50),
+        timeout: Duration::from_secs(20),
+        max_in_flight: 100,
+    })
+    .await
+    .expect("the storm completes");
+    println!("{storm}");
+    assert!(storm.failures().is_empty(), "{storm}");
+    assert_eq!((storm.stored, storm.delivered), (500, 500), "{storm}");
+    assert_eq!(storm.reconnected, 100, "{storm}");
+    assert!(storm.caught_up_secs.is_some(), "{storm}");
+
+    let ramp = run_ramp(RampConfig {
+        target: target(),
+        connections: 60,
+        step: 20,
+        settle: Duration::from_millis(50),
+    })
+    .await
+    .expect("the ramp completes");
+    println!("{ramp}");
+    assert!(ramp.failures().is_empty(), "{ramp}");
+    assert_eq!(ramp.connected, 60);
+    assert_eq!(
+        ramp.steps.iter().map(|s| s.connections).collect::<Vec<_>>(),
+        [20, 40, 60]
+    );
+}

@@ -518,10 +518,23 @@ impl Session {
         End::closing("drain", close::SERVICE_RESTART)
     }
 
-    /// Lets the last trim finish (bounded by the store timeout) and leaves the lag gauge right.
+    /// Finishes the acknowledgements (the trim in flight, then the client's last ack if it came
+    /// while that trim ran; each bounded by the store timeout) and leaves the lag gauge right.
     async fn finish(&mut self) {
-        if let Some(trim) = self.trim.take() {
-            let _ = tokio::time::timeout(self.node.config.store_timeout, trim).await;
+        let timeout = self.node.config.store_timeout;
+        if let Some(trim) = self.trim.take()
+            && let Ok(Ok(Ok(upto))) = tokio::time::timeout(timeout, trim).await
+        {
+            self.ack_done = self.ack_done.max(upto);
+        }
+        if self.ack_wanted > self.ack_done {
+            let trim = self.node.engine.trim(&self.user, self.ack_wanted);
+            if let Ok(Err(e)) | Err(e) = tokio::time::timeout(timeout, trim)
+                .await
+                .map_err(|_| EngineError::Unavailable("trim timed out".into()))
+            {
+                tracing::warn!(error = %e, "last trim failed; the next hello acknowledges it");
+            }
         }
         if self.lagging {
             metrics::LAGGING.dec();

@@ -5,6 +5,7 @@ mod common;
 use std::time::Duration;
 
 use common::*;
+use ferry_shared::client::RawEvent;
 use ferry_shared::{ClientFrame, ServerFrame};
 
 both_engines! {
@@ -106,6 +107,29 @@ both_engines! {
         no_message(&mut bob, Duration::from_millis(300)).await;
         raw_send(&mut alice, "m6", "bob", "x").await;
         assert_eq!(raw_messages(&mut bob, 1).await, [(6, "m6".to_string())]);
+    }
+
+    // The client's last ack, sent just before it closes while an earlier trim is still in
+    // flight, is applied too (acks are coalesced to one trim at a time).
+    async fn last_ack_before_close_is_applied(kind: EngineKind) {
+        let gw = TestGateway::start(kind).await;
+        let (mut alice, _) = gw.raw("alice").await;
+        for i in 1..=10 {
+            raw_send(&mut alice, &format!("m{i}"), "bob", "x").await;
+        }
+        let (mut bob, welcome) = gw.raw("bob").await;
+        let epoch = epoch_of(&welcome);
+        assert_eq!(raw_messages(&mut bob, 10).await.len(), 10);
+        bob.send_frame(&ClientFrame::Ack { seq: 5 }).await.expect("ack");
+        bob.send_frame(&ClientFrame::Ack { seq: 10 }).await.expect("ack");
+        bob.close(1000, "bye").await.expect("close");
+        eventually("both acks applied", || async {
+            let (mut probe, _) = gw.raw_resume("bob", 0, Some(&epoch)).await;
+            // A resume from 0 replays whatever the inbox still holds.
+            let first = probe.next_frame(Duration::from_millis(300)).await;
+            !matches!(first, Ok(RawEvent::Frame(ServerFrame::Msg { .. })))
+        })
+        .await;
     }
 
     // G5: the same (sender, recipient, id) stores once; the retry is answered with the seq.

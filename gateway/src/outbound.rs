@@ -32,27 +32,29 @@ impl Path {
     }
 }
 
-/// One thing to write.
+/// One thing to write. Small (the frame is boxed), so the queue's slots cost little on the
+/// many connections that are idle.
 #[derive(Debug)]
 pub enum Item {
-    Frame {
-        message: Message,
-        /// The frame type, for `ferry_frames_out_total`.
-        kind: &'static str,
-        /// For `msg` frames: how it was delivered and when it was stored (Unix ms).
-        delivery: Option<(Path, u64)>,
-    },
+    Frame(Box<Frame>),
     Ping,
-    Close {
-        code: u16,
-        reason: &'static str,
-    },
+    Close { code: u16, reason: &'static str },
+}
+
+/// An encoded frame and what the metrics need to know of it.
+#[derive(Debug)]
+pub struct Frame {
+    pub message: Message,
+    /// The frame type, for `ferry_frames_out_total`.
+    pub kind: &'static str,
+    /// For `msg` frames: how it was delivered and when it was stored (Unix ms).
+    pub delivery: Option<(Path, u64)>,
 }
 
 impl Item {
     fn bytes(&self) -> usize {
         match self {
-            Item::Frame { message, .. } => message.len(),
+            Item::Frame(frame) => frame.message.len(),
             Item::Ping | Item::Close { .. } => 0,
         }
     }
@@ -189,60 +191,65 @@ where
     S: Sink<Message, Error = WsError> + Unpin,
 {
     async fn run(mut self) {
-        let mut batch = Vec::with_capacity(BATCH);
-        let mut delivered = Vec::with_capacity(BATCH);
         loop {
-            if self.rx.recv_many(&mut batch, BATCH).await == 0 {
+            let Some(first) = self.rx.recv().await else {
                 let _ = tokio::time::timeout(self.write_timeout, self.sink.close()).await;
                 return;
-            }
-            let written: usize = batch.iter().map(|(_, size)| size).sum();
-            let result = self.write_batch(&mut batch, &mut delivered).await;
+            };
+            let (written, result) = self.write_batch(first).await;
             self.bytes.fetch_sub(written, Ordering::Relaxed);
             self.room.notify_waiters();
-            record_deliveries(&delivered);
-            delivered.clear();
             if result.is_err() {
                 return;
             }
         }
     }
 
-    /// Writes a batch and flushes it. Each write has its own timeout, so a slow socket that
-    /// keeps taking data stays open and one that takes nothing is closed.
-    async fn write_batch(
-        &mut self,
-        batch: &mut Vec<(Item, usize)>,
-        delivered: &mut Vec<(Path, u64)>,
-    ) -> Result<(), Stop> {
-        let mut closing = false;
-        for (item, _) in batch.drain(..) {
-            let message = match item {
-                Item::Frame {
-                    message,
-                    kind,
-                    delivery,
-                } => {
+    /// Writes `first` and whatever else is queued (up to `BATCH` items), then flushes. Each
+    /// write has its own timeout, so a slow socket that keeps taking data stays open and one
+    /// that takes nothing is closed. Nothing is allocated for the batch: an idle connection
+    /// holds no buffer here. Returns the bytes taken off the queue.
+    async fn write_batch(&mut self, first: (Item, usize)) -> (usize, Result<(), Stop>) {
+        let mut next = Some(first);
+        let mut written = 0;
+        let mut count = 0;
+        while let Some((item, size)) = next.take() {
+            written += size;
+            count += 1;
+            let (message, closing) = match item {
+                Item::Frame(frame) => {
+                    let Frame {
+                        message,
+                        kind,
+                        delivery,
+                    } = *frame;
                     metrics::FRAMES_OUT.with_label_values(&[kind]).inc();
-                    delivered.extend(delivery);
-                    message
+                    if let Some((path, stored_ms)) = delivery {
+                        record_delivery(path, stored_ms);
+                    }
+                    (message, false)
                 }
-                Item::Ping => Message::Ping(Default::default()),
+                Item::Ping => (Message::Ping(Default::default()), false),
                 Item::Close { code, reason } => {
-                    closing = true;
-                    Message::Close(Some(CloseFrame {
+                    let frame = CloseFrame {
                         code: CloseCode::from(code),
                         reason: reason.into(),
-                    }))
+                    };
+                    (Message::Close(Some(frame)), true)
                 }
             };
-            self.step(|sink| sink.feed(message)).await?;
+            if let Err(stop) = self.step(|sink| sink.feed(message)).await {
+                return (written, Err(stop));
+            }
             if closing {
-                break;
+                let flushed = self.step(|sink| sink.flush()).await;
+                return (written, flushed.and(Err(Stop::Closed)));
+            }
+            if count < BATCH {
+                next = self.rx.try_recv().ok();
             }
         }
-        self.step(|sink| sink.flush()).await?;
-        if closing { Err(Stop::Closed) } else { Ok(()) }
+        (written, self.step(|sink| sink.flush()).await)
     }
 
     /// One socket operation, bounded by the write timeout.
@@ -268,18 +275,12 @@ where
     }
 }
 
-fn record_deliveries(delivered: &[(Path, u64)]) {
-    if delivered.is_empty() {
-        return;
-    }
-    let now = now_ms();
-    for (path, stored_ms) in delivered {
-        metrics::DELIVERED.with_label_values(&[path.label()]).inc();
-        let latency = now.saturating_sub(*stored_ms) as f64 / 1000.0;
-        metrics::DELIVERY_LATENCY
-            .with_label_values(&[path.label()])
-            .observe(latency);
-    }
+fn record_delivery(path: Path, stored_ms: u64) {
+    metrics::DELIVERED.with_label_values(&[path.label()]).inc();
+    let latency = now_ms().saturating_sub(stored_ms) as f64 / 1000.0;
+    metrics::DELIVERY_LATENCY
+        .with_label_values(&[path.label()])
+        .observe(latency);
 }
 
 /// Unix time in milliseconds.

@@ -115,14 +115,40 @@ fn check_upgrade(request: &Request) -> Result<(Codec, Option<String>, String), (
 }
 
 async fn upgrade(mut stream: TcpStream, request: Request, node: Arc<Node>) {
+    let Some((codec, token, rest)) = handshake(&mut stream, request).await else {
+        return;
+    };
+    let ws =
+        WebSocketStream::from_partially_read(stream, rest, Role::Server, Some(ws_config(&node)))
+            .await;
+    let (sink, reader) = futures_util::StreamExt::split(ws);
+    let config = &node.config;
+    let out = Outbound::spawn(
+        sink,
+        config.outbound_queue,
+        config.outbound_queue_bytes,
+        config.write_timeout,
+    );
+    metrics::CONNECTIONS_OPEN.inc();
+    session::run(reader, out, node.clone(), codec, token).await;
+    metrics::CONNECTIONS_OPEN.dec();
+}
+
+/// Answers the upgrade (`101`, or a refusal). On success: the codec, the token given at the
+/// upgrade, and the bytes that arrived past the request head. Everything else of the request
+/// is freed here, before the long-lived session starts.
+async fn handshake(
+    stream: &mut TcpStream,
+    request: Request,
+) -> Option<(Codec, Option<String>, Vec<u8>)> {
     let (codec, token, accept) = match check_upgrade(&request) {
         Ok(ok) => ok,
         Err((status, text)) => {
             metrics::CONNECTIONS_REFUSED
                 .with_label_values(&["protocol"])
                 .inc();
-            refuse(stream, status, &text).await;
-            return;
+            let _ = http::respond_text(stream, status, &text).await;
+            return None;
         }
     };
     // Echo a subprotocol only when the client offered one (RFC 6455 §4.2.2).
@@ -139,30 +165,10 @@ async fn upgrade(mut stream: TcpStream, request: Request, node: Arc<Node>) {
         "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
          Sec-WebSocket-Accept: {accept}\r\n{protocol_line}\r\n"
     );
-    if tokio::io::AsyncWriteExt::write_all(&mut stream, head.as_bytes())
+    tokio::io::AsyncWriteExt::write_all(stream, head.as_bytes())
         .await
-        .is_err()
-    {
-        return;
-    }
-    let ws = WebSocketStream::from_partially_read(
-        stream,
-        request.rest.to_vec(),
-        Role::Server,
-        Some(ws_config(&node)),
-    )
-    .await;
-    let (sink, reader) = futures_util::StreamExt::split(ws);
-    let config = &node.config;
-    let out = Outbound::spawn(
-        sink,
-        config.outbound_queue,
-        config.outbound_queue_bytes,
-        config.write_timeout,
-    );
-    metrics::CONNECTIONS_OPEN.inc();
-    session::run(reader, out, node.clone(), codec, token).await;
-    metrics::CONNECTIONS_OPEN.dec();
+        .ok()?;
+    Some((codec, token, request.rest.to_vec()))
 }
 
 /// Buffers sized for many idle connections rather than one fast one: tungstenite's 128 KiB read

@@ -24,7 +24,7 @@ use crate::hello::{self, Opened};
 use crate::limits::TokenBucket;
 use crate::metrics;
 use crate::node::Node;
-use crate::outbound::{Item, Outbound, Path, now_ms};
+use crate::outbound::{Frame, Item, Outbound, Path, now_ms};
 
 /// How long a closing session waits for its close frame to be written and answered.
 const CLOSE_GRACE: Duration = Duration::from_secs(2);
@@ -79,11 +79,11 @@ pub fn encode(codec: Codec, frame: &ServerFrame, delivery: Option<(Path, u64)>) 
             return encode(codec, &fallback, None);
         }
     };
-    Item::Frame {
+    Item::Frame(Box::new(Frame {
         message,
         kind: frame.kind(),
         delivery,
-    }
+    }))
 }
 
 /// Runs a connection from just after the upgrade to its close.
@@ -226,13 +226,15 @@ impl Session {
 
         loop {
             tokio::select! {
-                () = &mut drain_turn => return self.leave_for_drain().await,
+                () = &mut drain_turn => return Box::pin(self.leave_for_drain()).await,
                 () = self.out.closed() => return End { label: "write_timeout", close: None },
                 next = stream.next() => {
                     self.last_activity = Instant::now();
                     match classify(next, self.codec) {
+                        // Handlers are boxed: their state exists while they run, not for the
+                        // whole life of every (mostly idle) connection.
                         Incoming::Frame(frame) => {
-                            if let Some(end) = self.on_frame(frame).await {
+                            if let Some(end) = Box::pin(self.on_frame(frame)).await {
                                 return end;
                             }
                         }
@@ -254,7 +256,7 @@ impl Session {
                 }
                 signal = self.membership.next() => self.on_live(signal),
                 () = wait_catch_up(&self.out, self.catching_up.is_some(), self.catchup_retry_at) => {
-                    self.catch_up_page().await;
+                    Box::pin(self.catch_up_page()).await;
                 }
                 done = join_trim(&mut self.trim) => self.on_trimmed(done),
                 _ = heartbeat.tick() => {
@@ -264,7 +266,7 @@ impl Session {
                     let _ = self.out.try_push(Item::Ping);
                 }
                 () = &mut position_check => {
-                    if let Some(end) = self.check_position().await {
+                    if let Some(end) = Box::pin(self.check_position()).await {
                         return end;
                     }
                     let next = Instant::now() + Node::jittered(node.config.position_check);

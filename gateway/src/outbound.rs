@@ -38,7 +38,8 @@ impl Path {
 pub enum Item {
     Frame(Box<Frame>),
     Ping,
-    Close { code: u16, reason: &'static str },
+    /// A close code and reason (boxed, rare: keeps the item two words).
+    Close(Box<(u16, &'static str)>),
 }
 
 /// An encoded frame and what the metrics need to know of it.
@@ -55,14 +56,14 @@ impl Item {
     fn bytes(&self) -> usize {
         match self {
             Item::Frame(frame) => frame.message.len(),
-            Item::Ping | Item::Close { .. } => 0,
+            Item::Ping | Item::Close(_) => 0,
         }
     }
 }
 
 /// The session's end of the queue.
 pub struct Outbound {
-    tx: mpsc::Sender<(Item, usize)>,
+    tx: mpsc::Sender<Item>,
     /// Bytes queued and not yet written.
     bytes: Arc<AtomicUsize>,
     max_bytes: usize,
@@ -134,11 +135,12 @@ impl Outbound {
     pub fn try_push(&self, item: Item) -> Result<(), Item> {
         let size = item.bytes();
         self.bytes.fetch_add(size, Ordering::Relaxed);
-        self.tx.try_send((item, size)).map_err(|e| {
+        self.tx.try_send(item).map_err(|e| {
             self.bytes.fetch_sub(size, Ordering::Relaxed);
             match e {
-                mpsc::error::TrySendError::Full((item, _))
-                | mpsc::error::TrySendError::Closed((item, _)) => item,
+                mpsc::error::TrySendError::Full(item) | mpsc::error::TrySendError::Closed(item) => {
+                    item
+                }
             }
         })
     }
@@ -148,7 +150,7 @@ impl Outbound {
     pub async fn push(&self, item: Item) -> Result<(), Closed> {
         let size = item.bytes();
         self.bytes.fetch_add(size, Ordering::Relaxed);
-        self.tx.send((item, size)).await.map_err(|_| {
+        self.tx.send(item).await.map_err(|_| {
             self.bytes.fetch_sub(size, Ordering::Relaxed);
             Closed
         })
@@ -161,7 +163,11 @@ impl Outbound {
 
     /// Queues a close frame and waits (bounded) for the writer to write it and stop.
     pub async fn close(&self, code: u16, reason: &'static str, within: Duration) {
-        if self.push(Item::Close { code, reason }).await.is_ok() {
+        if self
+            .push(Item::Close(Box::new((code, reason))))
+            .await
+            .is_ok()
+        {
             let _ = tokio::time::timeout(within, self.closed()).await;
         }
     }
@@ -169,7 +175,7 @@ impl Outbound {
 
 struct Writer<S> {
     sink: S,
-    rx: mpsc::Receiver<(Item, usize)>,
+    rx: mpsc::Receiver<Item>,
     bytes: Arc<AtomicUsize>,
     room: Arc<Notify>,
     write_timeout: Duration,
@@ -209,12 +215,12 @@ where
     /// write has its own timeout, so a slow socket that keeps taking data stays open and one
     /// that takes nothing is closed. Nothing is allocated for the batch: an idle connection
     /// holds no buffer here. Returns the bytes taken off the queue.
-    async fn write_batch(&mut self, first: (Item, usize)) -> (usize, Result<(), Stop>) {
+    async fn write_batch(&mut self, first: Item) -> (usize, Result<(), Stop>) {
         let mut next = Some(first);
         let mut written = 0;
         let mut count = 0;
-        while let Some((item, size)) = next.take() {
-            written += size;
+        while let Some(item) = next.take() {
+            written += item.bytes();
             count += 1;
             let (message, closing) = match item {
                 Item::Frame(frame) => {
@@ -230,7 +236,8 @@ where
                     (message, false)
                 }
                 Item::Ping => (Message::Ping(Default::default()), false),
-                Item::Close { code, reason } => {
+                Item::Close(close) => {
+                    let (code, reason) = *close;
                     let frame = CloseFrame {
                         code: CloseCode::from(code),
                         reason: reason.into(),

@@ -172,12 +172,12 @@ async fn handshake(
 }
 
 /// Buffers sized for many idle connections rather than one fast one: tungstenite allocates its
-/// read buffer eagerly (128 KiB by default). 1 KiB holds a `hello` and a burst of small frames;
-/// the buffer grows for a larger frame (read in 1 KiB chunks), and frames are written through.
+/// read buffer eagerly (128 KiB by default); `--ws-read-buffer` (1 KiB) holds a `hello` and a
+/// burst of small frames, the buffer grows for a larger frame, and frames are written through.
 fn ws_config(node: &Node) -> WebSocketConfig {
     let max = node.config.max_frame_bytes;
     WebSocketConfig::default()
-        .read_buffer_size(1024)
+        .read_buffer_size(node.config.ws_read_buffer)
         .write_buffer_size(0)
         .max_write_buffer_size(max.saturating_mul(2).max(64 * 1024))
         .max_message_size(Some(max))

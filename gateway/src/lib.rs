@@ -96,8 +96,18 @@ pub async fn run(
         node.clone(),
         admin_stop.clone(),
     ));
+    metrics::NODE_INFO
+        .with_label_values(&[&node.node_id])
+        .set(1);
     let tracker = TaskTracker::new();
-    server::accept_loop(listener, node.clone(), tracker.clone()).await;
+    // Every connection's and session's span is a child of this one, so each log line names
+    // the node.
+    let span = tracing::info_span!("gateway", node = %node.node_id);
+    tracing::Instrument::instrument(
+        server::accept_loop(listener, node.clone(), tracker.clone()),
+        span,
+    )
+    .await;
 
     metrics::DRAINS.inc();
     tracing::info!(sessions = tracker.len(), "draining");

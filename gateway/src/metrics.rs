@@ -5,9 +5,9 @@
 use std::sync::LazyLock;
 
 use prometheus::{
-    Histogram, HistogramVec, IntCounter, IntCounterVec, IntGauge, exponential_buckets,
+    Histogram, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, exponential_buckets,
     register_histogram, register_histogram_vec, register_int_counter, register_int_counter_vec,
-    register_int_gauge,
+    register_int_gauge, register_int_gauge_vec,
 };
 
 // A registration can only fail on a duplicate or malformed name, which is a bug caught by the
@@ -20,6 +20,13 @@ pub static CONNECTIONS_OPEN: LazyLock<IntGauge> = LazyLock::new(|| {
         "WebSocket connections open on this node"
     )
     .expect(REGISTERED)
+});
+
+/// Always 1, labelled with this node's id (`--node-id`): one series per process, to join other
+/// series on, as `*_info` metrics conventionally are.
+pub static NODE_INFO: LazyLock<IntGaugeVec> = LazyLock::new(|| {
+    register_int_gauge_vec!("ferry_node_info", "This gateway node's id", &["node"])
+        .expect(REGISTERED)
 });
 
 pub static CONNECTIONS_REFUSED: LazyLock<IntCounterVec> = LazyLock::new(|| {

@@ -85,6 +85,9 @@ both_engines! {
         }
         let sends = metric(&gateway, r#"ferry_sends_total{outcome="stored"}"#).await;
         assert!(sends.unwrap_or(0.0) >= 1.0, "the send was counted");
+        // The node's identity, once, as an info series.
+        let node = metric(&gateway, r#"ferry_node_info{node="gw-test"}"#).await;
+        assert_eq!(node, Some(1.0), "ferry_node_info names the node:\n{body}");
     }
 
     async fn a_drain_moves_every_session_and_loses_nothing(kind: EngineKind) {

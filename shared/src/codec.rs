@@ -372,3 +372,55 @@ mod tests {
         assert_eq!(Codec::negotiate(["chat", "ferry.v2"]), None);
     }
 }
+
+#[cfg(test)]
+mod garbage {
+    use super::*;
+
+    /// A small deterministic generator (xorshift), so the test needs no dependency and every run
+    /// sees the same inputs.
+    fn bytes(seed: &mut u64, len: usize) -> Vec<u8> {
+        (0..len)
+            .map(|_| {
+                *seed ^= *seed << 13;
+                *seed ^= *seed >> 7;
+                *seed ^= *seed << 17;
+                *seed as u8
+            })
+            .collect()
+    }
+
+    // Whatever a client sends, decoding answers Ok or Err; it never panics.
+    #[test]
+    fn random_bytes_never_panic_the_decoders() {
+        let mut seed = 0x9e37_79b9_7f4a_7c15;
+        let valid = Codec::MsgPack
+            .encode_client(&ClientFrame::Send {
+                id: "m".into(),
+                to: "bob".into(),
+                body: "hi".into(),
+            })
+            .unwrap();
+        let Wire::Binary(valid) = valid else {
+            unreachable!()
+        };
+        for round in 0..20_000 {
+            let len = round % 64;
+            let mut data = bytes(&mut seed, len);
+            if round % 3 == 0 {
+                // Mutations of a valid frame reach deeper into the decoder.
+                data = valid.to_vec();
+                let at = (seed as usize) % data.len();
+                data[at] = bytes(&mut seed, 1)[0];
+                data.truncate(data.len() - (round % 4));
+            }
+            let _ = Codec::MsgPack.decode_client(&Wire::Binary(data.clone().into()));
+            let _ = Codec::MsgPack.decode_server(&Wire::Binary(data.clone().into()));
+            let text = String::from_utf8_lossy(&data).into_owned();
+            let _ = Codec::Json.decode_client(&Wire::Text(text.clone()));
+            let _ = Codec::Json.decode_client(&Wire::Text(format!(
+                r#"{{"type":"send","id":"x","to":"y","body_b64":"{text}"}}"#
+            )));
+        }
+    }
+}

@@ -17,6 +17,19 @@ const AOF_ALWAYS: RedisOptions = RedisOptions {
     appendfsync_always: true,
 };
 
+fn assert_unavailable(answer: &Result<ferry_shared::client::Sent, SendError>) {
+    assert!(
+        matches!(
+            answer,
+            Err(SendError::Rejected {
+                code: ErrorCode::Unavailable,
+                ..
+            })
+        ),
+        "expected unavailable: {answer:?}"
+    );
+}
+
 fn kill_pubsub(gw: &TestGateway) {
     gw.redis().cmd(&["CLIENT", "KILL", "TYPE", "pubsub"]);
 }
@@ -99,16 +112,7 @@ async fn store_stopped_gives_unavailable_and_retry_stores_once() {
     gw.redis_mut().stop();
     let started = Instant::now();
     let failed = alice.send_once("bob", "retry-me", "y").await;
-    assert!(
-        matches!(
-            &failed,
-            Err(SendError::Rejected {
-                code: ErrorCode::Unavailable,
-                ..
-            })
-        ),
-        "{failed:?}"
-    );
+    assert_unavailable(&failed);
     assert!(
         started.elapsed() < Duration::from_secs(3),
         "no hang: {:?}",
@@ -150,16 +154,7 @@ async fn store_frozen_mid_send_never_stores_twice() {
     gw.redis().pause();
     let failed = alice.send_once("bob", "maybe", "x").await;
     gw.redis().resume();
-    assert!(
-        matches!(
-            &failed,
-            Err(SendError::Rejected {
-                code: ErrorCode::Unavailable,
-                ..
-            })
-        ),
-        "{failed:?}"
-    );
+    assert_unavailable(&failed);
     let sent = alice
         .send("bob", "maybe", "x")
         .await

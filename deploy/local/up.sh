@@ -1,0 +1,226 @@
+#!/usr/bin/env bash
+# Bring up a local Ferry cluster on 127.0.0.1: Redis (AOF, fsync always), N gateway nodes in --dev
+# mode, HAProxy in front of them and Prometheus scraping them. Usage: deploy/local/up.sh [N]
+# Stop it with deploy/local/down.sh. See deploy/local/README.md.
+set -euo pipefail
+
+HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+ROOT=$(cd "$HERE/../.." && pwd)
+
+N=${1:-3}
+STATE=${FERRY_LOCAL_DIR:-/tmp/ferry-local}
+REDIS_PORT=${FERRY_LOCAL_REDIS_PORT:-6390}
+LB_PORT=8080
+STATS_PORT=8404
+PROM_PORT=${FERRY_LOCAL_PROM_PORT:-9089}
+WS_BASE=8080    # node i listens on WS_BASE+i    (8081..)
+ADMIN_BASE=9090 # node i's admin is ADMIN_BASE+i (9091..)
+DRAIN_TIMEOUT=${FERRY_LOCAL_DRAIN_TIMEOUT:-5s}
+DEADLINE_SECS=${FERRY_LOCAL_DEADLINE:-60}
+GATEWAY="$ROOT/target/release/ferry-gateway"
+
+log() { printf 'up.sh: %s\n' "$*"; }
+die() { printf 'up.sh: error: %s\n' "$*" >&2; exit 1; }
+
+if ! [[ "$N" =~ ^[1-9]$ ]]; then
+    die "N must be 1..9 (WebSocket ports 8081..808N, admin 9091..909N), got '$N'"
+fi
+
+# --- 1. prerequisites -------------------------------------------------------------------------
+need_curl=""
+command -v curl >/dev/null 2>&1 || need_curl=curl
+missing=()
+command -v redis-server >/dev/null 2>&1 || missing+=(redis-server)
+command -v redis-cli >/dev/null 2>&1 || missing+=(redis-tools)
+command -v haproxy >/dev/null 2>&1 || missing+=(haproxy)
+command -v prometheus >/dev/null 2>&1 || missing+=(prometheus)
+[[ -z "$need_curl" ]] || missing+=(curl)
+if ((${#missing[@]})); then
+    if [[ $(id -u) -eq 0 ]] && command -v apt-get >/dev/null 2>&1; then
+        log "installing missing packages: ${missing[*]}"
+        # Without recommends: the prometheus package would also pull in node-exporter etc.
+        # On a systemd host Debian starts each package's service on install (redis on 6379,
+        # prometheus on 9090); neither collides with the ports used here, so they are left alone.
+        export DEBIAN_FRONTEND=noninteractive
+        apt-get install -y --no-install-recommends "${missing[@]}" ||
+            { apt-get update && apt-get install -y --no-install-recommends "${missing[@]}"; }
+    else
+        die "missing: ${missing[*]}. Install them with:
+    sudo apt-get install -y --no-install-recommends ${missing[*]}"
+    fi
+fi
+
+if [[ ! -x "$GATEWAY" ]]; then
+    log "building ferry-gateway (target/release/ferry-gateway is missing)"
+    (cd "$ROOT" && cargo build --release -p ferry-gateway)
+fi
+
+# --- 2. state dir, refusing to start twice ----------------------------------------------------
+mkdir -p "$STATE/pids" "$STATE/logs" "$STATE/redis" "$STATE/prometheus"
+for f in "$STATE"/pids/*.pid; do
+    [[ -e "$f" ]] || continue
+    pid=$(cut -d' ' -f1 "$f")
+    if kill -0 "$pid" 2>/dev/null; then
+        die "already running (PID $pid from $f); run deploy/local/down.sh first"
+    fi
+    rm -f "$f"
+done
+
+port_busy() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
+ports=("$REDIS_PORT" "$LB_PORT" "$STATS_PORT" "$PROM_PORT")
+for i in $(seq 1 "$N"); do ports+=($((WS_BASE + i)) $((ADMIN_BASE + i))); done
+busy=()
+for p in "${ports[@]}"; do
+    if port_busy "$p"; then busy+=("$p"); fi
+done
+if ((${#busy[@]})); then
+    msg="port(s) already in use on 127.0.0.1: ${busy[*]}"
+    if command -v ss >/dev/null 2>&1; then
+        msg+=$'\n'"$(ss -ltnp 2>/dev/null | grep -E ":($(
+            IFS='|'
+            echo "${busy[*]}"
+        ))\b" || true)"
+    fi
+    msg+=$'\n'"Free them (e.g. 'systemctl stop prometheus' if it is Debian's service), or set"
+    msg+=" FERRY_LOCAL_REDIS_PORT / FERRY_LOCAL_PROM_PORT."
+    die "$msg"
+fi
+
+# If anything below fails, stop whatever was already started.
+started_ok=0
+on_exit() {
+    if [[ $started_ok -eq 0 ]]; then
+        printf 'up.sh: start-up failed; last log lines:\n' >&2
+        for l in "$STATE"/logs/*.log; do
+            [[ -e "$l" ]] || continue
+            printf '  --- %s\n' "$l" >&2
+            tail -n 5 "$l" | sed 's/^/  /' >&2
+        done
+        "$HERE/down.sh" >&2 || true
+    fi
+}
+trap on_exit EXIT
+
+# start NAME COMM CMD...: run CMD in the background, logging to logs/NAME.log, and record
+# "PID COMM" in pids/NAME.pid (COMM is what down.sh expects in /proc/PID/comm, against PID reuse).
+start() {
+    local name=$1 comm=$2
+    shift 2
+    nohup "$@" >"$STATE/logs/$name.log" 2>&1 </dev/null &
+    echo "$! $comm" >"$STATE/pids/$name.pid"
+    log "started $name (PID $!)"
+}
+
+# render TEMPLATE OUT KEY=VALUE...: replace each @KEY@ in TEMPLATE by VALUE (may be multi-line).
+render() {
+    local text kv
+    shopt -u patsub_replacement 2>/dev/null || true # bash 5.2: keep '&' in values literal
+    text=$(<"$1")
+    for kv in "${@:3}"; do text=${text//@${kv%%=*}@/${kv#*=}}; done
+    printf '%s\n' "$text" >"$2"
+}
+
+# all_alive: fail (naming it) if a process up.sh started has exited.
+all_alive() {
+    local f pid
+    for f in "$STATE"/pids/*.pid; do
+        [[ -e "$f" ]] || continue
+        read -r pid _ <"$f"
+        kill -0 "$pid" 2>/dev/null || die "$(basename "$f" .pid) (PID $pid) exited; see $STATE/logs/"
+    done
+}
+
+# wait_for WHAT CMD...: poll CMD until it succeeds, or fail at the deadline.
+deadline=$((SECONDS + DEADLINE_SECS))
+wait_for() {
+    local what=$1
+    shift
+    until "$@" >/dev/null 2>&1; do
+        all_alive
+        if ((SECONDS >= deadline)); then die "timed out after ${DEADLINE_SECS}s waiting for $what"; fi
+        sleep 0.2
+    done
+    log "ready: $what"
+}
+http_ok() { [[ $(curl -s -o /dev/null -w '%{http_code}' --max-time 2 "$1") == 200 ]]; }
+
+# --- 3. Redis ---------------------------------------------------------------------------------
+start redis redis-server redis-server --bind 127.0.0.1 --port "$REDIS_PORT" \
+    --dir "$STATE/redis" --appendonly yes --appendfsync always \
+    --save '' --daemonize no --protected-mode yes
+redis_ping() { [[ $(redis-cli -h 127.0.0.1 -p "$REDIS_PORT" ping) == PONG ]]; }
+wait_for "redis PING on 127.0.0.1:$REDIS_PORT" redis_ping
+
+# --- 4. gateway nodes -------------------------------------------------------------------------
+# One HS256 secret shared by every node. Without it each --dev node draws its own random secret,
+# and a token from one node's /dev/token (HAProxy picks the node) would fail on the others. With
+# --jwt-secret set, /dev/token mints with it. Kept in the state dir (mode 600) and reused, and
+# passed through the environment so it does not show in `ps`.
+SECRET_FILE="$STATE/jwt-secret"
+if [[ ! -s "$SECRET_FILE" ]]; then
+    (umask 077 && head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \n' >"$SECRET_FILE")
+fi
+JWT_SECRET=$(<"$SECRET_FILE")
+for i in $(seq 1 "$N"); do
+    start "gw-$i" ferry-gateway env NO_COLOR=1 FERRY_JWT_SECRET="$JWT_SECRET" "$GATEWAY" --dev \
+        --listen "127.0.0.1:$((WS_BASE + i))" --admin-listen "127.0.0.1:$((ADMIN_BASE + i))" \
+        --redis-url "redis://127.0.0.1:$REDIS_PORT" --node-id "gw-$i" \
+        --drain-timeout "$DRAIN_TIMEOUT" --log-format text
+done
+
+# --- 5. HAProxy and Prometheus configs, then the processes ------------------------------------
+servers="" targets=""
+for i in $(seq 1 "$N"); do
+    servers+="    server gw-$i 127.0.0.1:$((WS_BASE + i)) check port $((ADMIN_BASE + i))"$'\n'
+    targets+="      - targets: [\"127.0.0.1:$((ADMIN_BASE + i))\"]"$'\n'
+    targets+="        labels: { node: \"gw-$i\" }"$'\n'
+done
+# HAProxy needs about two descriptors per connection and refuses to start if maxconn does not
+# fit the open-files limit, so size it from that limit (at most 20000).
+nofile=$(ulimit -n)
+[[ "$nofile" =~ ^[0-9]+$ ]] || nofile=1048576
+maxconn=$(((nofile - 200) / 2))
+((maxconn <= 20000)) || maxconn=20000
+((maxconn >= 100)) || die "open-files limit too low for HAProxy ($nofile); raise it with ulimit -n"
+render "$HERE/haproxy.cfg.tmpl" "$STATE/haproxy.cfg" "MAXCONN=$maxconn" \
+    "LB_PORT=$LB_PORT" "STATS_PORT=$STATS_PORT" "SERVERS=${servers%$'\n'}"
+render "$HERE/prometheus.yml.tmpl" "$STATE/prometheus.yml" \
+    "PROM_PORT=$PROM_PORT" "TARGETS=${targets%$'\n'}"
+haproxy -c -q -f "$STATE/haproxy.cfg" || die "haproxy rejected $STATE/haproxy.cfg"
+
+# -db: stay in the foreground (no daemon), so the recorded PID is HAProxy's own.
+start haproxy haproxy haproxy -db -f "$STATE/haproxy.cfg"
+start prometheus prometheus prometheus --config.file="$STATE/prometheus.yml" \
+    --storage.tsdb.path="$STATE/prometheus" --web.listen-address="127.0.0.1:$PROM_PORT"
+
+for i in $(seq 1 "$N"); do
+    wait_for "gw-$i /readyz (127.0.0.1:$((ADMIN_BASE + i)))" http_ok "http://127.0.0.1:$((ADMIN_BASE + i))/readyz"
+done
+wait_for "haproxy stats (127.0.0.1:$STATS_PORT)" http_ok "http://127.0.0.1:$STATS_PORT/"
+# Through the load balancer: HAProxy needs a passing health check before it routes.
+wait_for "haproxy -> gateway (127.0.0.1:$LB_PORT/dev/token)" http_ok "http://127.0.0.1:$LB_PORT/dev/token?user=up-check"
+wait_for "prometheus /-/ready (127.0.0.1:$PROM_PORT)" http_ok "http://127.0.0.1:$PROM_PORT/-/ready"
+
+started_ok=1
+cat <<EOF
+
+Ferry local cluster is up ($N nodes). State, logs and PIDs: $STATE
+  WebSocket (via HAProxy): ws://127.0.0.1:$LB_PORT/v1/ws   (subprotocol ferry.v1.json)
+  Dev token (via HAProxy): curl 'http://127.0.0.1:$LB_PORT/dev/token?user=alice'
+  HAProxy stats:           http://127.0.0.1:$STATS_PORT/   (CSV: http://127.0.0.1:$STATS_PORT/;csv)
+  Prometheus:              http://127.0.0.1:$PROM_PORT/   (targets: /targets)
+  Redis:                   redis://127.0.0.1:$REDIS_PORT   (AOF on, appendfsync always; data in $STATE/redis)
+EOF
+for i in $(seq 1 "$N"); do
+    a=$((ADMIN_BASE + i))
+    echo "  gw-$i: ws://127.0.0.1:$((WS_BASE + i))/v1/ws  admin http://127.0.0.1:$a/{healthz,readyz,metrics}"
+done
+cat <<EOF
+
+WARNING: the nodes run with --dev, which is INSECURE: anyone who can reach them gets a token for
+any user from /dev/token. Everything listens on 127.0.0.1 only; keep it that way.
+Tokens are HS256, signed with the shared secret in $SECRET_FILE (mint your own with it,
+e.g. ferry-loadtest run --jwt-secret "\$(cat $SECRET_FILE)").
+
+Stop everything: $HERE/down.sh
+EOF

@@ -6,6 +6,7 @@ use clap::Parser;
 use ferry_gateway::Config;
 use ferry_gateway::config::LogFormat;
 use tokio::net::TcpListener;
+use tokio::signal::unix::{Signal, SignalKind, signal};
 use tokio_util::sync::CancellationToken;
 
 #[tokio::main]
@@ -22,6 +23,9 @@ async fn main() -> anyhow::Result<()> {
              never use it in production"
         );
     }
+    // Registered before the ports are bound, so a SIGTERM from then on always drains (a handler
+    // registered inside a spawned task could miss one sent while the task waits for a thread).
+    let terminate = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
     let listener = TcpListener::bind(config.listen)
         .await
         .with_context(|| format!("binding --listen {}", config.listen))?;
@@ -30,22 +34,14 @@ async fn main() -> anyhow::Result<()> {
         .with_context(|| format!("binding --admin-listen {}", config.admin_listen))?;
 
     let shutdown = CancellationToken::new();
-    tokio::spawn(stop_on_signal(shutdown.clone()));
+    tokio::spawn(stop_on_signal(terminate, shutdown.clone()));
     ferry_gateway::run(listener, admin, config, shutdown).await?;
     Ok(())
 }
 
-async fn stop_on_signal(shutdown: CancellationToken) {
-    let term = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut sig) => {
-                sig.recv().await;
-            }
-            Err(_) => std::future::pending().await,
-        }
-    };
+async fn stop_on_signal(mut terminate: Signal, shutdown: CancellationToken) {
     tokio::select! {
-        () = term => tracing::info!("SIGTERM: draining"),
+        _ = terminate.recv() => tracing::info!("SIGTERM: draining"),
         _ = tokio::signal::ctrl_c() => tracing::info!("interrupt: draining"),
     }
     shutdown.cancel();

@@ -1,0 +1,79 @@
+//! The `ferry-gateway` binary itself: it refuses to start without a JWT key unless `--dev`, and
+//! SIGTERM drains it to a clean exit. Stops only the process it started, by its PID.
+
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+fn gateway(args: &[&str]) -> Command {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_ferry-gateway"));
+    command.args(args);
+    // Only the flags given here count: no FERRY_* setting from the environment.
+    for (name, _) in std::env::vars() {
+        if name.starts_with("FERRY_") {
+            command.env_remove(name);
+        }
+    }
+    command
+}
+
+/// Waits for the child's exit, polling every 20 ms at most `limit` long in all.
+fn wait_bounded(child: &mut Child, limit: Duration) -> std::process::ExitStatus {
+    let step = Duration::from_millis(20);
+    for _ in 0..limit.as_millis() / step.as_millis() {
+        if let Some(status) = child.try_wait().expect("try_wait") {
+            return status;
+        }
+        std::thread::sleep(step);
+    }
+    let _ = child.kill();
+    panic!("the gateway did not exit within {limit:?}");
+}
+
+#[test]
+fn refuses_to_start_without_a_key_unless_dev() {
+    let output = gateway(&["--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0"])
+        .output()
+        .expect("run the gateway");
+    assert_eq!(output.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    for flag in ["--jwt-secret", "--jwt-public-key", "--dev"] {
+        assert!(stderr.contains(flag), "the refusal names {flag}: {stderr}");
+    }
+}
+
+#[test]
+fn sigterm_drains_to_a_clean_exit() {
+    let mut child = gateway(&[
+        "--dev",
+        "--listen",
+        "127.0.0.1:0",
+        "--admin-listen",
+        "127.0.0.1:0",
+        "--drain-timeout",
+        "1s",
+    ])
+    .stdout(Stdio::piped())
+    .stderr(Stdio::null())
+    .spawn()
+    .expect("start the gateway");
+    let mut lines = BufReader::new(child.stdout.take().expect("stdout")).lines();
+    let serving = lines
+        .by_ref()
+        .map_while(Result::ok)
+        .any(|line| line.contains("gateway serving"));
+    assert!(serving, "the gateway started serving");
+    // Right after start: the handler is installed before the ports are bound.
+    let status = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .expect("kill");
+    assert!(status.success());
+    let exit = wait_bounded(&mut child, Duration::from_secs(20));
+    assert!(exit.success(), "a drained gateway exits 0: {exit:?}");
+    let rest: Vec<String> = lines.map_while(Result::ok).collect();
+    assert!(
+        rest.iter().any(|l| l.contains("drained")),
+        "the drain was logged: {rest:?}"
+    );
+}

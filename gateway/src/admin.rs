@@ -1,6 +1,6 @@
-//! The admin listener: `/healthz` (the process is alive), `/readyz` (the store answers and the
-//! node is not draining; a load balancer stops sending new connections when it fails) and
-//! `/metrics` (Prometheus text format).
+//! The admin listener: `/healthz` (the process is alive), `/readyz` (the node is not draining, the
+//! store watchdog sees no outage and the store answers now; a load balancer stops sending new
+//! connections when it fails) and `/metrics` (Prometheus text format).
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -53,6 +53,11 @@ async fn answer(mut stream: TcpStream, node: Arc<Node>) {
 async fn readiness(node: &Node) -> (u16, &'static str) {
     if node.draining.is_cancelled() {
         return (503, "draining\n");
+    }
+    // The watchdog's verdict first: during an outage a lucky ping must not make the node look
+    // ready while its sessions are being sent away.
+    if node.store.borrow().outage {
+        return (503, "store unreachable\n");
     }
     let timeout = node.config.store_timeout;
     match tokio::time::timeout(timeout, node.engine.ping()).await {

@@ -97,6 +97,15 @@ pub struct Config {
     #[arg(long, env = "FERRY_STORE_TIMEOUT", default_value = "2s", value_parser = parse_duration)]
     pub store_timeout: Duration,
 
+    /// Interval of the node's store check (a ping bounded by --store-timeout).
+    #[arg(long, env = "FERRY_STORE_CHECK", default_value = "1s", value_parser = parse_duration)]
+    pub store_check: Duration,
+
+    /// A store failing every check this long is an outage: readiness fails and every session is
+    /// asked to reconnect to another node. At least --store-check.
+    #[arg(long, env = "FERRY_STORE_OUTAGE_GRACE", default_value = "5s", value_parser = parse_duration)]
+    pub store_outage_grace: Duration,
+
     /// Time allowed between the upgrade and `hello`.
     #[arg(long, env = "FERRY_HELLO_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
     pub hello_timeout: Duration,
@@ -399,16 +408,24 @@ impl Config {
             ("inbox-ttl", self.inbox_ttl),
             ("dedupe-window", self.dedupe_window),
             ("store-timeout", self.store_timeout),
+            ("store-check", self.store_check),
+            ("store-outage-grace", self.store_outage_grace),
             ("hello-timeout", self.hello_timeout),
             ("heartbeat", self.heartbeat),
             ("write-timeout", self.write_timeout),
             ("position-check", self.position_check),
             ("dev-token-ttl", self.dev_token_ttl),
         ];
-        match durations.iter().find(|(_, d)| d.as_millis() == 0) {
-            Some((flag, _)) => Err(invalid(flag, "must be at least 1ms")),
-            None => Ok(()),
+        if let Some((flag, _)) = durations.iter().find(|(_, d)| d.as_millis() == 0) {
+            return Err(invalid(flag, "must be at least 1ms"));
         }
+        if self.store_outage_grace < self.store_check {
+            return Err(invalid(
+                "store-outage-grace",
+                "must be at least --store-check (an outage needs at least one failed check)",
+            ));
+        }
+        Ok(())
     }
 }
 
@@ -452,6 +469,7 @@ mod tests {
         assert_eq!(c.dedupe_window, secs(60));
         assert_eq!((c.send_rate, c.send_burst), (100.0, 200));
         assert_eq!(c.store_timeout, secs(2));
+        assert_eq!((c.store_check, c.store_outage_grace), (secs(1), secs(5)));
         assert_eq!(c.hello_timeout, secs(10));
         assert_eq!(c.heartbeat, secs(25));
         assert_eq!(c.drain_timeout, secs(30));
@@ -467,7 +485,7 @@ mod tests {
     }
 
     /// The flag names are an interface (DESIGN.md's table, then the additions).
-    const FLAGS: [&str; 32] = [
+    const FLAGS: [&str; 34] = [
         "listen",
         "admin-listen",
         "redis-url",
@@ -487,6 +505,8 @@ mod tests {
         "send-rate",
         "send-burst",
         "store-timeout",
+        "store-check",
+        "store-outage-grace",
         "hello-timeout",
         "heartbeat",
         "drain-timeout",
@@ -638,6 +658,8 @@ mod tests {
             "inbox-ttl",
             "dedupe-window",
             "store-timeout",
+            "store-check",
+            "store-outage-grace",
             "hello-timeout",
             "heartbeat",
             "write-timeout",
@@ -647,6 +669,14 @@ mod tests {
             assert_eq!(flag_of(&[format!("--{flag}").as_str(), "0s"]), Some(flag));
         }
         assert_eq!(flag_of(&["--drain-timeout", "0s"]), None);
+        assert_eq!(
+            flag_of(&["--store-check", "2s", "--store-outage-grace", "1s"]),
+            Some("store-outage-grace")
+        );
+        assert_eq!(
+            flag_of(&["--store-check", "1s", "--store-outage-grace", "1s"]),
+            None
+        );
         assert_eq!(flag_of(&["--send-rate", "NaN"]), Some("send-rate"));
         assert_eq!(flag_of(&["--send-rate", "0.5"]), None);
         assert_eq!(

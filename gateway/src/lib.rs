@@ -14,6 +14,7 @@ pub mod node;
 pub mod outbound;
 pub mod server;
 pub mod session;
+pub mod store_watch;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -81,6 +82,7 @@ pub async fn run(
         hub,
         auth,
         draining: shutdown.clone(),
+        store: tokio::sync::watch::Sender::new(store_watch::StoreHealth::default()),
     });
     tracing::info!(
         node = %node.node_id,
@@ -90,19 +92,25 @@ pub async fn run(
         "gateway serving"
     );
 
-    let admin_stop = CancellationToken::new();
+    // Every connection's and session's span is a child of this one, so each log line names
+    // the node.
+    let span = tracing::info_span!("gateway", node = %node.node_id);
+    // The admin listener and the store watchdog outlive the drain, so readiness reports it and
+    // sessions still waiting for their turn can leave a node that lost its store.
+    let after_drain = CancellationToken::new();
     let admin = tokio::spawn(admin::serve(
         admin_listener,
         node.clone(),
-        admin_stop.clone(),
+        after_drain.clone(),
+    ));
+    let watchdog = tokio::spawn(tracing::Instrument::instrument(
+        store_watch::run(node.clone(), after_drain.clone()),
+        span.clone(),
     ));
     metrics::NODE_INFO
         .with_label_values(&[&node.node_id])
         .set(1);
     let tracker = TaskTracker::new();
-    // Every connection's and session's span is a child of this one, so each log line names
-    // the node.
-    let span = tracing::info_span!("gateway", node = %node.node_id);
     tracing::Instrument::instrument(
         server::accept_loop(listener, node.clone(), tracker.clone()),
         span,
@@ -119,8 +127,9 @@ pub async fn run(
             "drain window passed with sessions still open"
         );
     }
-    admin_stop.cancel();
+    after_drain.cancel();
     let _ = admin.await;
+    let _ = watchdog.await;
     tracing::info!("drained");
     Ok(())
 }

@@ -111,6 +111,22 @@ pub static DRAINS: LazyLock<IntCounter> = LazyLock::new(|| {
         .expect(REGISTERED)
 });
 
+pub static STORE_OUTAGES: LazyLock<IntCounter> = LazyLock::new(|| {
+    register_int_counter!(
+        "ferry_store_outages_total",
+        "Store outages declared by the watchdog (the store failed every check for the grace)"
+    )
+    .expect(REGISTERED)
+});
+
+pub static STORE_UP: LazyLock<IntGauge> = LazyLock::new(|| {
+    register_int_gauge!(
+        "ferry_store_up",
+        "1 when the watchdog's last store check answered in time, else 0"
+    )
+    .expect(REGISTERED)
+});
+
 pub static SESSION_CLOSES: LazyLock<IntCounterVec> = LazyLock::new(|| {
     register_int_counter_vec!(
         "ferry_session_closes_total",
@@ -135,6 +151,8 @@ pub fn init() {
     CONNECTIONS_OPEN.get();
     LAGGING.get();
     DRAINS.get();
+    STORE_OUTAGES.get();
+    STORE_UP.get();
     HELLO_DURATION.get_sample_count();
     for reason in [
         "capacity",
@@ -181,7 +199,7 @@ pub const SEND_OUTCOMES: [&str; 8] = [
     "internal",
 ];
 
-pub const CLOSE_REASONS: [&str; 8] = [
+pub const CLOSE_REASONS: [&str; 9] = [
     "client",
     "protocol",
     "unauthorized",
@@ -190,6 +208,7 @@ pub const CLOSE_REASONS: [&str; 8] = [
     "drain",
     "epoch_changed",
     "store_unavailable",
+    "store_outage",
 ];
 
 /// The exposition text for `/metrics`.

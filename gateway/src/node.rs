@@ -1,15 +1,18 @@
 //! What every session on this node shares: settings, the engine, the hub, the authenticator,
-//! and the drain signal.
+//! the drain signal and the store watchdog's verdict.
 
+use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
 use ferry_router::{Engine, Hub};
 use rand::Rng;
+use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
 use crate::auth::Authenticator;
 use crate::config::Config;
+use crate::store_watch::StoreHealth;
 
 pub struct Node {
     pub config: Config,
@@ -19,6 +22,8 @@ pub struct Node {
     pub auth: Authenticator,
     /// Cancelled when the node starts draining (SIGTERM or the caller's shutdown).
     pub draining: CancellationToken,
+    /// The store watchdog's verdict: readiness reads it, sessions wait for the next outage.
+    pub store: watch::Sender<StoreHealth>,
 }
 
 impl Node {
@@ -30,6 +35,19 @@ impl Node {
         let window = self.config.drain_timeout.mul_f64(0.8);
         let delay = rand::rng().random_range(Duration::ZERO..=window);
         tokio::time::sleep(delay).await;
+    }
+
+    /// Resolves when the store watchdog declares an outage that starts after this call (not at
+    /// the first poll), so a session subscribes before it starts serving.
+    pub fn next_store_outage(&self) -> impl Future<Output = ()> + Send + 'static {
+        let mut health = self.store.subscribe();
+        let seen = health.borrow_and_update().outages;
+        async move {
+            // An error means the sender, and so the node, is gone: no outage can come.
+            if health.wait_for(|h| h.outages != seen).await.is_err() {
+                std::future::pending::<()>().await;
+            }
+        }
     }
 
     /// A jittered interval (±20%) around `base`, for the position check.

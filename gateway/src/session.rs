@@ -7,6 +7,9 @@
 //! the periodic position check starts a catch-up, which reads the inbox after `delivered`, a page
 //! at a time, while the outbound queue has room. While catching up, live messages are ignored:
 //! each was stored before it reached us, so the next page read includes it.
+//!
+//! A session leaves with `reconnect` when the node drains (1012) or when the store watchdog
+//! declares an outage (1013): a node that cannot reach the store can neither store nor deliver.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -216,6 +219,8 @@ impl Session {
         let node = self.node.clone();
         let drain_turn = node.drain_turn();
         tokio::pin!(drain_turn);
+        let store_outage = node.next_store_outage();
+        tokio::pin!(store_outage);
         let mut heartbeat = tokio::time::interval_at(
             Instant::now() + node.config.heartbeat,
             node.config.heartbeat,
@@ -226,7 +231,13 @@ impl Session {
 
         loop {
             tokio::select! {
-                () = &mut drain_turn => return Box::pin(self.leave_for_drain()).await,
+                () = &mut drain_turn => {
+                    return Box::pin(self.leave("drain", close::SERVICE_RESTART)).await;
+                }
+                // This node cannot store or deliver: move the client to one that can.
+                () = &mut store_outage => {
+                    return Box::pin(self.leave("store_outage", close::TRY_AGAIN_LATER)).await;
+                }
                 () = self.out.closed() => return End { label: "write_timeout", close: None },
                 next = stream.next() => {
                     self.last_activity = Instant::now();
@@ -514,10 +525,12 @@ impl Session {
         }
     }
 
-    async fn leave_for_drain(&mut self) -> End {
-        let after_ms = rand::random_range(0..1000);
+    /// Asks the client to reconnect (to any node) within a second, spread so that a node's
+    /// clients do not all arrive at once, then closes with `code`.
+    async fn leave(&mut self, label: &'static str, code: u16) -> End {
+        let after_ms = rand::random_range(0..=1000);
         self.reply(ServerFrame::Reconnect { after_ms }).await;
-        End::closing("drain", close::SERVICE_RESTART)
+        End::closing(label, code)
     }
 
     /// Finishes the acknowledgements (the trim in flight, then the client's last ack if it came

@@ -1,0 +1,151 @@
+//! The store watchdog: pings the engine every `--store-check` and, when the store has failed
+//! every check for `--store-outage-grace`, declares an outage: readiness fails and every session
+//! is asked to reconnect, so clients move to a node that still reaches the store. The first check
+//! that answers ends the outage.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::time::{Instant, MissedTickBehavior};
+use tokio_util::sync::CancellationToken;
+
+use crate::metrics;
+use crate::node::Node;
+
+/// What the watchdog knows about the store, published through `Node::store`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct StoreHealth {
+    /// True from the declaration of an outage until a check answers again.
+    pub outage: bool,
+    /// Outages declared since the node started. A session leaves when this moves past the value
+    /// it saw when it started, so a session that began during an outage (its `hello` reached the
+    /// store) is not sent away by that same outage.
+    pub outages: u64,
+}
+
+/// A change of the outage state, from a check result.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Change {
+    Started { failing_for: Duration },
+    Ended { lasted: Duration },
+}
+
+/// Turns check results into outage starts and ends.
+#[derive(Debug)]
+struct Outage {
+    grace: Duration,
+    /// When the first check of the current run of failures started.
+    failing_since: Option<Instant>,
+    /// When the current outage was declared.
+    declared_at: Option<Instant>,
+}
+
+impl Outage {
+    fn new(grace: Duration) -> Self {
+        Self {
+            grace,
+            failing_since: None,
+            declared_at: None,
+        }
+    }
+
+    /// One check that started at `started` and ended at `now`, answered or not.
+    fn observe(&mut self, answered: bool, started: Instant, now: Instant) -> Option<Change> {
+        if answered {
+            self.failing_since = None;
+            let declared_at = self.declared_at.take()?;
+            return Some(Change::Ended {
+                lasted: now.duration_since(declared_at),
+            });
+        }
+        let since = *self.failing_since.get_or_insert(started);
+        let failing_for = now.duration_since(since);
+        if self.declared_at.is_some() || failing_for < self.grace {
+            return None;
+        }
+        self.declared_at = Some(now);
+        Some(Change::Started { failing_for })
+    }
+}
+
+/// Checks the store until `stop` is cancelled.
+pub async fn run(node: Arc<Node>, stop: CancellationToken) {
+    let mut ticks = tokio::time::interval(node.config.store_check);
+    ticks.set_missed_tick_behavior(MissedTickBehavior::Delay);
+    let mut outage = Outage::new(node.config.store_outage_grace);
+    loop {
+        tokio::select! {
+            () = stop.cancelled() => return,
+            _ = ticks.tick() => {}
+        }
+        let started = Instant::now();
+        let answered = matches!(
+            tokio::time::timeout(node.config.store_timeout, node.engine.ping()).await,
+            Ok(Ok(()))
+        );
+        metrics::STORE_UP.set(i64::from(answered));
+        match outage.observe(answered, started, Instant::now()) {
+            None => {}
+            Some(Change::Started { failing_for }) => {
+                metrics::STORE_OUTAGES.inc();
+                tracing::warn!(
+                    failing_for = ?failing_for,
+                    sessions = metrics::CONNECTIONS_OPEN.get(),
+                    "store unreachable; failing readiness and asking every session to reconnect"
+                );
+                node.store.send_modify(|health| {
+                    health.outage = true;
+                    health.outages += 1;
+                });
+            }
+            Some(Change::Ended { lasted }) => {
+                tracing::info!(lasted = ?lasted, "store reachable again; outage over");
+                node.store.send_modify(|health| health.outage = false);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MS: Duration = Duration::from_millis(1);
+
+    #[test]
+    fn an_outage_starts_after_the_grace_and_ends_at_the_first_answer() {
+        let t0 = Instant::now();
+        let mut outage = Outage::new(500 * MS);
+        assert_eq!(outage.observe(true, t0, t0 + MS), None);
+        assert_eq!(outage.observe(false, t0 + 100 * MS, t0 + 300 * MS), None);
+        assert_eq!(outage.observe(false, t0 + 300 * MS, t0 + 500 * MS), None);
+        assert_eq!(
+            outage.observe(false, t0 + 500 * MS, t0 + 700 * MS),
+            Some(Change::Started {
+                failing_for: 600 * MS
+            })
+        );
+        // Declared once per outage.
+        assert_eq!(outage.observe(false, t0 + 700 * MS, t0 + 900 * MS), None);
+        assert_eq!(
+            outage.observe(true, t0 + 900 * MS, t0 + 1000 * MS),
+            Some(Change::Ended { lasted: 300 * MS })
+        );
+        assert_eq!(outage.observe(true, t0 + 1100 * MS, t0 + 1101 * MS), None);
+    }
+
+    #[test]
+    fn an_answer_within_the_grace_resets_the_count() {
+        let t0 = Instant::now();
+        let mut outage = Outage::new(500 * MS);
+        assert_eq!(outage.observe(false, t0, t0 + 400 * MS), None);
+        assert_eq!(outage.observe(true, t0 + 400 * MS, t0 + 401 * MS), None);
+        assert_eq!(outage.observe(false, t0 + 500 * MS, t0 + 700 * MS), None);
+        assert_eq!(outage.observe(false, t0 + 700 * MS, t0 + 900 * MS), None);
+        assert!(
+            outage
+                .observe(false, t0 + 900 * MS, t0 + 1000 * MS)
+                .is_some()
+        );
+    }
+}

@@ -2,22 +2,36 @@
 # Bring up a local Ferry cluster on 127.0.0.1: Redis (AOF, fsync always), N gateway nodes in --dev
 # mode, HAProxy in front of them and Prometheus scraping them. Usage: deploy/local/up.sh [N]
 # Stop it with deploy/local/down.sh. See deploy/local/README.md.
+#
+# deploy/local/up.sh --restart NAME (re)starts one stopped process of a running cluster (`redis`
+# or `gw-I`) exactly as up.sh first started it (its launcher in $STATE/launch/), and waits until
+# it is ready. The fault suite (deploy/faults/run.sh) uses it.
 set -euo pipefail
 
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 ROOT=$(cd "$HERE/../.." && pwd)
 
-N=${1:-3}
+RESTART=""
+if [[ "${1:-}" == --restart ]]; then
+    RESTART=${2:?usage: up.sh --restart redis|gw-I}
+    N=1
+else
+    N=${1:-3}
+fi
 STATE=${FERRY_LOCAL_DIR:-/tmp/ferry-local}
 REDIS_PORT=${FERRY_LOCAL_REDIS_PORT:-6390}
-LB_PORT=8080
-STATS_PORT=8404
+LB_PORT=${FERRY_LOCAL_LB_PORT:-8080}
+STATS_PORT=${FERRY_LOCAL_STATS_PORT:-8404}
 PROM_PORT=${FERRY_LOCAL_PROM_PORT:-9089}
-WS_BASE=8080    # node i listens on WS_BASE+i    (8081..)
-ADMIN_BASE=9090 # node i's admin is ADMIN_BASE+i (9091..)
+PROMETHEUS=${FERRY_LOCAL_PROMETHEUS:-1}    # 0: no Prometheus
+WS_BASE=${FERRY_LOCAL_WS_BASE:-8080}       # node i listens on WS_BASE+i    (8081..)
+ADMIN_BASE=${FERRY_LOCAL_ADMIN_BASE:-9090} # node i's admin is ADMIN_BASE+i (9091..)
 DRAIN_TIMEOUT=${FERRY_LOCAL_DRAIN_TIMEOUT:-5s}
 DEADLINE_SECS=${FERRY_LOCAL_DEADLINE:-60}
-GATEWAY="$ROOT/target/release/ferry-gateway"
+# Extra flags for every gateway node (split on spaces), e.g. "--store-timeout 1s".
+GATEWAY_ARGS=${FERRY_LOCAL_GATEWAY_ARGS:-}
+BIN_DIR=${FERRY_LOCAL_BIN_DIR:-$ROOT/target/release}
+GATEWAY="$BIN_DIR/ferry-gateway"
 
 log() { printf 'up.sh: %s\n' "$*"; }
 die() { printf 'up.sh: error: %s\n' "$*" >&2; exit 1; }
@@ -25,6 +39,7 @@ die() { printf 'up.sh: error: %s\n' "$*" >&2; exit 1; }
 if ! [[ "$N" =~ ^[1-9]$ ]]; then
     die "N must be 1..9 (WebSocket ports 8081..808N, admin 9091..909N), got '$N'"
 fi
+[[ "$PROMETHEUS" == 0 || "$PROMETHEUS" == 1 ]] || die "FERRY_LOCAL_PROMETHEUS must be 0 or 1"
 
 # --- 1. prerequisites -------------------------------------------------------------------------
 need_curl=""
@@ -33,7 +48,7 @@ missing=()
 command -v redis-server >/dev/null 2>&1 || missing+=(redis-server)
 command -v redis-cli >/dev/null 2>&1 || missing+=(redis-tools)
 command -v haproxy >/dev/null 2>&1 || missing+=(haproxy)
-command -v prometheus >/dev/null 2>&1 || missing+=(prometheus)
+[[ "$PROMETHEUS" == 0 ]] || command -v prometheus >/dev/null 2>&1 || missing+=(prometheus)
 [[ -z "$need_curl" ]] || missing+=(curl)
 if ((${#missing[@]})); then
     if [[ $(id -u) -eq 0 ]] && command -v apt-get >/dev/null 2>&1; then
@@ -51,12 +66,83 @@ if ((${#missing[@]})); then
 fi
 
 if [[ ! -x "$GATEWAY" ]]; then
-    log "building ferry-gateway (target/release/ferry-gateway is missing)"
-    (cd "$ROOT" && cargo build --release -p ferry-gateway)
+    case "$BIN_DIR" in
+    "$ROOT/target/release")
+        log "building ferry-gateway (target/release/ferry-gateway is missing)"
+        (cd "$ROOT" && cargo build --release -p ferry-gateway)
+        ;;
+    "$ROOT/target/debug")
+        log "building ferry-gateway (target/debug/ferry-gateway is missing)"
+        (cd "$ROOT" && cargo build -p ferry-gateway)
+        ;;
+    *) die "$GATEWAY is missing (FERRY_LOCAL_BIN_DIR=$BIN_DIR)" ;;
+    esac
+fi
+
+port_busy() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
+http_ok() { [[ $(curl -s -o /dev/null -w '%{http_code}' --max-time 2 "$1") == 200 ]]; }
+redis_ping() { [[ $(redis-cli -h 127.0.0.1 -p "$REDIS_PORT" ping) == PONG ]]; }
+
+# start NAME COMM: run the launcher launch/NAME.sh in the background, logging to logs/NAME.log
+# (appended), and record "PID COMM" in pids/NAME.pid (COMM is what down.sh expects in
+# /proc/PID/comm, against PID reuse; the launcher execs the program, so the PID is the program's).
+start() {
+    local name=$1 comm=$2
+    nohup bash "$STATE/launch/$name.sh" >>"$STATE/logs/$name.log" 2>&1 </dev/null &
+    echo "$! $comm" >"$STATE/pids/$name.pid"
+    log "started $name (PID $!)"
+}
+
+# launcher NAME CMD...: write launch/NAME.sh, which execs CMD (arguments quoted as given), after
+# the shell lines in $PRELUDE if set.
+launcher() {
+    local name=$1
+    shift
+    {
+        echo '#!/usr/bin/env bash'
+        echo "# Written by up.sh: starts $name as up.sh did. Restart it with: up.sh --restart $name"
+        [[ -z "${PRELUDE:-}" ]] || printf '%s\n' "$PRELUDE"
+        printf 'exec'
+        printf ' %q' "$@"
+        echo
+    } >"$STATE/launch/$name.sh"
+}
+
+# --- restart of one process of a running cluster ---------------------------------------------
+if [[ -n "$RESTART" ]]; then
+    [[ -e "$STATE/launch/$RESTART.sh" ]] || die "no launcher $STATE/launch/$RESTART.sh (is the cluster up?)"
+    if [[ -e "$STATE/pids/$RESTART.pid" ]]; then
+        read -r pid _ <"$STATE/pids/$RESTART.pid"
+        if kill -0 "$pid" 2>/dev/null && [[ "$(awk '{print $3}' "/proc/$pid/stat" 2>/dev/null)" != Z ]]; then
+            die "$RESTART is still running (PID $pid)"
+        fi
+    fi
+    case "$RESTART" in
+    redis)
+        start redis redis-server
+        check() { redis_ping; }
+        ;;
+    gw-[1-9])
+        i=${RESTART#gw-}
+        start "$RESTART" ferry-gateway
+        check() { http_ok "http://127.0.0.1:$((ADMIN_BASE + i))/readyz"; }
+        ;;
+    *) die "--restart takes redis or gw-I, got '$RESTART'" ;;
+    esac
+    read -r pid _ <"$STATE/pids/$RESTART.pid"
+    deadline=$((SECONDS + DEADLINE_SECS))
+    until check >/dev/null 2>&1; do
+        kill -0 "$pid" 2>/dev/null || die "$RESTART (PID $pid) exited; see $STATE/logs/$RESTART.log"
+        ((SECONDS < deadline)) || die "timed out after ${DEADLINE_SECS}s waiting for $RESTART"
+        sleep 0.1
+    done
+    log "ready: $RESTART"
+    exit 0
 fi
 
 # --- 2. state dir, refusing to start twice ----------------------------------------------------
-mkdir -p "$STATE/pids" "$STATE/logs" "$STATE/redis" "$STATE/prometheus"
+mkdir -p "$STATE/pids" "$STATE/logs" "$STATE/redis" "$STATE/launch"
+[[ "$PROMETHEUS" == 0 ]] || mkdir -p "$STATE/prometheus"
 for f in "$STATE"/pids/*.pid; do
     [[ -e "$f" ]] || continue
     pid=$(cut -d' ' -f1 "$f")
@@ -66,8 +152,8 @@ for f in "$STATE"/pids/*.pid; do
     rm -f "$f"
 done
 
-port_busy() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
-ports=("$REDIS_PORT" "$LB_PORT" "$STATS_PORT" "$PROM_PORT")
+ports=("$REDIS_PORT" "$LB_PORT" "$STATS_PORT")
+[[ "$PROMETHEUS" == 0 ]] || ports+=("$PROM_PORT")
 for i in $(seq 1 "$N"); do ports+=($((WS_BASE + i)) $((ADMIN_BASE + i))); done
 busy=()
 for p in "${ports[@]}"; do
@@ -82,7 +168,8 @@ if ((${#busy[@]})); then
         ))\b" || true)"
     fi
     msg+=$'\n'"Free them (e.g. 'systemctl stop prometheus' if it is Debian's service), or set"
-    msg+=" FERRY_LOCAL_REDIS_PORT / FERRY_LOCAL_PROM_PORT."
+    msg+=" FERRY_LOCAL_REDIS_PORT / FERRY_LOCAL_PROM_PORT / FERRY_LOCAL_LB_PORT /"
+    msg+=" FERRY_LOCAL_STATS_PORT / FERRY_LOCAL_WS_BASE / FERRY_LOCAL_ADMIN_BASE."
     die "$msg"
 fi
 
@@ -100,16 +187,6 @@ on_exit() {
     fi
 }
 trap on_exit EXIT
-
-# start NAME COMM CMD...: run CMD in the background, logging to logs/NAME.log, and record
-# "PID COMM" in pids/NAME.pid (COMM is what down.sh expects in /proc/PID/comm, against PID reuse).
-start() {
-    local name=$1 comm=$2
-    shift 2
-    nohup "$@" >"$STATE/logs/$name.log" 2>&1 </dev/null &
-    echo "$! $comm" >"$STATE/pids/$name.pid"
-    log "started $name (PID $!)"
-}
 
 # render TEMPLATE OUT KEY=VALUE...: replace each @KEY@ in TEMPLATE by VALUE (may be multi-line).
 render() {
@@ -142,30 +219,37 @@ wait_for() {
     done
     log "ready: $what"
 }
-http_ok() { [[ $(curl -s -o /dev/null -w '%{http_code}' --max-time 2 "$1") == 200 ]]; }
+
+# A fresh start: new logs (a --restart appends to them).
+rm -f "$STATE"/logs/*.log
 
 # --- 3. Redis ---------------------------------------------------------------------------------
-start redis redis-server redis-server --bind 127.0.0.1 --port "$REDIS_PORT" \
+launcher redis redis-server --bind 127.0.0.1 --port "$REDIS_PORT" \
     --dir "$STATE/redis" --appendonly yes --appendfsync always \
     --save '' --daemonize no --protected-mode yes
-redis_ping() { [[ $(redis-cli -h 127.0.0.1 -p "$REDIS_PORT" ping) == PONG ]]; }
+start redis redis-server
 wait_for "redis PING on 127.0.0.1:$REDIS_PORT" redis_ping
 
 # --- 4. gateway nodes -------------------------------------------------------------------------
 # One HS256 secret shared by every node. Without it each --dev node draws its own random secret,
 # and a token from one node's /dev/token (HAProxy picks the node) would fail on the others. With
 # --jwt-secret set, /dev/token mints with it. Kept in the state dir (mode 600) and reused, and
-# passed through the environment so it does not show in `ps`.
+# passed through the environment (the launcher reads the file) so it does not show in `ps`.
+# A node's Redis URL can be overridden with FERRY_LOCAL_REDIS_URL_<i> (e.g. to go through a
+# fault-injecting proxy).
 SECRET_FILE="$STATE/jwt-secret"
 if [[ ! -s "$SECRET_FILE" ]]; then
     (umask 077 && head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \n' >"$SECRET_FILE")
 fi
-JWT_SECRET=$(<"$SECRET_FILE")
+read -r -a extra_args <<<"$GATEWAY_ARGS"
 for i in $(seq 1 "$N"); do
-    start "gw-$i" ferry-gateway env NO_COLOR=1 FERRY_JWT_SECRET="$JWT_SECRET" "$GATEWAY" --dev \
+    url_var="FERRY_LOCAL_REDIS_URL_$i"
+    PRELUDE="export FERRY_JWT_SECRET=\$(<$(printf %q "$SECRET_FILE"))" \
+        launcher "gw-$i" env NO_COLOR=1 "$GATEWAY" --dev \
         --listen "127.0.0.1:$((WS_BASE + i))" --admin-listen "127.0.0.1:$((ADMIN_BASE + i))" \
-        --redis-url "redis://127.0.0.1:$REDIS_PORT" --node-id "gw-$i" \
-        --drain-timeout "$DRAIN_TIMEOUT" --log-format text
+        --redis-url "${!url_var:-redis://127.0.0.1:$REDIS_PORT}" --node-id "gw-$i" \
+        --drain-timeout "$DRAIN_TIMEOUT" --log-format text ${extra_args[@]+"${extra_args[@]}"}
+    start "gw-$i" ferry-gateway
 done
 
 # --- 5. HAProxy and Prometheus configs, then the processes ------------------------------------
@@ -189,9 +273,13 @@ render "$HERE/prometheus.yml.tmpl" "$STATE/prometheus.yml" \
 haproxy -c -q -f "$STATE/haproxy.cfg" || die "haproxy rejected $STATE/haproxy.cfg"
 
 # -db: stay in the foreground (no daemon), so the recorded PID is HAProxy's own.
-start haproxy haproxy haproxy -db -f "$STATE/haproxy.cfg"
-start prometheus prometheus prometheus --config.file="$STATE/prometheus.yml" \
-    --storage.tsdb.path="$STATE/prometheus" --web.listen-address="127.0.0.1:$PROM_PORT"
+launcher haproxy haproxy -db -f "$STATE/haproxy.cfg"
+start haproxy haproxy
+if [[ "$PROMETHEUS" == 1 ]]; then
+    launcher prometheus prometheus --config.file="$STATE/prometheus.yml" \
+        --storage.tsdb.path="$STATE/prometheus" --web.listen-address="127.0.0.1:$PROM_PORT"
+    start prometheus prometheus
+fi
 
 for i in $(seq 1 "$N"); do
     wait_for "gw-$i /readyz (127.0.0.1:$((ADMIN_BASE + i)))" http_ok "http://127.0.0.1:$((ADMIN_BASE + i))/readyz"
@@ -199,7 +287,9 @@ done
 wait_for "haproxy stats (127.0.0.1:$STATS_PORT)" http_ok "http://127.0.0.1:$STATS_PORT/"
 # Through the load balancer: HAProxy needs a passing health check before it routes.
 wait_for "haproxy -> gateway (127.0.0.1:$LB_PORT/dev/token)" http_ok "http://127.0.0.1:$LB_PORT/dev/token?user=up-check"
-wait_for "prometheus /-/ready (127.0.0.1:$PROM_PORT)" http_ok "http://127.0.0.1:$PROM_PORT/-/ready"
+if [[ "$PROMETHEUS" == 1 ]]; then
+    wait_for "prometheus /-/ready (127.0.0.1:$PROM_PORT)" http_ok "http://127.0.0.1:$PROM_PORT/-/ready"
+fi
 
 started_ok=1
 cat <<EOF
@@ -208,7 +298,9 @@ Ferry local cluster is up ($N nodes). State, logs and PIDs: $STATE
   WebSocket (via HAProxy): ws://127.0.0.1:$LB_PORT/v1/ws   (subprotocol ferry.v1.json)
   Dev token (via HAProxy): curl 'http://127.0.0.1:$LB_PORT/dev/token?user=alice'
   HAProxy stats:           http://127.0.0.1:$STATS_PORT/   (CSV: http://127.0.0.1:$STATS_PORT/;csv)
-  Prometheus:              http://127.0.0.1:$PROM_PORT/   (targets: /targets)
+$(if [[ "$PROMETHEUS" == 1 ]]; then
+    echo "  Prometheus:              http://127.0.0.1:$PROM_PORT/   (targets: /targets)"
+else echo "  Prometheus:              not started (FERRY_LOCAL_PROMETHEUS=0)"; fi)
   Redis:                   redis://127.0.0.1:$REDIS_PORT   (AOF on, appendfsync always; data in $STATE/redis)
 EOF
 for i in $(seq 1 "$N"); do

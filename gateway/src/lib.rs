@@ -110,6 +110,8 @@ pub async fn run(
     metrics::NODE_INFO
         .with_label_values(&[&node.node_id])
         .set(1);
+    let max_connections = i64::try_from(node.config.max_connections).unwrap_or(i64::MAX);
+    metrics::CONNECTIONS_MAX.set(max_connections);
     let tracker = TaskTracker::new();
     tracing::Instrument::instrument(
         server::accept_loop(listener, node.clone(), tracker.clone()),

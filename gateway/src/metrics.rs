@@ -29,6 +29,16 @@ pub static NODE_INFO: LazyLock<IntGaugeVec> = LazyLock::new(|| {
         .expect(REGISTERED)
 });
 
+/// The node's connection limit (`--max-connections`), so alerts can compare
+/// `ferry_connections_open` with it.
+pub static CONNECTIONS_MAX: LazyLock<IntGauge> = LazyLock::new(|| {
+    register_int_gauge!(
+        "ferry_connections_max",
+        "WebSocket connections this node accepts before refusing with 503"
+    )
+    .expect(REGISTERED)
+});
+
 pub static CONNECTIONS_REFUSED: LazyLock<IntCounterVec> = LazyLock::new(|| {
     register_int_counter_vec!(
         "ferry_connections_refused_total",
@@ -149,6 +159,7 @@ pub static HELLO_DURATION: LazyLock<Histogram> = LazyLock::new(|| {
 /// at start-up, not on the first rare event).
 pub fn init() {
     CONNECTIONS_OPEN.get();
+    CONNECTIONS_MAX.get();
     LAGGING.get();
     DRAINS.get();
     STORE_OUTAGES.get();

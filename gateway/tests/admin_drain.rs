@@ -88,6 +88,8 @@ both_engines! {
         // The node's identity, once, as an info series.
         let node = metric(&gateway, r#"ferry_node_info{node="gw-test"}"#).await;
         assert_eq!(node, Some(1.0), "ferry_node_info names the node:\n{body}");
+        let max = metric(&gateway, "ferry_connections_max").await;
+        assert_eq!(max, Some(gateway.config.max_connections as f64));
     }
 
     async fn a_drain_moves_every_session_and_loses_nothing(kind: EngineKind) {

@@ -504,17 +504,25 @@ impl Session {
     }
 
     /// The periodic position check against the inbox's head: a catch-up if something stored was
-    /// not delivered (a lost live notification), a reconnect if the inbox's epoch changed.
+    /// not delivered (a lost live notification), a reconnect if the inbox's epoch changed or its
+    /// head went back below what was delivered.
     async fn check_position(&mut self) -> Option<End> {
         match self.node.engine.inbox_state(&self.user).await {
-            Ok(Some(state)) if state.epoch == self.epoch => {
+            // A head below what this connection delivered means the store went back in time
+            // (a failover to a lagging replica, an old snapshot): seqs would be reused under
+            // the same epoch. Treated like a new epoch: the resume's `last_seq > head` then
+            // gets `reset`, instead of new messages being taken for ones already delivered.
+            Ok(Some(state)) if state.epoch == self.epoch && state.head >= self.delivered => {
                 if state.head > self.delivered {
                     self.start_catch_up("position");
                 }
                 None
             }
             Ok(_) => {
-                tracing::info!("inbox epoch changed under the session; asking for a reconnect");
+                tracing::warn!(
+                    "inbox epoch changed, or its head went back, under the session; \
+                     asking for a reconnect"
+                );
                 self.reply(ServerFrame::Reconnect { after_ms: 0 }).await;
                 Some(End::closing("epoch_changed", close::SERVICE_RESTART))
             }

@@ -238,6 +238,45 @@ async fn epoch_change_under_a_live_session_asks_for_reconnect() {
     assert_eq!(expect_close(&mut bob).await, Some(1012));
 }
 
+// The store went back in time under a live session (a failover to a lagging replica): the head
+// is below what the session delivered. The session asks for a reconnect, and the resume gets
+// `reset` rather than new messages being taken for ones the client already has.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn head_going_back_under_a_live_session_gives_reset() {
+    let gw = TestGateway::start_with(EngineKind::Redis, |c| {
+        c.position_check = Duration::from_millis(200);
+    })
+    .await;
+    let (mut alice, _) = gw.raw("alice").await;
+    let (mut bob, welcome) = gw.raw("bob").await;
+    let epoch = epoch_of(&welcome);
+    for i in 1..=3 {
+        raw_send(&mut alice, &format!("m{i}"), "bob", "x").await;
+    }
+    assert_eq!(raw_messages(&mut bob, 3).await.len(), 3);
+    // What a replica that missed the last two appends would hold.
+    gw.redis().cmd(&["HSET", "ferry:{u:bob}:meta", "seq", "1"]);
+    gw.redis()
+        .cmd(&["ZREMRANGEBYSCORE", "ferry:{u:bob}:inbox", "2", "+inf"]);
+    assert_eq!(
+        next_frame(&mut bob).await,
+        ServerFrame::Reconnect { after_ms: 0 }
+    );
+    assert_eq!(expect_close(&mut bob).await, Some(1012));
+    let (_, welcome) = gw.raw_resume("bob", 3, Some(&epoch)).await;
+    assert!(
+        matches!(
+            welcome,
+            ServerFrame::Welcome {
+                reset: true,
+                head: 1,
+                ..
+            }
+        ),
+        "{welcome:?}"
+    );
+}
+
 // Sender and recipient on different nodes of one Redis; one user on two nodes at once: both
 // connections get every message live, and each keeps its own position.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -268,8 +268,10 @@ maxconn=$(((nofile - 200) / 2))
 ((maxconn >= 100)) || die "open-files limit too low for HAProxy ($nofile); raise it with ulimit -n"
 render "$HERE/haproxy.cfg.tmpl" "$STATE/haproxy.cfg" "MAXCONN=$maxconn" \
     "LB_PORT=$LB_PORT" "STATS_PORT=$STATS_PORT" "SERVERS=${servers%$'\n'}"
+# Prometheus loads a copy of the alerting rules (deploy/monitoring/rules.yml).
+cp "$ROOT/deploy/monitoring/rules.yml" "$STATE/rules.yml"
 render "$HERE/prometheus.yml.tmpl" "$STATE/prometheus.yml" \
-    "PROM_PORT=$PROM_PORT" "TARGETS=${targets%$'\n'}"
+    "PROM_PORT=$PROM_PORT" "TARGETS=${targets%$'\n'}" "RULES_FILE=$STATE/rules.yml"
 haproxy -c -q -f "$STATE/haproxy.cfg" || die "haproxy rejected $STATE/haproxy.cfg"
 
 # -db: stay in the foreground (no daemon), so the recorded PID is HAProxy's own.

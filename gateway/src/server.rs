@@ -1,6 +1,7 @@
 //! The WebSocket listener: accepts connections up to `--max-connections`, reads the upgrade
-//! request, negotiates the subprotocol, answers `101`, and runs a session. In `--dev` it also
-//! serves the token endpoint. Refusals are plain HTTP statuses.
+//! request, negotiates the subprotocol, answers `101`, and runs a session. It also serves the
+//! JavaScript client; in `--dev`, the token endpoint and the demo page too. Refusals are plain
+//! HTTP statuses.
 
 use std::sync::Arc;
 
@@ -17,6 +18,15 @@ use crate::metrics;
 use crate::node::Node;
 use crate::outbound::Outbound;
 use crate::session;
+
+/// The JavaScript client (`ferry.v1.json`), its TypeScript declarations and the `--dev` demo
+/// page, compiled into the binary.
+const CLIENT_JS: &str = include_str!("../static/ferry-client.js");
+const CLIENT_DTS: &str = include_str!("../static/ferry-client.d.ts");
+const DEMO_HTML: &str = include_str!("../static/demo.html");
+const JS_TYPE: &str = "text/javascript; charset=utf-8";
+const TS_TYPE: &str = "application/typescript; charset=utf-8";
+const HTML_TYPE: &str = "text/html; charset=utf-8";
 
 /// Accepts until the node drains; every connection task is tracked so drain can wait for them.
 pub async fn accept_loop(listener: TcpListener, node: Arc<Node>, tracker: TaskTracker) {
@@ -74,6 +84,15 @@ async fn serve(mut stream: TcpStream, node: Arc<Node>) {
     match (request.method.as_str(), request.path.as_str()) {
         ("GET", "/v1/ws") => upgrade(stream, request, node).await,
         ("GET", "/dev/token") if node.config.dev => dev_token(stream, &request, &node).await,
+        ("GET", "/v1/ferry-client.js") => {
+            let _ = http::respond(&mut stream, 200, JS_TYPE, CLIENT_JS.as_bytes()).await;
+        }
+        ("GET", "/v1/ferry-client.d.ts") => {
+            let _ = http::respond(&mut stream, 200, TS_TYPE, CLIENT_DTS.as_bytes()).await;
+        }
+        ("GET", "/" | "/demo") if node.config.dev => {
+            let _ = http::respond(&mut stream, 200, HTML_TYPE, DEMO_HTML.as_bytes()).await;
+        }
         _ => {
             metrics::CONNECTIONS_REFUSED
                 .with_label_values(&["not_found"])

@@ -1,0 +1,147 @@
+// Type declarations for ferry-client.js (Ferry's JavaScript client, `ferry.v1.json` only).
+
+/** The WebSocket subprotocol the client speaks: `ferry.v1.json`. */
+export declare const SUBPROTOCOL: 'ferry.v1.json';
+
+export type FerryState = 'idle' | 'connecting' | 'open' | 'reconnecting' | 'closed';
+
+/** Where a reloaded page resumes from; `localStorage` fits. */
+export interface FerryStorage {
+  getItem(key: string): string | null;
+  setItem(key: string, value: string): void;
+}
+
+export interface FerryClientOptions {
+  /** A JWT, sent in `hello` (browsers cannot set headers on a WebSocket). */
+  token?: string;
+  /**
+   * Fetches a token: before the first connection when `token` is not given, and once more
+   * after an `unauthorized` close (without it, `unauthorized` stops the client).
+   */
+  getToken?: () => Promise<string> | string;
+  /** Persists `{ lastSeq, epoch }` on every delivery; read back at construction. */
+  storage?: FerryStorage;
+  /** Default `'ferry:' + url`. */
+  storageKey?: string;
+  /** Acks are cumulative and coalesced: at most one per interval. Default 250. */
+  ackIntervalMs?: number;
+  /** Reconnect backoff (jittered, exponential). Defaults 100 and 5000. */
+  backoffMinMs?: number;
+  backoffMaxMs?: number;
+  /**
+   * Application `ping` interval, default 20000 (never longer than the server's heartbeat).
+   * A connection silent for two heartbeats is treated as dead and replaced.
+   */
+  pingIntervalMs?: number;
+  /** A WebSocket constructor, when there is no global one (e.g. Node 20 without the flag). */
+  WebSocket?: new (url: string, protocols?: string | string[]) => WebSocket;
+}
+
+export interface FerryPosition {
+  /** The highest seq delivered to the application in `epoch` (0 for none). */
+  lastSeq: number;
+  epoch: string | null;
+}
+
+export interface SendResult {
+  id: string;
+  seq: number;
+  /** True when this id had already been stored (nothing new was written). */
+  duplicate: boolean;
+}
+
+/** A rejected send, or a failure event: `code` is a PROTOCOL.md error code, or `closed`. */
+export interface FerryError extends Error {
+  code: string;
+  id?: string;
+}
+
+export interface StateDetail {
+  state: FerryState;
+}
+export interface WelcomeDetail {
+  user: string;
+  node: string;
+  epoch: string;
+  head: number;
+  reset: boolean;
+  heartbeatMs: number;
+}
+export interface ResetDetail {
+  previousEpoch: string | null;
+  epoch: string;
+}
+export interface MessageDetail {
+  seq: number;
+  from: string;
+  id: string;
+  ts: number;
+  /** A string, or bytes when the body was not UTF-8 (it came as `body_b64`). */
+  body: string | Uint8Array;
+}
+export interface SentDetail {
+  id: string;
+  to: string;
+  seq: number;
+  duplicate: boolean;
+}
+export interface ErrorDetail {
+  code: string;
+  message: string;
+  id?: string;
+}
+export interface ReconnectDetail {
+  afterMs: number;
+}
+
+export interface FerryEventMap {
+  state: CustomEvent<StateDetail>;
+  welcome: CustomEvent<WelcomeDetail>;
+  reset: CustomEvent<ResetDetail>;
+  message: CustomEvent<MessageDetail>;
+  sent: CustomEvent<SentDetail>;
+  error: CustomEvent<ErrorDetail>;
+  reconnect: CustomEvent<ReconnectDetail>;
+}
+
+export declare class FerryClient extends EventTarget {
+  /** `url` is the gateway's WebSocket endpoint, e.g. `ws://127.0.0.1:8080/v1/ws`. */
+  constructor(url: string, options?: FerryClientOptions);
+  /** Opens; reconnects automatically with jittered exponential backoff until `close()`. */
+  connect(): void;
+  /** Stops for good: a last ack, then close 1000. Pending sends reject with code `closed`. */
+  close(): void;
+  /**
+   * Sends `body` to user `to` (a Uint8Array travels as `body_b64`). `id` defaults to a random
+   * one; it must be 1 to 64 of `A-Z a-z 0-9 . _ - :`. Retries with the same id on
+   * `unavailable`, `rate_limited` and a disconnect; rejects with a FerryError otherwise.
+   */
+  send(to: string, body: string | Uint8Array, options?: { id?: string }): Promise<SendResult>;
+  /** Acknowledges everything delivered so far, now. */
+  ackNow(): void;
+  readonly position: FerryPosition;
+  readonly state: FerryState;
+
+  addEventListener<K extends keyof FerryEventMap>(
+    type: K,
+    listener: (event: FerryEventMap[K]) => void,
+    options?: boolean | AddEventListenerOptions,
+  ): void;
+  addEventListener(
+    type: string,
+    listener: EventListenerOrEventListenerObject | null,
+    options?: boolean | AddEventListenerOptions,
+  ): void;
+  removeEventListener<K extends keyof FerryEventMap>(
+    type: K,
+    listener: (event: FerryEventMap[K]) => void,
+    options?: boolean | EventListenerOptions,
+  ): void;
+  removeEventListener(
+    type: string,
+    listener: EventListenerOrEventListenerObject | null,
+    options?: boolean | EventListenerOptions,
+  ): void;
+}
+
+export default FerryClient;

@@ -1,0 +1,485 @@
+// Ferry's JavaScript client: an ES module with no dependencies, for browsers and Node >= 20.
+//
+// It speaks the `ferry.v1.json` subprotocol of PROTOCOL.md (JSON text frames; a body is a
+// string, or `body_b64` when it is bytes). It keeps the inbox position (`last_seq`, `epoch`),
+// optionally in a storage such as `localStorage`, reconnects with jittered exponential backoff,
+// drops duplicate seqs, acknowledges cumulatively, retries sends with the same `id`, and sends
+// application pings. See ferry-client.d.ts for the API.
+
+export const SUBPROTOCOL = 'ferry.v1.json';
+
+const ID_PATTERN = /^[A-Za-z0-9._:-]{1,64}$/;
+const DEFAULT_HEARTBEAT_MS = 25000;
+
+function newId() {
+  const c = globalThis.crypto;
+  if (c && typeof c.randomUUID === 'function') return 'm-' + c.randomUUID();
+  const bytes = new Uint8Array(16);
+  if (c && typeof c.getRandomValues === 'function') c.getRandomValues(bytes);
+  else for (let i = 0; i < bytes.length; i++) bytes[i] = Math.floor(Math.random() * 256);
+  return 'm-' + Array.from(bytes, (b) => b.toString(16).padStart(2, '0')).join('');
+}
+
+function toBase64(bytes) {
+  let binary = '';
+  for (let i = 0; i < bytes.length; i += 0x8000) {
+    binary += String.fromCharCode.apply(null, bytes.subarray(i, i + 0x8000));
+  }
+  return btoa(binary);
+}
+
+function fromBase64(text) {
+  const binary = atob(text);
+  const bytes = new Uint8Array(binary.length);
+  for (let i = 0; i < binary.length; i++) bytes[i] = binary.charCodeAt(i);
+  return bytes;
+}
+
+function ferryError(code, message, id) {
+  const error = new Error(message || code);
+  error.code = code;
+  if (id !== undefined) error.id = id;
+  return error;
+}
+
+export class FerryClient extends EventTarget {
+  #url;
+  #options;
+  #WebSocket;
+  #storage;
+  #storageKey;
+  #token;
+  #state = 'idle';
+  #ws = null;
+  #lastSeq = 0; // highest seq delivered to the application
+  #epoch = null;
+  #acked = 0; // highest seq acknowledged on the current connection
+  #heartbeatMs = DEFAULT_HEARTBEAT_MS;
+  #attempt = 0; // failed connection attempts since the last welcome
+  #tokenRetried = false;
+  #authFailed = null; // the `unauthorized` error frame of the current connection
+  #drainAfterMs = null; // set by a `reconnect` frame
+  #welcomed = false;
+  #pending = new Map(); // id -> { id, to, frame, resolve, reject, attempt, timer }
+  #timers = { reconnect: null, ack: null, ping: null, dead: null, drain: null };
+
+  constructor(url, options = {}) {
+    super();
+    this.#url = url;
+    this.#options = {
+      ackIntervalMs: 250,
+      backoffMinMs: 100,
+      backoffMaxMs: 5000,
+      pingIntervalMs: 20000,
+      ...options,
+    };
+    this.#WebSocket = options.WebSocket || globalThis.WebSocket;
+    if (typeof this.#WebSocket !== 'function') {
+      throw new TypeError('no WebSocket implementation: pass options.WebSocket');
+    }
+    this.#token = options.token;
+    this.#storage = options.storage || null;
+    this.#storageKey = options.storageKey || 'ferry:' + url;
+    this.#load();
+  }
+
+  get position() {
+    return { lastSeq: this.#lastSeq, epoch: this.#epoch };
+  }
+
+  get state() {
+    return this.#state;
+  }
+
+  /** Opens the connection; from now on it reconnects by itself until `close()`. */
+  connect() {
+    if (this.#state !== 'idle' && this.#state !== 'closed') return;
+    this.#attempt = 0;
+    this.#tokenRetried = false;
+    this.#setState('connecting');
+    this.#open();
+  }
+
+  /** Stops for good: a last ack, then close 1000. Pending sends are rejected (code `closed`). */
+  close() {
+    if (this.#state === 'closed') return;
+    this.#flushAck();
+    this.#stop();
+    const closed = ferryError('closed', 'the client was closed');
+    for (const entry of this.#pending.values()) {
+      clearTimeout(entry.timer);
+      entry.reject(closed);
+    }
+    this.#pending.clear();
+    this.#setState('closed');
+  }
+
+  /**
+   * Sends `body` (a string, or a Uint8Array sent as `body_b64`) to user `to`. Resolves with
+   * `{ id, seq, duplicate }` once stored; retries with the same id on `unavailable`,
+   * `rate_limited` and a disconnect; rejects with an Error carrying `.code` otherwise.
+   */
+  send(to, body, { id } = {}) {
+    if (id === undefined) id = newId();
+    if (typeof id !== 'string' || !ID_PATTERN.test(id)) {
+      return Promise.reject(ferryError('invalid', 'a message id is 1 to 64 of A-Z a-z 0-9 . _ - :', id));
+    }
+    if (this.#state === 'closed') {
+      return Promise.reject(ferryError('closed', 'the client is closed', id));
+    }
+    if (this.#pending.has(id)) {
+      return Promise.reject(ferryError('invalid', 'a send with this id is already pending', id));
+    }
+    const frame = { type: 'send', id, to };
+    if (typeof body === 'string') frame.body = body;
+    else if (body instanceof Uint8Array) frame.body_b64 = toBase64(body);
+    else if (body instanceof ArrayBuffer) frame.body_b64 = toBase64(new Uint8Array(body));
+    else return Promise.reject(ferryError('invalid', 'body must be a string or a Uint8Array', id));
+    return new Promise((resolve, reject) => {
+      const entry = { id, to, frame, resolve, reject, attempt: 0, timer: null };
+      this.#pending.set(id, entry);
+      this.#transmit(entry);
+    });
+  }
+
+  /** Acknowledges everything delivered so far, now. */
+  ackNow() {
+    clearTimeout(this.#timers.ack);
+    this.#timers.ack = null;
+    this.#flushAck();
+  }
+
+  // ---- connection ----
+
+  async #open() {
+    const failedAuth = this.#authFailed;
+    this.#authFailed = null;
+    this.#drainAfterMs = null;
+    this.#welcomed = false;
+    if ((this.#token === undefined || failedAuth) && typeof this.#options.getToken === 'function') {
+      try {
+        this.#token = await this.#options.getToken();
+      } catch (e) {
+        this.#emit('error', { code: 'unauthorized', message: 'getToken failed: ' + (e && e.message) });
+        if (this.#isStopped()) return;
+        this.#scheduleReconnect();
+        return;
+      }
+      if (this.#isStopped()) return;
+    }
+    let ws;
+    try {
+      ws = new this.#WebSocket(this.#url, SUBPROTOCOL);
+    } catch (e) {
+      this.#emit('error', { code: 'connect', message: String((e && e.message) || e) });
+      this.#scheduleReconnect();
+      return;
+    }
+    this.#ws = ws;
+    this.#acked = 0;
+    this.#armDeadTimer();
+    ws.onopen = () => {
+      if (ws !== this.#ws) return;
+      const hello = { type: 'hello', last_seq: this.#lastSeq };
+      if (this.#token !== undefined) hello.token = this.#token;
+      if (this.#epoch !== null) hello.epoch = this.#epoch;
+      this.#write(hello);
+      // Giving last_seq acknowledges everything up to it.
+      this.#acked = this.#lastSeq;
+    };
+    ws.onmessage = (event) => {
+      if (ws !== this.#ws) return;
+      this.#armDeadTimer();
+      if (typeof event.data !== 'string') return; // the JSON subprotocol only sends text
+      let frame;
+      try {
+        frame = JSON.parse(event.data);
+      } catch {
+        return;
+      }
+      this.#onFrame(frame);
+    };
+    ws.onclose = (event) => {
+      if (ws !== this.#ws) return;
+      this.#dropped(event.code, event.reason);
+    };
+    // Browsers follow an error with a close; some implementations (Node 20's) do not after a
+    // failed connection attempt, so an error also ends the socket if no close follows soon.
+    ws.onerror = () => {
+      const wait = ws.readyState === 0 ? 0 : 1000;
+      setTimeout(() => {
+        if (ws === this.#ws) this.#dropped(1006, 'error');
+      }, wait);
+    };
+  }
+
+  #isStopped() {
+    return this.#state === 'closed' || this.#state === 'idle';
+  }
+
+  /** The current socket is gone (closed by the server, or declared dead). */
+  #dropped(code, reason) {
+    this.#detach();
+    if (this.#isStopped()) return;
+    const auth = this.#authFailed || (code === 1008 && /unauthori[sz]ed/i.test(reason || '') ? { message: reason } : null);
+    if (auth) {
+      if (typeof this.#options.getToken === 'function' && !this.#tokenRetried) {
+        this.#tokenRetried = true;
+        this.#authFailed = auth;
+        this.#setState('reconnecting');
+        this.#open();
+        return;
+      }
+      this.#emit('error', { code: 'unauthorized', message: auth.message || 'unauthorized' });
+      this.close();
+      return;
+    }
+    this.#setState('reconnecting');
+    if (this.#drainAfterMs !== null) {
+      const after = this.#drainAfterMs;
+      this.#drainAfterMs = null;
+      this.#timers.reconnect = setTimeout(() => this.#reopen(), after);
+    } else {
+      this.#scheduleReconnect();
+    }
+  }
+
+  #scheduleReconnect() {
+    const { backoffMinMs, backoffMaxMs } = this.#options;
+    const ceiling = Math.min(backoffMaxMs, backoffMinMs * 2 ** Math.min(this.#attempt, 30));
+    this.#attempt += 1;
+    const delay = ceiling / 2 + Math.random() * (ceiling / 2);
+    clearTimeout(this.#timers.reconnect);
+    if (!this.#isStopped()) this.#setState('reconnecting');
+    this.#timers.reconnect = setTimeout(() => this.#reopen(), delay);
+  }
+
+  #reopen() {
+    this.#timers.reconnect = null;
+    if (this.#isStopped()) return;
+    this.#open();
+  }
+
+  /** Forgets the current socket (closing it if it is still there) and its timers. */
+  #detach() {
+    const ws = this.#ws;
+    this.#ws = null;
+    this.#welcomed = false;
+    for (const name of ['ack', 'ping', 'dead', 'drain']) {
+      clearTimeout(this.#timers[name]);
+      clearInterval(this.#timers[name]);
+      this.#timers[name] = null;
+    }
+    if (ws) {
+      ws.onopen = ws.onmessage = ws.onclose = ws.onerror = null;
+      try {
+        if (ws.readyState === 0 || ws.readyState === 1) ws.close(1000);
+      } catch {
+        // already closing
+      }
+    }
+  }
+
+  #stop() {
+    clearTimeout(this.#timers.reconnect);
+    this.#timers.reconnect = null;
+    this.#detach();
+  }
+
+  /** A connection from which nothing arrives for two heartbeats is dead. */
+  #armDeadTimer() {
+    clearTimeout(this.#timers.dead);
+    const ws = this.#ws;
+    this.#timers.dead = setTimeout(() => {
+      if (ws === this.#ws) this.#dropped(4000, 'silent');
+    }, 2 * this.#heartbeatMs);
+  }
+
+  #write(frame) {
+    const ws = this.#ws;
+    if (!ws || ws.readyState !== 1) return false;
+    try {
+      ws.send(JSON.stringify(frame));
+      return true;
+    } catch {
+      return false;
+    }
+  }
+
+  // ---- frames ----
+
+  #onFrame(frame) {
+    switch (frame.type) {
+      case 'welcome':
+        return this.#onWelcome(frame);
+      case 'msg':
+        return this.#onMsg(frame);
+      case 'sent':
+        return this.#onSent(frame);
+      case 'error':
+        return this.#onError(frame);
+      case 'reconnect': {
+        const afterMs = Number(frame.after_ms) || 0;
+        this.#drainAfterMs = afterMs;
+        this.#emit('reconnect', { afterMs });
+        // The server closes with 1012; should that close not come, go anyway.
+        const ws = this.#ws;
+        clearTimeout(this.#timers.drain);
+        this.#timers.drain = setTimeout(() => {
+          if (ws === this.#ws) this.#dropped(1012, 'drain');
+        }, afterMs + 1000);
+        return;
+      }
+      default:
+        return; // pong, and frames of later versions
+    }
+  }
+
+  #onWelcome(frame) {
+    this.#welcomed = true;
+    this.#attempt = 0;
+    this.#tokenRetried = false;
+    this.#heartbeatMs = Number(frame.heartbeat_ms) || DEFAULT_HEARTBEAT_MS;
+    this.#armDeadTimer();
+    if (frame.reset) {
+      const previousEpoch = this.#epoch;
+      this.#lastSeq = 0;
+      this.#acked = 0;
+      this.#epoch = frame.epoch;
+      this.#save();
+      this.#emit('reset', { previousEpoch, epoch: frame.epoch });
+    } else if (frame.epoch !== this.#epoch) {
+      this.#epoch = frame.epoch;
+      this.#save();
+    }
+    const every = Math.max(1, Math.min(this.#options.pingIntervalMs, this.#heartbeatMs));
+    this.#timers.ping = setInterval(() => this.#write({ type: 'ping' }), every);
+    this.#setState('open');
+    this.#emit('welcome', {
+      user: frame.user,
+      node: frame.node,
+      epoch: frame.epoch,
+      head: frame.head,
+      reset: !!frame.reset,
+      heartbeatMs: this.#heartbeatMs,
+    });
+    // Sends that never got an answer go again, with the same id.
+    for (const entry of this.#pending.values()) {
+      if (entry.timer === null) this.#transmit(entry);
+    }
+  }
+
+  #onMsg(frame) {
+    const seq = Number(frame.seq);
+    if (!(seq > this.#lastSeq)) return; // a duplicate: already delivered in this epoch
+    this.#lastSeq = seq;
+    this.#save();
+    const body = typeof frame.body_b64 === 'string' ? fromBase64(frame.body_b64) : frame.body;
+    this.#emit('message', { seq, from: frame.from, id: frame.id, ts: frame.ts, body });
+    this.#scheduleAck();
+  }
+
+  #onSent(frame) {
+    const entry = this.#pending.get(frame.id);
+    if (!entry) return;
+    this.#pending.delete(frame.id);
+    clearTimeout(entry.timer);
+    const result = { id: frame.id, seq: Number(frame.seq), duplicate: !!frame.duplicate };
+    this.#emit('sent', { id: frame.id, to: frame.to ?? entry.to, seq: result.seq, duplicate: result.duplicate });
+    entry.resolve(result);
+  }
+
+  #onError(frame) {
+    const { code, message } = frame;
+    const entry = frame.id !== undefined ? this.#pending.get(frame.id) : undefined;
+    if (!entry) {
+      if (code === 'unauthorized') {
+        this.#authFailed = { message }; // the close 1008 that follows decides what to do
+        return;
+      }
+      const detail = { code, message };
+      if (frame.id !== undefined) detail.id = frame.id;
+      this.#emit('error', detail);
+      return;
+    }
+    if (code === 'unavailable' || code === 'rate_limited') {
+      entry.attempt += 1;
+      let delay;
+      if (code === 'rate_limited' && frame.retry_after_ms !== undefined) {
+        delay = Number(frame.retry_after_ms);
+      } else {
+        const { backoffMinMs, backoffMaxMs } = this.#options;
+        const ceiling = Math.min(backoffMaxMs, backoffMinMs * 2 ** Math.min(entry.attempt - 1, 30));
+        delay = ceiling / 2 + Math.random() * (ceiling / 2);
+      }
+      clearTimeout(entry.timer);
+      entry.timer = setTimeout(() => {
+        entry.timer = null;
+        if (this.#pending.get(entry.id) === entry) this.#transmit(entry);
+      }, delay);
+      return;
+    }
+    this.#pending.delete(entry.id);
+    clearTimeout(entry.timer);
+    this.#emit('error', { code, message, id: entry.id });
+    entry.reject(ferryError(code, message, entry.id));
+  }
+
+  /** Writes a send now if the connection is welcomed; otherwise the next welcome does. */
+  #transmit(entry) {
+    if (this.#welcomed) this.#write(entry.frame);
+  }
+
+  // ---- acknowledgements ----
+
+  #scheduleAck() {
+    if (this.#timers.ack !== null) return;
+    this.#timers.ack = setTimeout(() => {
+      this.#timers.ack = null;
+      this.#flushAck();
+    }, this.#options.ackIntervalMs);
+  }
+
+  #flushAck() {
+    if (!this.#welcomed || this.#lastSeq <= this.#acked) return;
+    if (this.#write({ type: 'ack', seq: this.#lastSeq })) this.#acked = this.#lastSeq;
+  }
+
+  // ---- position storage ----
+
+  #load() {
+    if (!this.#storage) return;
+    try {
+      const raw = this.#storage.getItem(this.#storageKey);
+      if (!raw) return;
+      const saved = JSON.parse(raw);
+      if (Number.isSafeInteger(saved.lastSeq) && saved.lastSeq >= 0) this.#lastSeq = saved.lastSeq;
+      if (typeof saved.epoch === 'string') this.#epoch = saved.epoch;
+    } catch {
+      // an unreadable position is no position
+    }
+  }
+
+  #save() {
+    if (!this.#storage) return;
+    try {
+      this.#storage.setItem(this.#storageKey, JSON.stringify({ lastSeq: this.#lastSeq, epoch: this.#epoch }));
+    } catch {
+      // storage full or unavailable: the position stays in memory
+    }
+  }
+
+  // ---- events ----
+
+  #setState(state) {
+    if (this.#state === state) return;
+    this.#state = state;
+    this.#emit('state', { state });
+  }
+
+  #emit(type, detail) {
+    this.dispatchEvent(new CustomEvent(type, { detail }));
+  }
+}
+
+export default FerryClient;

@@ -1,0 +1,235 @@
+// Shared helpers for the browser tests: start a real gateway (and Redis) on free loopback
+// ports, launch Debian's headless Chromium through playwright-core, and drive FerryClient
+// instances inside a page through page.evaluate.
+import { spawn } from 'node:child_process';
+import net from 'node:net';
+import path from 'node:path';
+import fs from 'node:fs';
+import { fileURLToPath } from 'node:url';
+import { chromium } from 'playwright-core';
+
+const here = path.dirname(fileURLToPath(import.meta.url));
+export const ROOT = path.resolve(here, '..');
+export const REPO = path.resolve(ROOT, '..', '..');
+export const ARTIFACTS = path.join(ROOT, 'artifacts');
+export const GATEWAY_BIN =
+  process.env.FERRY_GATEWAY_BIN || path.join(REPO, 'target', 'debug', 'ferry-gateway');
+export const CHROMIUM = process.env.CHROMIUM_BIN || '/usr/bin/chromium';
+
+export const sleep = (ms) => new Promise((r) => setTimeout(r, ms));
+
+/** A free TCP port on 127.0.0.1 (bound to :0, read, closed). */
+export function freePort() {
+  return new Promise((resolve, reject) => {
+    const srv = net.createServer();
+    srv.unref();
+    srv.on('error', reject);
+    srv.listen(0, '127.0.0.1', () => {
+      const { port } = srv.address();
+      srv.close(() => resolve(port));
+    });
+  });
+}
+
+/** Resolves when something accepts TCP connections on 127.0.0.1:port. */
+async function waitForPort(port, timeoutMs, label) {
+  const deadline = Date.now() + timeoutMs;
+  for (;;) {
+    const ok = await new Promise((resolve) => {
+      const s = net.connect(port, '127.0.0.1');
+      s.once('connect', () => { s.destroy(); resolve(true); });
+      s.once('error', () => resolve(false));
+    });
+    if (ok) return;
+    if (Date.now() > deadline) throw new Error(`${label} did not listen on ${port} in ${timeoutMs} ms`);
+    await sleep(50);
+  }
+}
+
+/** Stops a child by its PID: SIGTERM, then SIGKILL after graceMs. Resumes a stopped one first. */
+export async function stopProcess(child, graceMs = 3000) {
+  if (!child || child.exitCode !== null || child.signalCode !== null) return;
+  const exited = new Promise((r) => child.once('exit', r));
+  try { process.kill(child.pid, 'SIGCONT'); } catch { /* already gone */ }
+  try { process.kill(child.pid, 'SIGTERM'); } catch { /* already gone */ }
+  const t = setTimeout(() => { try { process.kill(child.pid, 'SIGKILL'); } catch { /* gone */ } }, graceMs);
+  await exited;
+  clearTimeout(t);
+}
+
+const ANSI = /\x1b\[[0-9;]*m/g;
+
+/**
+ * Starts `ferry-gateway --dev` on 127.0.0.1:0 and reads the bound port from its
+ * "gateway serving ... listen=Some(127.0.0.1:PORT)" log line.
+ */
+export async function startGateway({ args = [], timeoutMs = 15000, name = 'gateway' } = {}) {
+  if (!fs.existsSync(GATEWAY_BIN)) throw new Error(`no gateway binary at ${GATEWAY_BIN} (run run.sh)`);
+  const child = spawn(
+    GATEWAY_BIN,
+    ['--dev', '--listen', '127.0.0.1:0', '--admin-listen', '127.0.0.1:0', '--drain-timeout', '1s', ...args],
+    { stdio: ['ignore', 'pipe', 'pipe'], env: { ...process.env, NO_COLOR: '1', FERRY_LOG: process.env.FERRY_LOG || 'info' } },
+  );
+  const log = [];
+  const logFile = path.join(ARTIFACTS, `${name}.log`);
+  fs.mkdirSync(ARTIFACTS, { recursive: true });
+  const sink = fs.createWriteStream(logFile);
+  const port = await new Promise((resolve, reject) => {
+    let buf = '';
+    const timer = setTimeout(() => reject(new Error(`gateway did not report its port in ${timeoutMs} ms:\n${log.join('')}`)), timeoutMs);
+    const onData = (chunk) => {
+      const s = chunk.toString();
+      log.push(s);
+      sink.write(s);
+      buf += s.replace(ANSI, '');
+      const m = buf.match(/gateway serving.*?listen\W*Some\(127\.0\.0\.1:(\d+)\)/);
+      if (m) { clearTimeout(timer); resolve(Number(m[1])); }
+    };
+    child.stdout.on('data', onData);
+    child.stderr.on('data', onData);
+    child.once('exit', (code, sig) => { clearTimeout(timer); reject(new Error(`gateway exited (${code ?? sig}) before serving:\n${log.join('')}`)); });
+  });
+  await waitForPort(port, timeoutMs, 'gateway');
+  return {
+    port,
+    base: `http://127.0.0.1:${port}`,
+    pid: child.pid,
+    log,
+    async stop() { await stopProcess(child); sink.end(); },
+  };
+}
+
+/** Starts a throwaway redis-server (no persistence) on a free port. */
+export async function startRedis({ timeoutMs = 10000 } = {}) {
+  const port = await freePort();
+  const child = spawn('redis-server', ['--port', String(port), '--bind', '127.0.0.1', '--save', '', '--appendonly', 'no'], {
+    stdio: ['ignore', 'pipe', 'pipe'],
+  });
+  let out = '';
+  child.stdout.on('data', (c) => { out += c; });
+  child.stderr.on('data', (c) => { out += c; });
+  const died = new Promise((_, reject) => child.once('exit', (c) => reject(new Error(`redis-server exited (${c}):\n${out}`))));
+  died.catch(() => {});
+  await Promise.race([waitForPort(port, timeoutMs, 'redis-server'), died]);
+  return {
+    port,
+    url: `redis://127.0.0.1:${port}`,
+    pid: child.pid,
+    pause() { process.kill(child.pid, 'SIGSTOP'); },
+    resume() { process.kill(child.pid, 'SIGCONT'); },
+    async stop() { await stopProcess(child); },
+  };
+}
+
+export const CHROMIUM_ARGS = [
+  '--headless',
+  '--no-sandbox',
+  '--disable-gpu',
+  '--disable-quic',
+  '--no-first-run',
+  '--disable-background-networking',
+  '--disable-component-update',
+  '--disable-sync',
+];
+
+/** Launches Debian's Chromium (never a downloaded one); Playwright gives it a fresh temp profile. */
+export async function launchBrowser() {
+  if (!fs.existsSync(CHROMIUM)) throw new Error(`no Chromium at ${CHROMIUM} (run run.sh)`);
+  return chromium.launch({ executablePath: CHROMIUM, headless: true, args: CHROMIUM_ARGS, timeout: 30000 });
+}
+
+/** A new page (own context, so own localStorage) with console errors collected. */
+export async function newPage(browser, gw, urlPath = '/demo') {
+  const context = await browser.newContext({ viewport: { width: 1280, height: 900 } });
+  const page = await context.newPage();
+  page.setDefaultTimeout(10000);
+  const errors = [];
+  page.on('pageerror', (e) => errors.push(`pageerror: ${e.message}`));
+  // Failed WebSocket connects are expected (tests block reconnects on purpose) and Chromium
+  // logs each one as a console error; every other console error counts.
+  page.on('console', (m) => {
+    if (m.type() !== 'error' || /WebSocket connection to .* failed/.test(m.text())) return;
+    // Chromium asks for /favicon.ico on its own; the gateway has none.
+    if (/\/favicon\.ico$/.test(m.location()?.url ?? '')) return;
+    errors.push(`console: ${m.text()} (${m.location()?.url ?? '?'})`);
+  });
+  await page.goto(gw.base + urlPath);
+  await installDriver(page);
+  return { page, context, errors };
+}
+
+/**
+ * Puts `window.__t` in the page: make(name, user, opts) builds a FerryClient with a token from
+ * /dev/token and records every event it emits in __t.c[name].events.
+ */
+export async function installDriver(page) {
+  await page.evaluate(async () => {
+    const mod = await import('/v1/ferry-client.js');
+    const EVENTS = ['state', 'welcome', 'reset', 'message', 'sent', 'error', 'reconnect'];
+    const t = {
+      FerryClient: mod.FerryClient,
+      c: {},
+      async token(user) {
+        const r = await fetch('/dev/token?user=' + encodeURIComponent(user));
+        if (!r.ok) throw new Error('/dev/token ' + r.status);
+        return (await r.json()).token;
+      },
+      make(name, user, opts = {}) {
+        const o = { getToken: () => t.token(user), ...opts };
+        if (opts.useLocalStorage) { delete o.useLocalStorage; o.storage = window.localStorage; }
+        const rec = { user, events: [], frames: [], sockets: [], blocked: false };
+        // A WebSocket that records every frame the server sends, keeps its sockets (so a test
+        // can cut one), and while rec.blocked is set connects nowhere (so a reconnect fails).
+        o.WebSocket = class SpyWebSocket extends WebSocket {
+          constructor(url, protocols) {
+            super(rec.blocked ? 'ws://127.0.0.1:9/blocked' : url, protocols);
+            rec.sockets.push(this);
+            this.addEventListener('message', (e) => {
+              try { rec.frames.push(JSON.parse(e.data)); } catch { rec.frames.push({ raw: String(e.data) }); }
+            });
+          }
+        };
+        const client = new t.FerryClient(new URL('/v1/ws', location.href).href.replace(/^http/, 'ws'), o);
+        rec.client = client;
+        for (const type of EVENTS) {
+          client.addEventListener(type, (ev) => {
+            rec.events.push({ type, detail: JSON.parse(JSON.stringify(ev.detail ?? null)), at: Date.now() });
+          });
+        }
+        t.c[name] = rec;
+        return rec;
+      },
+      of(name, type) { return t.c[name].events.filter((e) => e.type === type).map((e) => e.detail); },
+      messages(name) { return t.of(name, 'message'); },
+      /** Cuts the client's current socket under it (as a network drop would). */
+      cut(name) { for (const ws of t.c[name].sockets) if (ws.readyState <= 1) ws.close(4001, 'cut by test'); },
+    };
+    window.__t = t;
+  });
+}
+
+/** Waits in the page until `fn(window.__t, arg)` is truthy; on timeout reports `describe`. */
+export async function waitIn(page, fn, arg, { timeout = 10000, what = 'condition' } = {}) {
+  try {
+    // fn(t, arg) is shipped as source, so it may take both the driver and an argument.
+    await page.waitForFunction(({ src, arg }) => (0, eval)(`(${src})`)(window.__t, arg), { src: fn.toString(), arg }, { timeout, polling: 50 });
+  } catch (e) {
+    const dump = await page.evaluate(() => {
+      const out = {};
+      for (const [k, v] of Object.entries(window.__t?.c ?? {})) out[k] = { state: v.client.state, events: v.events.slice(-30) };
+      return out;
+    }).catch(() => 'page gone');
+    throw new Error(`timed out waiting for ${what}: ${e.message.split('\n')[0]}\nclients: ${JSON.stringify(dump, null, 1)}`);
+  }
+}
+
+/** Makes a client, connects it and waits for its `welcome`. */
+export async function connectClient(page, name, user, opts = {}) {
+  await page.evaluate(({ name, user, opts }) => { window.__t.make(name, user, opts).client.connect(); }, { name, user, opts });
+  await waitIn(page, (_, n) => window.__t.of(n, 'welcome').length > 0, name, { what: `${name} welcome` });
+}
+
+/** A user name that no other test (nor the demo page's own clients) uses. */
+export function uniqueUser(prefix) {
+  return `${prefix}-${process.pid}-${Math.random().toString(36).slice(2, 8)}`;
+}

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use common::*;
 use ferry_router::testkit::RedisOptions;
-use ferry_shared::client::SendError;
+use ferry_shared::client::{RawConnection, SendError};
 use ferry_shared::{ErrorCode, ServerFrame};
 use tokio::time::Instant;
 
@@ -28,6 +28,17 @@ fn assert_unavailable(answer: &Result<ferry_shared::client::Sent, SendError>) {
         ),
         "expected unavailable: {answer:?}"
     );
+}
+
+/// Bob connected and received three messages from alice: his connection and his inbox's epoch.
+async fn bob_received_three(gw: &TestGateway) -> (RawConnection, String) {
+    let (mut alice, _) = gw.raw("alice").await;
+    let (mut bob, welcome) = gw.raw("bob").await;
+    for i in 1..=3 {
+        raw_send(&mut alice, &format!("m{i}"), "bob", "x").await;
+    }
+    assert_eq!(raw_messages(&mut bob, 3).await.len(), 3);
+    (bob, epoch_of(&welcome))
 }
 
 fn kill_pubsub(gw: &TestGateway) {
@@ -197,13 +208,7 @@ async fn redis_crash_with_aof_always_keeps_every_sent_message() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn lost_inbox_keys_give_reset() {
     let gw = TestGateway::start(EngineKind::Redis).await;
-    let (mut alice, _) = gw.raw("alice").await;
-    let (mut bob, welcome) = gw.raw("bob").await;
-    let epoch = epoch_of(&welcome);
-    for i in 1..=3 {
-        raw_send(&mut alice, &format!("m{i}"), "bob", "x").await;
-    }
-    assert_eq!(raw_messages(&mut bob, 3).await.len(), 3);
+    let (bob, epoch) = bob_received_three(&gw).await;
     drop(bob);
     gw.redis()
         .cmd(&["DEL", "ferry:{u:bob}:inbox", "ferry:{u:bob}:meta"]);
@@ -247,13 +252,7 @@ async fn head_going_back_under_a_live_session_gives_reset() {
         c.position_check = Duration::from_millis(200);
     })
     .await;
-    let (mut alice, _) = gw.raw("alice").await;
-    let (mut bob, welcome) = gw.raw("bob").await;
-    let epoch = epoch_of(&welcome);
-    for i in 1..=3 {
-        raw_send(&mut alice, &format!("m{i}"), "bob", "x").await;
-    }
-    assert_eq!(raw_messages(&mut bob, 3).await.len(), 3);
+    let (mut bob, epoch) = bob_received_three(&gw).await;
     // What a replica that missed the last two appends would hold.
     gw.redis().cmd(&["HSET", "ferry:{u:bob}:meta", "seq", "1"]);
     gw.redis()

@@ -56,15 +56,7 @@ on_both_engines!(
         let inbox = engine.read_after(&user("bob"), 0, 10).await.unwrap();
         assert_eq!(seqs(&inbox), [1]);
         assert_eq!(&inbox[0].body[..], b"first");
-        assert_eq!(
-            engine
-                .inbox_state(&user("bob"))
-                .await
-                .unwrap()
-                .unwrap()
-                .head,
-            1
-        );
+        assert_eq!(inbox_state(&*engine, "bob").await.head, 1);
         // The same id from another sender, or to another recipient, is another message.
         assert_eq!(
             stored(&*engine, &message("carol", "bob", "m-1", b"x")).await,
@@ -99,15 +91,7 @@ on_both_engines!(inbox_full_until_trimmed, three_max(), |engine| async move {
         .unwrap();
     assert_eq!(full, AppendOutcome::InboxFull);
     // Nothing was written: no seq, no dedupe entry.
-    assert_eq!(
-        engine
-            .inbox_state(&user("bob"))
-            .await
-            .unwrap()
-            .unwrap()
-            .head,
-        3
-    );
+    assert_eq!(inbox_state(&*engine, "bob").await.head, 3);
     assert_eq!(
         seqs(&engine.read_after(&user("bob"), 0, 10).await.unwrap()),
         [1, 2, 3]

@@ -96,11 +96,7 @@ impl LiveTask {
                 Ok(pubsub) => pubsub.split(),
                 Err(reason) => {
                     tracing::debug!(%reason, "pub/sub connection failed");
-                    if self
-                        .offline(tokio::time::sleep(backoff.next_delay()))
-                        .await
-                        .is_none()
-                    {
+                    if !self.wait_backoff(&mut backoff).await {
                         return;
                     }
                     continue;
@@ -110,11 +106,7 @@ impl LiveTask {
             let everyone: Vec<UserId> = self.desired.iter().cloned().collect();
             if let Err(reason) = self.reconcile(&mut sink, &mut subscribed, everyone).await {
                 tracing::warn!(%reason, "pub/sub resubscription failed");
-                if self
-                    .offline(tokio::time::sleep(backoff.next_delay()))
-                    .await
-                    .is_none()
-                {
+                if !self.wait_backoff(&mut backoff).await {
                     return;
                 }
                 continue;
@@ -140,11 +132,7 @@ impl LiveTask {
                     if up_since.elapsed() >= STABLE_AFTER {
                         backoff = Backoff::default();
                     }
-                    if self
-                        .offline(tokio::time::sleep(backoff.next_delay()))
-                        .await
-                        .is_none()
-                    {
+                    if !self.wait_backoff(&mut backoff).await {
                         return;
                     }
                 }
@@ -165,6 +153,14 @@ impl LiveTask {
 
     /// Runs `work` while there is no connection, recording requests meanwhile. `None` when the
     /// engine was dropped.
+    /// Waits out the next backoff delay while still taking requests; false when the engine
+    /// is gone and the task should stop.
+    async fn wait_backoff(&mut self, backoff: &mut Backoff) -> bool {
+        self.offline(tokio::time::sleep(backoff.next_delay()))
+            .await
+            .is_some()
+    }
+
     async fn offline<F: Future>(&mut self, work: F) -> Option<F::Output> {
         let mut work = std::pin::pin!(work);
         loop {

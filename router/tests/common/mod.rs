@@ -106,6 +106,15 @@ pub async fn fill(engine: &dyn Engine, to: &str, prefix: &str, n: usize) -> Vec<
     seqs
 }
 
+/// The inbox state of `name`, which must exist.
+pub async fn inbox_state(engine: &dyn Engine, name: &str) -> InboxState {
+    engine
+        .inbox_state(&user(name))
+        .await
+        .expect("inbox_state")
+        .expect("the inbox has an epoch")
+}
+
 pub fn seqs(messages: &[InboxMessage]) -> Vec<u64> {
     messages.iter().map(|m| m.seq).collect()
 }

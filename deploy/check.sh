@@ -192,7 +192,8 @@ if pr.get("spec") != rules:
                "run: bash deploy/check.sh --write-prometheusrule")
 want = {"FerryDeliveryLatencyHigh", "FerrySendErrorsHigh", "FerryRedisUnreachable",
         "FerryStoreErrors", "FerryPubSubReconnecting", "FerryCatchUpStorm",
-        "FerrySessionsLagging", "FerryNodeNearConnectionCapacity", "FerryNoDeliveries"}
+        "FerrySessionsLagging", "FerryNodeNearConnectionCapacity", "FerryNoDeliveries",
+        "FerryStoreMayEvict", "FerryStoreLostData"}
 alerts = [r for g in rules["groups"] for r in g["rules"] if "alert" in r]
 names = {r["alert"] for r in alerts}
 if names != want:

@@ -159,6 +159,24 @@ pub struct Config {
     /// Lifetime of tokens minted by the --dev token endpoint.
     #[arg(long, env = "FERRY_DEV_TOKEN_TTL", default_value = "1h", value_parser = parse_duration)]
     pub dev_token_ttl: Duration,
+
+    /// Redis replicas that must acknowledge each append (`WAIT`) before it is answered `sent`;
+    /// when fewer do within the store timeout the answer is `unavailable` (retry with the same
+    /// id). 0: answer once the primary has it.
+    #[arg(long, env = "FERRY_MIN_REPLICAS_ACK", default_value_t = 0)]
+    pub min_replicas_ack: u32,
+
+    /// Start even when Redis has a memory limit and an evicting `maxmemory-policy`. Eviction
+    /// can take an inbox's keys; Ferry then reports the loss through `reset`, but messages are
+    /// gone. (`FERRY_ALLOW_REDIS_EVICTION` takes true/false, 1/0, yes/no, on/off.)
+    #[arg(long, env = "FERRY_ALLOW_REDIS_EVICTION", action = ArgAction::SetTrue, value_parser = BoolishValueParser::new())]
+    pub allow_redis_eviction: bool,
+
+    /// How long each node remembers its appends, to check them after Redis restarts or fails
+    /// over (a lost one ends its inbox's epoch, so the recipient learns `reset`). Below
+    /// --dedupe-window; 0 turns the audit off.
+    #[arg(long, env = "FERRY_APPEND_AUDIT_WINDOW", default_value = "10s", value_parser = parse_duration)]
+    pub append_audit_window: Duration,
 }
 
 /// The algorithm tokens must be signed with; exactly one is accepted.
@@ -425,6 +443,25 @@ impl Config {
                 "must be at least --store-check (an outage needs at least one failed check)",
             ));
         }
+        if self.dedupe_window > self.inbox_ttl {
+            return Err(invalid(
+                "dedupe-window",
+                "must not exceed --inbox-ttl (a retry would be answered `duplicate` for a \
+                 message that expired with its inbox)",
+            ));
+        }
+        if self.append_audit_window >= self.dedupe_window {
+            return Err(invalid(
+                "append-audit-window",
+                "must be below --dedupe-window (the audit checks appends by their dedupe keys)",
+            ));
+        }
+        if self.min_replicas_ack > 0 && self.redis_url.is_none() {
+            return Err(invalid(
+                "min-replicas-ack",
+                "needs --redis-url (the embedded engine has no replicas)",
+            ));
+        }
         Ok(())
     }
 }
@@ -482,10 +519,13 @@ mod tests {
         assert_eq!(c.position_check, secs(30));
         assert_eq!(c.redis_pool_size, 8);
         assert_eq!(c.dev_token_ttl, secs(3600));
+        assert_eq!(c.min_replicas_ack, 0);
+        assert!(!c.allow_redis_eviction);
+        assert_eq!(c.append_audit_window, secs(10));
     }
 
     /// The flag names are an interface (DESIGN.md's table, then the additions).
-    const FLAGS: [&str; 34] = [
+    const FLAGS: [&str; 37] = [
         "listen",
         "admin-listen",
         "redis-url",
@@ -520,6 +560,9 @@ mod tests {
         "position-check",
         "redis-pool-size",
         "dev-token-ttl",
+        "min-replicas-ack",
+        "allow-redis-eviction",
+        "append-audit-window",
     ];
 
     #[test]
@@ -675,6 +718,34 @@ mod tests {
         );
         assert_eq!(
             flag_of(&["--store-check", "1s", "--store-outage-grace", "1s"]),
+            None
+        );
+        // Point 6 of issue 9: a dedupe entry outliving its inbox would answer `duplicate` for a
+        // message that expired with the inbox.
+        assert_eq!(
+            flag_of(&["--inbox-ttl", "30s", "--dedupe-window", "31s"]),
+            Some("dedupe-window")
+        );
+        assert_eq!(
+            flag_of(&["--inbox-ttl", "30s", "--dedupe-window", "30s"]),
+            None
+        );
+        assert_eq!(
+            flag_of(&["--dedupe-window", "10s", "--append-audit-window", "10s"]),
+            Some("append-audit-window")
+        );
+        assert_eq!(flag_of(&["--append-audit-window", "0s"]), None);
+        assert_eq!(
+            flag_of(&["--min-replicas-ack", "1"]),
+            Some("min-replicas-ack")
+        );
+        assert_eq!(
+            flag_of(&[
+                "--min-replicas-ack",
+                "1",
+                "--redis-url",
+                "redis://127.0.0.1:6379"
+            ]),
             None
         );
         assert_eq!(flag_of(&["--send-rate", "NaN"]), Some("send-rate"));

@@ -22,6 +22,8 @@ pub struct Opened {
     pub epoch: String,
     /// Everything at or below this seq is processed by the client (and acknowledged).
     pub resume: u64,
+    /// The store time of the opening: everything at or below `resume` was stored by then.
+    pub stamp: u64,
     pub welcome: ServerFrame,
 }
 
@@ -131,15 +133,21 @@ where
     // Live delivery first, then the inbox: a message stored in between is both live and read,
     // and the session drops the copy at or below what it delivered.
     let membership = node.hub.join(&user).await.map_err(Refusal::unavailable)?;
+    let claim = client_epoch.as_deref().map(|epoch| (epoch, last_seq));
     let inbox = node
         .engine
-        .open_inbox(&user)
+        .open_inbox(&user, claim)
         .await
         .map_err(Refusal::unavailable)?;
 
-    // The position is void when it names another incarnation, or one this inbox never reached
-    // (a client that lost its epoch but kept a seq): replay from the start rather than skip.
-    let reset = client_epoch.as_deref().is_some_and(|e| e != inbox.epoch) || last_seq > inbox.head;
+    // The position is void when it names another incarnation, one this inbox never reached (a
+    // client that kept a seq beyond the head; the engine then ended the epoch, so the epochs
+    // differ), or no incarnation at all (a `last_seq` without `epoch`): replay from the start
+    // rather than skip, and trim nothing on its strength.
+    let reset = match client_epoch.as_deref() {
+        Some(epoch) => epoch != inbox.epoch,
+        None => last_seq > 0,
+    };
     let resume = if reset { 0 } else { last_seq };
     metrics::HELLOS.with_label_values(&["ok"]).inc();
     metrics::HELLO_DURATION.observe(started.elapsed().as_secs_f64());
@@ -157,6 +165,7 @@ where
         membership,
         epoch: inbox.epoch,
         resume,
+        stamp: inbox.stamp,
         welcome,
     })
 }

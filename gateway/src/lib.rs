@@ -35,6 +35,12 @@ pub enum GatewayError {
     Auth(#[from] auth::AuthError),
     #[error("store: {0}")]
     Store(#[from] ferry_router::EngineError),
+    #[error(
+        "Redis may evict Ferry's keys (maxmemory is set and maxmemory-policy is {0}): an \
+         evicted inbox loses messages that were answered `sent`. Set maxmemory-policy to \
+         noeviction, or start with --allow-redis-eviction to accept that"
+    )]
+    EvictingStore(String),
 }
 
 /// Time allowed past the drain window for the last sessions to close.
@@ -48,12 +54,36 @@ pub async fn build_engine(config: &Config) -> Result<Arc<dyn Engine>, GatewayErr
         inbox_ttl: config.inbox_ttl,
         dedupe_window: config.dedupe_window,
         store_timeout: config.store_timeout,
+        min_replicas_ack: config.min_replicas_ack,
+        audit_window: config.append_audit_window,
         ..EngineOptions::default()
     };
     Ok(match &config.redis_url {
         Some(url) => Arc::new(RedisEngine::connect(url, options, config.redis_pool_size).await?),
         None => Arc::new(EmbeddedEngine::new(options)),
     })
+}
+
+/// Refuses a store that may evict Ferry's keys, unless `--allow-redis-eviction`. A store that
+/// does not answer now is not refused: the node starts (commands fail until it is back), and
+/// the store watchdog's checks export the policy as `ferry_store_may_evict`.
+async fn check_eviction(engine: &dyn Engine, config: &Config) -> Result<(), GatewayError> {
+    match tokio::time::timeout(config.store_timeout, engine.check()).await {
+        Ok(Ok(report)) if report.may_evict => {
+            let policy = report.eviction_policy.unwrap_or_default();
+            if !config.allow_redis_eviction {
+                return Err(GatewayError::EvictingStore(policy));
+            }
+            tracing::warn!(
+                %policy,
+                "Redis may evict Ferry's keys; allowed by --allow-redis-eviction"
+            );
+        }
+        Ok(Ok(_)) => {}
+        Ok(Err(e)) => tracing::warn!(error = %e, "store check at start-up failed"),
+        Err(_) => tracing::warn!("store check at start-up timed out"),
+    }
+    Ok(())
 }
 
 /// Serves until `shutdown` is cancelled, then drains: readiness fails, no new connections are
@@ -69,6 +99,7 @@ pub async fn run(
     metrics::init();
     let auth = auth::Authenticator::from_config(&config)?;
     let engine = build_engine(&config).await?;
+    check_eviction(engine.as_ref(), &config).await?;
     let hub = Hub::new(
         engine.clone(),
         HubOptions {

@@ -8,13 +8,24 @@
 //! at a time, while the outbound queue has room. While catching up, live messages are ignored:
 //! each was stored before it reached us, so the next page read includes it.
 //!
+//! The session's `Position` (epoch, `delivered`, and `stamp`: a store time by which everything
+//! up to `delivered` had been stored) is checked by the store before every read and trim. When
+//! the store lost the inbox or went back in time under it, those come back `Void` and the
+//! session sends the client away (`reconnect`, close 1012): its resume then gets `reset`. A live
+//! message of another epoch starts a catch-up (whose read checks the position), and one at or
+//! below `delivered` stored after `stamp` is a reused seq: the session ends the epoch itself.
+//! An entry that cannot be decoded is stepped over; the read moved it out of the inbox.
+//!
 //! A session leaves with `reconnect` when the node drains (1012) or when the store watchdog
 //! declares an outage (1013): a node that cannot reach the store can neither store nor deliver.
 
 use std::sync::Arc;
 use std::time::Duration;
 
-use ferry_router::{CatchUpReason, EngineError, InboxMessage, LiveSignal, Membership, NewMessage};
+use ferry_router::{
+    CatchUpReason, Checked, EngineError, InboxMessage, Live, LiveSignal, Membership, NewMessage,
+    Position, Stored,
+};
 use ferry_shared::{Body, ClientFrame, Codec, ErrorCode, MessageId, ServerFrame, UserId, Wire};
 use futures_util::{Stream, StreamExt};
 use tokio::task::JoinHandle;
@@ -170,6 +181,8 @@ struct Session {
     epoch: String,
     /// Highest seq written to the client (the resume point at first).
     delivered: u64,
+    /// A store time by which every seq up to `delivered` had been stored (see the module docs).
+    stamp: u64,
     /// Set while a catch-up is due: why it started (for metrics).
     catching_up: Option<&'static str>,
     /// Don't read for catch-up before this (after a failed read).
@@ -182,7 +195,7 @@ struct Session {
     /// Highest seq trimmed from the inbox by this session.
     ack_done: u64,
     /// The one trim in flight, if any.
-    trim: Option<JoinHandle<Result<u64, EngineError>>>,
+    trim: Option<JoinHandle<Result<Checked<u64>, EngineError>>>,
     last_activity: Instant,
 }
 
@@ -196,6 +209,7 @@ impl Session {
             membership: opened.membership,
             epoch: opened.epoch,
             delivered: opened.resume,
+            stamp: opened.stamp,
             catching_up: None,
             catchup_retry_at: None,
             lagging: false,
@@ -265,11 +279,21 @@ impl Session {
                         Incoming::Gone => return End { label: "client", close: None },
                     }
                 }
-                signal = self.membership.next() => self.on_live(signal),
-                () = wait_catch_up(&self.out, self.catching_up.is_some(), self.catchup_retry_at) => {
-                    Box::pin(self.catch_up_page()).await;
+                signal = self.membership.next() => {
+                    if let Some(end) = Box::pin(self.on_live(signal)).await {
+                        return end;
+                    }
                 }
-                done = join_trim(&mut self.trim) => self.on_trimmed(done),
+                () = wait_catch_up(&self.out, self.catching_up.is_some(), self.catchup_retry_at) => {
+                    if let Some(end) = Box::pin(self.catch_up_page()).await {
+                        return end;
+                    }
+                }
+                done = join_trim(&mut self.trim) => {
+                    if let Some(end) = Box::pin(self.on_trimmed(done)).await {
+                        return end;
+                    }
+                }
                 _ = heartbeat.tick() => {
                     if self.last_activity.elapsed() > node.config.heartbeat * 2 {
                         return End::closing("heartbeat", close::NORMAL);
@@ -384,6 +408,15 @@ impl Session {
         }
     }
 
+    /// The position the store checks reads and trims against.
+    fn position(&self) -> Position {
+        Position {
+            epoch: self.epoch.clone(),
+            delivered: self.delivered,
+            stamp: self.stamp,
+        }
+    }
+
     /// A cumulative ack, clamped to what this connection delivered (G6); at most one trim in
     /// flight, the highest seq wins.
     fn on_ack(&mut self, seq: u64) {
@@ -392,39 +425,81 @@ impl Session {
             let engine = self.node.engine.clone();
             let user = self.user.clone();
             let upto = self.ack_wanted;
+            let at = self.position();
             self.trim = Some(tokio::spawn(async move {
-                engine.trim(&user, upto).await.map(|()| upto)
+                let trimmed = engine.trim(&user, &at, upto).await?;
+                Ok(match trimmed {
+                    Checked::Valid(()) => Checked::Valid(upto),
+                    Checked::Void => Checked::Void,
+                })
             }));
         }
     }
 
-    fn on_trimmed(&mut self, done: Result<u64, EngineError>) {
+    async fn on_trimmed(&mut self, done: Result<Checked<u64>, EngineError>) -> Option<End> {
         match done {
-            Ok(upto) => {
+            Ok(Checked::Valid(upto)) => {
                 self.ack_done = self.ack_done.max(upto);
                 self.on_ack(0);
+                None
             }
+            Ok(Checked::Void) => Some(self.position_void().await),
             // The messages stay in the inbox; the client's next ack (or resume) trims them.
-            Err(e) => tracing::warn!(error = %e, "trim failed"),
+            Err(e) => {
+                tracing::warn!(error = %e, "trim failed");
+                None
+            }
         }
     }
 
-    fn on_live(&mut self, signal: LiveSignal) {
-        let msg = match signal {
-            LiveSignal::Message(msg) => msg,
-            LiveSignal::CatchUp(CatchUpReason::Lagged) => return self.lag(),
-            LiveSignal::CatchUp(CatchUpReason::Resync) => return self.start_catch_up("resync"),
+    async fn on_live(&mut self, signal: LiveSignal) -> Option<End> {
+        let live = match signal {
+            LiveSignal::Message(live) => live,
+            LiveSignal::CatchUp(CatchUpReason::Lagged) => {
+                self.lag();
+                return None;
+            }
+            LiveSignal::CatchUp(CatchUpReason::Resync) => {
+                self.start_catch_up("resync");
+                return None;
+            }
         };
-        if msg.seq <= self.delivered || self.catching_up.is_some() {
-            return;
+        let Live { epoch, entry } = &*live;
+        let msg = match entry {
+            Stored::Message(msg) if **epoch == *self.epoch => msg,
+            // Another incarnation's message: the catch-up's read checks the position (the
+            // inbox's epoch changed, or this is a stale one from before the session's).
+            Stored::Message(_) => {
+                self.start_catch_up("epoch");
+                return None;
+            }
+            // Stepped over by the catch-up, which reads it from the inbox.
+            Stored::Undecodable { .. } => {
+                self.start_catch_up("undecodable");
+                return None;
+            }
+        };
+        if msg.seq <= self.delivered {
+            if msg.stamp > self.stamp {
+                // Stored after everything this connection delivered, yet at or below it: the
+                // store went back in time and reuses seqs. End the epoch for every connection.
+                return Some(self.seq_reused().await);
+            }
+            return None;
+        }
+        if self.catching_up.is_some() {
+            return None;
         }
         if msg.seq > self.delivered + 1 {
-            return self.start_catch_up("gap");
+            self.start_catch_up("gap");
+            return None;
         }
         if !self.out.has_room() {
-            return self.lag();
+            self.lag();
+            return None;
         }
-        self.deliver(&msg, Path::Live);
+        self.deliver(msg, Path::Live);
+        None
     }
 
     fn deliver(&mut self, msg: &InboxMessage, path: Path) {
@@ -439,9 +514,15 @@ impl Session {
             .out
             .try_push(encode(self.codec, &frame, Some((path, msg.ts))))
         {
-            Ok(()) => self.delivered = msg.seq,
+            Ok(()) => self.step_to(msg.seq, msg.stamp),
             Err(_) => self.lag(),
         }
+    }
+
+    /// `seq` is delivered (or stepped over), stored at `stamp`.
+    fn step_to(&mut self, seq: u64, stamp: u64) {
+        self.delivered = seq;
+        self.stamp = self.stamp.max(stamp);
     }
 
     fn lag(&mut self) {
@@ -456,11 +537,10 @@ impl Session {
         self.catching_up.get_or_insert(reason);
     }
 
-    /// Reads one page after `delivered` into the queue's free slots.
-    async fn catch_up_page(&mut self) {
-        let Some(reason) = self.catching_up else {
-            return;
-        };
+    /// Reads one page after `delivered` into the queue's free slots; `Some` ends the session
+    /// (the position is void).
+    async fn catch_up_page(&mut self) -> Option<End> {
+        let reason = self.catching_up?;
         let page = self
             .node
             .config
@@ -468,17 +548,13 @@ impl Session {
             .min(self.out.free_slots())
             .max(1);
         metrics::CATCHUPS.with_label_values(&[reason]).inc();
-        match self
-            .node
-            .engine
-            .read_after(&self.user, self.delivered, page)
-            .await
-        {
-            Ok(messages) => {
+        let at = self.position();
+        match self.node.engine.read_after(&self.user, &at, page).await {
+            Ok(Checked::Valid(entries)) => {
                 self.catchup_retry_at = None;
-                let mut complete = messages.len() < page;
-                for msg in &messages {
-                    if msg.seq <= self.delivered {
+                let mut complete = entries.len() < page;
+                for entry in &entries {
+                    if entry.seq() <= self.delivered {
                         continue;
                     }
                     // The byte bound holds for catch-up too; the rest is read again later.
@@ -486,7 +562,11 @@ impl Session {
                         complete = false;
                         break;
                     }
-                    self.deliver(msg, Path::CatchUp);
+                    match entry {
+                        Stored::Message(msg) => self.deliver(msg, Path::CatchUp),
+                        // Logged, counted and moved out of the inbox by the read.
+                        Stored::Undecodable { seq, stamp } => self.step_to(*seq, *stamp),
+                    }
                 }
                 if complete {
                     self.catching_up = None;
@@ -495,42 +575,52 @@ impl Session {
                         metrics::LAGGING.dec();
                     }
                 }
+                None
             }
+            Ok(Checked::Void) => Some(self.position_void().await),
             Err(e) => {
                 tracing::warn!(error = %e, "catch-up read failed; will retry");
                 self.catchup_retry_at = Some(Instant::now() + CATCHUP_RETRY);
+                None
             }
         }
     }
 
     /// The periodic position check against the inbox's head: a catch-up if something stored was
-    /// not delivered (a lost live notification), a reconnect if the inbox's epoch changed or its
-    /// head went back below what was delivered.
+    /// not delivered (a lost live notification), a reconnect if the position is void.
     async fn check_position(&mut self) -> Option<End> {
-        match self.node.engine.inbox_state(&self.user).await {
-            // A head below what this connection delivered means the store went back in time
-            // (a failover to a lagging replica, an old snapshot): seqs would be reused under
-            // the same epoch. Treated like a new epoch: the resume's `last_seq > head` then
-            // gets `reset`, instead of new messages being taken for ones already delivered.
-            Ok(Some(state)) if state.epoch == self.epoch && state.head >= self.delivered => {
-                if state.head > self.delivered {
+        let at = self.position();
+        match self.node.engine.check_position(&self.user, &at).await {
+            Ok(Checked::Valid(head)) => {
+                if head > self.delivered {
                     self.start_catch_up("position");
                 }
                 None
             }
-            Ok(_) => {
-                tracing::warn!(
-                    "inbox epoch changed, or its head went back, under the session; \
-                     asking for a reconnect"
-                );
-                self.reply(ServerFrame::Reconnect { after_ms: 0 }).await;
-                Some(End::closing("epoch_changed", close::SERVICE_RESTART))
-            }
+            Ok(Checked::Void) => Some(self.position_void().await),
             Err(e) => {
                 tracing::debug!(error = %e, "position check failed");
                 None
             }
         }
+    }
+
+    /// A live message showed a reused seq: ends the epoch (if nobody did yet), then sends the
+    /// client away like any void position.
+    async fn seq_reused(&mut self) -> End {
+        // Leaving anyway on an error: the store checks of the other sessions still find it.
+        if let Err(e) = self.node.engine.end_epoch(&self.user, &self.epoch).await {
+            tracing::warn!(error = %e, "ending the reused epoch failed");
+        }
+        self.position_void().await
+    }
+
+    /// The inbox's epoch changed under the session (its data was lost, or it went back in time
+    /// and was ended): the client reconnects at once and learns `reset` at its next `hello`.
+    async fn position_void(&mut self) -> End {
+        tracing::warn!("the inbox's epoch changed under the session; asking for a reconnect");
+        self.reply(ServerFrame::Reconnect { after_ms: 0 }).await;
+        End::closing("epoch_changed", close::SERVICE_RESTART)
     }
 
     /// Asks the client to reconnect (to any node) within a second, spread so that a node's
@@ -546,17 +636,19 @@ impl Session {
     async fn finish(&mut self) {
         let timeout = self.node.config.store_timeout;
         if let Some(trim) = self.trim.take()
-            && let Ok(Ok(Ok(upto))) = tokio::time::timeout(timeout, trim).await
+            && let Ok(Ok(Ok(Checked::Valid(upto)))) = tokio::time::timeout(timeout, trim).await
         {
             self.ack_done = self.ack_done.max(upto);
         }
         if self.ack_wanted > self.ack_done {
-            let trim = self.node.engine.trim(&self.user, self.ack_wanted);
-            if let Ok(Err(e)) | Err(e) = tokio::time::timeout(timeout, trim)
-                .await
-                .map_err(|_| EngineError::Unavailable("trim timed out".into()))
-            {
-                tracing::warn!(error = %e, "last trim failed; the next hello acknowledges it");
+            let at = self.position();
+            let trim = self.node.engine.trim(&self.user, &at, self.ack_wanted);
+            match tokio::time::timeout(timeout, trim).await {
+                Ok(Ok(_)) => {}
+                Ok(Err(e)) => {
+                    tracing::warn!(error = %e, "last trim failed; the next hello acknowledges it")
+                }
+                Err(_) => tracing::warn!("last trim timed out; the next hello acknowledges it"),
             }
         }
         if self.lagging {
@@ -579,8 +671,8 @@ async fn wait_catch_up(out: &Outbound, due: bool, retry_at: Option<Instant>) {
 
 /// Resolves with the trim's result when one is in flight.
 async fn join_trim(
-    trim: &mut Option<JoinHandle<Result<u64, EngineError>>>,
-) -> Result<u64, EngineError> {
+    trim: &mut Option<JoinHandle<Result<Checked<u64>, EngineError>>>,
+) -> Result<Checked<u64>, EngineError> {
     let Some(handle) = trim.as_mut() else {
         return std::future::pending().await;
     };

@@ -1,7 +1,9 @@
-//! The store watchdog: pings the engine every `--store-check` and, when the store has failed
-//! every check for `--store-outage-grace`, declares an outage: readiness fails and every session
-//! is asked to reconnect, so clients move to a node that still reaches the store. The first check
-//! that answers ends the outage.
+//! The store watchdog: checks the store every `--store-check` and, when it has failed every check
+//! for `--store-outage-grace`, declares an outage: readiness fails and every session is asked to
+//! reconnect, so clients move to a node that still reaches the store. The first check that
+//! answers ends the outage. The check also reads the store's eviction policy (exported as
+//! `ferry_store_may_evict`, logged when it turns evicting) and lets the engine notice a store
+//! that restarted or failed over (the Redis engine then audits its recent appends).
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -73,16 +75,29 @@ pub async fn run(node: Arc<Node>, stop: CancellationToken) {
     let mut ticks = tokio::time::interval(node.config.store_check);
     ticks.set_missed_tick_behavior(MissedTickBehavior::Delay);
     let mut outage = Outage::new(node.config.store_outage_grace);
+    let mut evicting = false;
     loop {
         tokio::select! {
             () = stop.cancelled() => return,
             _ = ticks.tick() => {}
         }
         let started = Instant::now();
-        let answered = matches!(
-            tokio::time::timeout(node.config.store_timeout, node.engine.ping()).await,
-            Ok(Ok(()))
-        );
+        let answered = match tokio::time::timeout(node.config.store_timeout, node.engine.check())
+            .await
+        {
+            Ok(Ok(report)) => {
+                if report.may_evict && !evicting {
+                    tracing::error!(
+                        policy = report.eviction_policy.as_deref().unwrap_or(""),
+                        "Redis may now evict Ferry's keys (memory limit and an evicting policy); \
+                         set maxmemory-policy to noeviction"
+                    );
+                }
+                evicting = report.may_evict;
+                true
+            }
+            _ => false,
+        };
         metrics::STORE_UP.set(i64::from(answered));
         match outage.observe(answered, started, Instant::now()) {
             None => {}

@@ -20,8 +20,8 @@ use tokio::sync::mpsc::{self, error::TrySendError};
 use tokio::time::Instant;
 
 use crate::engine::{
-    AppendOutcome, Engine, EngineError, EngineOptions, InboxMessage, InboxState, LiveEvent,
-    NewMessage,
+    AppendOutcome, Checked, Engine, EngineError, EngineOptions, InboxMessage, InboxState, Live,
+    LiveEvent, NewMessage, Opened, Position, StoreReport, Stored,
 };
 use crate::epoch::new_epoch;
 use crate::metrics;
@@ -53,6 +53,8 @@ struct State {
     live: mpsc::Sender<LiveEvent>,
     /// A `Resync` is owed to the hub (a task is waiting for room to send it).
     resync_owed: bool,
+    /// The engine's clock for stamps: one tick per append, so stamps order an inbox's writes.
+    clock: u64,
 }
 
 struct Inbox {
@@ -63,6 +65,9 @@ struct Inbox {
     /// The inbox is gone at this instant unless an append or open refreshes it.
     expires: Instant,
 }
+
+/// A position found void by `State::verify`.
+struct Void;
 
 struct Remembered {
     seq: u64,
@@ -81,6 +86,7 @@ impl EmbeddedEngine {
             subscribed: HashSet::new(),
             live,
             resync_owed: false,
+            clock: 0,
         };
         EmbeddedEngine {
             options,
@@ -106,6 +112,8 @@ impl EmbeddedEngine {
         if inbox.is_some_and(|i| i.messages.len() as u64 >= self.options.max_inbox) {
             return AppendOutcome::InboxFull;
         }
+        state.clock += 1;
+        let stamp = state.clock;
         let inbox = state
             .inboxes
             .entry(msg.to.clone())
@@ -113,12 +121,14 @@ impl EmbeddedEngine {
         inbox.seq += 1;
         inbox.expires = now + self.options.inbox_ttl;
         let seq = inbox.seq;
+        let epoch: Arc<str> = inbox.epoch.as_str().into();
         let stored = InboxMessage {
             seq,
             from: msg.from.clone(),
             id: msg.id.clone(),
             ts: msg.ts,
             body: msg.body.clone(),
+            stamp,
         };
         inbox.messages.insert(seq, stored.clone());
         let expires = now + self.options.dedupe_window;
@@ -127,19 +137,23 @@ impl EmbeddedEngine {
             .insert(key.clone(), Remembered { seq, expires });
         state.dedupe_expiry.push_back((key, expires));
         if state.subscribed.contains(&msg.to) {
-            self.publish(state, msg.to.clone(), stored);
+            let live = Live {
+                epoch,
+                entry: Stored::Message(stored),
+            };
+            self.publish(state, msg.to.clone(), live);
         }
         AppendOutcome::Stored { seq }
     }
 
     /// Hands a stored message to the live bus, or owes the hub a resync (see the module docs).
-    fn publish(&self, state: &mut State, user: UserId, msg: InboxMessage) {
+    fn publish(&self, state: &mut State, user: UserId, live: Live) {
         if state.resync_owed {
             return;
         }
         let event = LiveEvent::Message {
             user,
-            msg: Arc::new(msg),
+            live: Arc::new(live),
         };
         match state.live.try_send(event) {
             Ok(()) | Err(TrySendError::Closed(_)) => {}
@@ -188,6 +202,34 @@ impl State {
         self.inboxes.get_mut(user)
     }
 
+    /// Checks a session's position as the Redis engine's scripts do (`script.rs`): `None` when
+    /// it holds, or `Some(Void)` (ending the epoch when the inbox went back under it, which this
+    /// engine never does by itself but tests can't rule out for a future one).
+    fn verify(&mut self, user: &UserId, at: &Position, now: Instant) -> Option<Void> {
+        let Some(inbox) = self.live_inbox(user, now) else {
+            return Some(Void);
+        };
+        if inbox.epoch != at.epoch {
+            return Some(Void);
+        }
+        let reused = at.stamp > 0
+            && inbox
+                .messages
+                .range(..=at.delivered)
+                .next_back()
+                .is_some_and(|(_, msg)| msg.stamp > at.stamp);
+        let why = if inbox.seq < at.delivered {
+            "head_behind"
+        } else if reused {
+            "seq_reused"
+        } else {
+            return None;
+        };
+        inbox.epoch = new_epoch();
+        metrics::epoch_replaced(user, why);
+        Some(Void)
+    }
+
     /// Forgets expired dedupe entries, and now and then expired inboxes.
     fn purge(&mut self, now: Instant) {
         while let Some((_, expires)) = self.dedupe_expiry.front() {
@@ -223,56 +265,96 @@ impl Engine for EmbeddedEngine {
     fn read_after<'a>(
         &'a self,
         user: &'a UserId,
-        after: u64,
+        at: &'a Position,
         limit: usize,
-    ) -> BoxFuture<'a, Result<Vec<InboxMessage>, EngineError>> {
+    ) -> BoxFuture<'a, Result<Checked<Vec<Stored>>, EngineError>> {
+        let now = Instant::now();
         let mut state = self.lock();
-        let page = match state.live_inbox(user, Instant::now()) {
-            Some(inbox) if after < u64::MAX => inbox
-                .messages
-                .range(after + 1..)
-                .take(limit)
-                .map(|(_, msg)| msg.clone())
-                .collect(),
-            _ => Vec::new(),
+        let answer = match state.verify(user, at, now) {
+            Some(Void) => Checked::Void,
+            None => Checked::Valid(match state.live_inbox(user, now) {
+                Some(inbox) if at.delivered < u64::MAX => inbox
+                    .messages
+                    .range(at.delivered + 1..)
+                    .take(limit)
+                    .map(|(_, msg)| Stored::Message(msg.clone()))
+                    .collect(),
+                _ => Vec::new(),
+            }),
         };
-        Box::pin(future::ready(Ok(page)))
+        Box::pin(future::ready(Ok(answer)))
     }
 
-    fn trim<'a>(&'a self, user: &'a UserId, upto: u64) -> BoxFuture<'a, Result<(), EngineError>> {
+    fn trim<'a>(
+        &'a self,
+        user: &'a UserId,
+        at: &'a Position,
+        upto: u64,
+    ) -> BoxFuture<'a, Result<Checked<()>, EngineError>> {
+        let now = Instant::now();
         let mut state = self.lock();
-        if let Some(inbox) = state.live_inbox(user, Instant::now()) {
-            let kept = match upto.checked_add(1) {
-                Some(first_kept) => inbox.messages.split_off(&first_kept),
-                None => BTreeMap::new(),
-            };
-            inbox.messages = kept;
-        }
-        Box::pin(future::ready(Ok(())))
+        let answer = match state.verify(user, at, now) {
+            Some(Void) => Checked::Void,
+            None => {
+                if let Some(inbox) = state.live_inbox(user, now) {
+                    let kept = match upto.checked_add(1) {
+                        Some(first_kept) => inbox.messages.split_off(&first_kept),
+                        None => BTreeMap::new(),
+                    };
+                    inbox.messages = kept;
+                }
+                Checked::Valid(())
+            }
+        };
+        Box::pin(future::ready(Ok(answer)))
+    }
+
+    fn check_position<'a>(
+        &'a self,
+        user: &'a UserId,
+        at: &'a Position,
+    ) -> BoxFuture<'a, Result<Checked<u64>, EngineError>> {
+        let now = Instant::now();
+        let mut state = self.lock();
+        let answer = match state.verify(user, at, now) {
+            Some(Void) => Checked::Void,
+            None => Checked::Valid(state.live_inbox(user, now).map_or(0, |inbox| inbox.seq)),
+        };
+        Box::pin(future::ready(Ok(answer)))
     }
 
     fn open_inbox<'a>(
         &'a self,
         user: &'a UserId,
-    ) -> BoxFuture<'a, Result<InboxState, EngineError>> {
+        claim: Option<(&'a str, u64)>,
+    ) -> BoxFuture<'a, Result<Opened, EngineError>> {
         let now = Instant::now();
-        let mut state = self.lock();
+        let mut guard = self.lock();
+        let state = &mut *guard;
         state.purge(now);
         if state.live_inbox(user, now).is_none() {
             state.inboxes.insert(user.clone(), Inbox::new(now));
         }
-        let inbox = state
+        let stamp = state.clock;
+        let opened = state
             .inboxes
             .get_mut(user)
             .map(|inbox| {
                 inbox.expires = now + self.options.inbox_ttl;
-                InboxState {
+                if claim
+                    .is_some_and(|(epoch, last_seq)| epoch == inbox.epoch && last_seq > inbox.seq)
+                {
+                    inbox.epoch = new_epoch();
+                    metrics::epoch_replaced(user, "resume_beyond_head");
+                }
+                Opened {
                     epoch: inbox.epoch.clone(),
                     head: inbox.seq,
+                    stamp,
                 }
             })
             .ok_or_else(|| EngineError::Internal("inbox vanished while opened".into()));
-        Box::pin(future::ready(inbox))
+        Box::pin(future::ready(opened))
     }
 
     fn inbox_state<'a>(
@@ -287,6 +369,23 @@ impl Engine for EmbeddedEngine {
                 head: inbox.seq,
             });
         Box::pin(future::ready(Ok(answer)))
+    }
+
+    fn end_epoch<'a>(
+        &'a self,
+        user: &'a UserId,
+        epoch: &'a str,
+    ) -> BoxFuture<'a, Result<bool, EngineError>> {
+        let mut state = self.lock();
+        let ended = match state.live_inbox(user, Instant::now()) {
+            Some(inbox) if inbox.epoch == epoch => {
+                inbox.epoch = new_epoch();
+                metrics::epoch_replaced(user, "seq_reused");
+                true
+            }
+            _ => false,
+        };
+        Box::pin(future::ready(Ok(ended)))
     }
 
     fn subscribe(&self, user: &UserId) -> BoxFuture<'static, Result<(), EngineError>> {
@@ -308,6 +407,10 @@ impl Engine for EmbeddedEngine {
 
     fn ping(&self) -> BoxFuture<'_, Result<(), EngineError>> {
         Box::pin(future::ready(Ok(())))
+    }
+
+    fn check(&self) -> BoxFuture<'_, Result<StoreReport, EngineError>> {
+        Box::pin(future::ready(Ok(StoreReport::default())))
     }
 }
 
@@ -355,19 +458,28 @@ mod tests {
         };
         let engine = EmbeddedEngine::new(options);
         let bob = UserId::parse("bob").unwrap();
-        let first = engine.open_inbox(&bob).await.unwrap();
+        let first = engine.open_inbox(&bob, None).await.unwrap();
         engine.append(&send("bob", "m1")).await.unwrap();
         tokio::time::advance(Duration::from_secs(1800)).await;
         assert_eq!(engine.inbox_state(&bob).await.unwrap().unwrap().head, 1);
         tokio::time::advance(Duration::from_secs(1801)).await;
         assert_eq!(engine.inbox_state(&bob).await.unwrap(), None);
-        assert!(engine.read_after(&bob, 0, 10).await.unwrap().is_empty());
-        let second = engine.open_inbox(&bob).await.unwrap();
+        let at = Position {
+            epoch: first.epoch.clone(),
+            delivered: 0,
+            stamp: first.stamp,
+        };
+        assert_eq!(
+            engine.read_after(&bob, &at, 10).await.unwrap(),
+            Checked::Void,
+            "the expired epoch is gone"
+        );
+        let second = engine.open_inbox(&bob, None).await.unwrap();
         assert_ne!(second.epoch, first.epoch);
         assert_eq!(second.head, 0);
         // Users who never come back are swept out by later activity.
         engine
-            .open_inbox(&UserId::parse("carol").unwrap())
+            .open_inbox(&UserId::parse("carol").unwrap(), None)
             .await
             .unwrap();
         tokio::time::advance(Duration::from_secs(3601)).await;

@@ -18,6 +18,68 @@ pub struct InboxMessage {
     /// Unix time in milliseconds when the gateway stored it.
     pub ts: u64,
     pub body: Bytes,
+    /// When the store wrote it, on the store's own clock (microseconds; 0 if unknown). Within
+    /// one inbox a later write has a later stamp, which is how a seq reused after the store
+    /// went back in time is told apart from a copy of one already delivered.
+    pub stamp: u64,
+}
+
+/// One inbox entry, read or received live: a message, or a member that cannot be decoded
+/// (written by something else, or damaged). Sessions step over the latter; the Redis engine
+/// moves it out of the inbox when it reads it, and counts it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Stored {
+    Message(InboxMessage),
+    /// `seq` and `stamp` as far as they could be read (0 when unknown).
+    Undecodable {
+        seq: u64,
+        stamp: u64,
+    },
+}
+
+impl Stored {
+    pub fn seq(&self) -> u64 {
+        match self {
+            Stored::Message(msg) => msg.seq,
+            Stored::Undecodable { seq, .. } => *seq,
+        }
+    }
+
+    pub fn stamp(&self) -> u64 {
+        match self {
+            Stored::Message(msg) => msg.stamp,
+            Stored::Undecodable { stamp, .. } => *stamp,
+        }
+    }
+}
+
+/// A live notification: an entry stored in the inbox incarnation `epoch`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Live {
+    pub epoch: Arc<str>,
+    pub entry: Stored,
+}
+
+/// Where a session stands in an inbox, as the store checks it before every read and trim: the
+/// incarnation, the highest seq delivered, and a store time by which everything at or below
+/// that seq had been stored (a message's stamp, or the time the inbox was opened).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Position {
+    pub epoch: String,
+    pub delivered: u64,
+    pub stamp: u64,
+}
+
+/// The answer of an operation checked against a session's `Position`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Checked<T> {
+    /// The position holds; the operation was done.
+    Valid(T),
+    /// The position is void and nothing was done: the inbox has another epoch now. Either its
+    /// data was lost, or the check found that it went back in time (its head below `delivered`,
+    /// or a seq at or below `delivered` stored after `stamp`) and ended the epoch itself, so
+    /// that every connection of the user learns `reset`.
+    Void,
 }
 
 /// A message to append to `to`'s inbox.
@@ -49,14 +111,30 @@ pub struct InboxState {
     pub head: u64,
 }
 
+/// An inbox as `hello` finds it: its state, and the store time of the opening (every seq at or
+/// below `head` was stored by then).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Opened {
+    pub epoch: String,
+    pub head: u64,
+    pub stamp: u64,
+}
+
+/// What the store check found besides an answer.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct StoreReport {
+    /// The store's eviction policy (Redis's `maxmemory-policy`), if it has one.
+    pub eviction_policy: Option<String>,
+    /// Whether the store may evict Ferry's keys under memory pressure: a memory limit is set
+    /// and the policy is not `noeviction`. Eviction can take an inbox's `meta` or its messages.
+    pub may_evict: bool,
+}
+
 /// Something the node's live bus tells the hub.
 #[derive(Debug, Clone)]
 pub enum LiveEvent {
-    /// `msg` was stored in `user`'s inbox.
-    Message {
-        user: UserId,
-        msg: Arc<InboxMessage>,
-    },
+    /// Something was stored in `user`'s inbox.
+    Message { user: UserId, live: Arc<Live> },
     /// Live notifications may have been lost (the pub/sub connection dropped and is back, or a
     /// buffer overflowed): every session must catch up from the store.
     Resync,
@@ -77,6 +155,12 @@ pub struct EngineOptions {
     pub store_timeout: Duration,
     /// Capacity of the channel from the live bus to the hub.
     pub live_buffer: usize,
+    /// Replicas that must acknowledge an append before it is answered (`WAIT`); 0: none.
+    pub min_replicas_ack: u32,
+    /// How long the Redis engine remembers its appends, to check after a store restart or
+    /// failover that each is still there (a store that lost acknowledged writes ends the epoch
+    /// of every inbox that lost one, so its recipients learn `reset`).
+    pub audit_window: Duration,
 }
 
 impl Default for EngineOptions {
@@ -88,6 +172,8 @@ impl Default for EngineOptions {
             dedupe_window: Duration::from_secs(60),
             store_timeout: Duration::from_secs(2),
             live_buffer: 65_536,
+            min_replicas_ack: 0,
+            audit_window: Duration::from_secs(10),
         }
     }
 }
@@ -119,28 +205,54 @@ pub trait Engine: Send + Sync + 'static {
         msg: &'a NewMessage,
     ) -> BoxFuture<'a, Result<AppendOutcome, EngineError>>;
 
-    /// Up to `limit` messages with seq above `after`, in seq order.
+    /// Up to `limit` entries with seq above `at.delivered`, in seq order, once `at` is checked.
     fn read_after<'a>(
         &'a self,
         user: &'a UserId,
-        after: u64,
+        at: &'a Position,
         limit: usize,
-    ) -> BoxFuture<'a, Result<Vec<InboxMessage>, EngineError>>;
+    ) -> BoxFuture<'a, Result<Checked<Vec<Stored>>, EngineError>>;
 
-    /// Deletes every message with seq at or below `upto` (a cumulative ack).
-    fn trim<'a>(&'a self, user: &'a UserId, upto: u64) -> BoxFuture<'a, Result<(), EngineError>>;
+    /// Deletes every message with seq at or below `upto` (a cumulative ack, `upto` at most
+    /// `at.delivered`), once `at` is checked.
+    fn trim<'a>(
+        &'a self,
+        user: &'a UserId,
+        at: &'a Position,
+        upto: u64,
+    ) -> BoxFuture<'a, Result<Checked<()>, EngineError>>;
 
-    /// The inbox's epoch (created and stored now if absent) and head; refreshes its TTL.
-    /// Called at `hello`.
-    fn open_inbox<'a>(&'a self, user: &'a UserId)
-    -> BoxFuture<'a, Result<InboxState, EngineError>>;
+    /// The inbox's head, once `at` is checked (the periodic position check).
+    fn check_position<'a>(
+        &'a self,
+        user: &'a UserId,
+        at: &'a Position,
+    ) -> BoxFuture<'a, Result<Checked<u64>, EngineError>>;
+
+    /// Opens the inbox at `hello`: creates and stores its epoch if absent and refreshes its TTL.
+    /// `claim` is the client's resume point (epoch, last_seq): a `last_seq` beyond the head of
+    /// that same epoch means the store went back in time, and the epoch is ended (replaced) in
+    /// the same atomic step.
+    fn open_inbox<'a>(
+        &'a self,
+        user: &'a UserId,
+        claim: Option<(&'a str, u64)>,
+    ) -> BoxFuture<'a, Result<Opened, EngineError>>;
 
     /// The inbox's epoch and head without creating anything: `None` if the inbox has no epoch
-    /// (never reported, expired or lost). Used by the periodic position check.
+    /// (never reported, expired or lost).
     fn inbox_state<'a>(
         &'a self,
         user: &'a UserId,
     ) -> BoxFuture<'a, Result<Option<InboxState>, EngineError>>;
+
+    /// Ends the inbox's incarnation `epoch` if it is still the current one (compare and set):
+    /// a session saw a reused seq (counted as `seq_reused`). True if it was ended now.
+    fn end_epoch<'a>(
+        &'a self,
+        user: &'a UserId,
+        epoch: &'a str,
+    ) -> BoxFuture<'a, Result<bool, EngineError>>;
 
     /// Starts live delivery of `user`'s messages to this node; resolves once it is in effect.
     /// An `Unavailable` error means it was not in effect within `store_timeout`; the request
@@ -155,4 +267,9 @@ pub trait Engine: Send + Sync + 'static {
 
     /// Whether the store answers now (for `/readyz`).
     fn ping(&self) -> BoxFuture<'_, Result<(), EngineError>>;
+
+    /// The store watchdog's periodic check: answers like `ping`, reports the store's eviction
+    /// policy, and lets the engine notice a store that restarted or failed over (the Redis
+    /// engine then audits its recent appends).
+    fn check(&self) -> BoxFuture<'_, Result<StoreReport, EngineError>>;
 }

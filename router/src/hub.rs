@@ -14,7 +14,7 @@ use ferry_shared::UserId;
 use tokio::sync::mpsc::error::TrySendError;
 use tokio::sync::{Notify, mpsc, watch};
 
-use crate::engine::{Engine, EngineError, InboxMessage, LiveEvent};
+use crate::engine::{Engine, EngineError, Live, LiveEvent};
 
 /// Hub settings.
 #[derive(Debug, Clone)]
@@ -32,9 +32,9 @@ impl Default for HubOptions {
 /// What a session's live feed says next.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum LiveSignal {
-    /// A message stored in the user's inbox (possibly one the session already has, or one past a
-    /// gap: the session compares its seq with what it delivered).
-    Message(Arc<InboxMessage>),
+    /// An entry stored in the user's inbox (possibly one the session already has, one past a
+    /// gap, or one of another epoch: the session compares it with its position).
+    Message(Arc<Live>),
     /// Live messages were lost: read the inbox after what was delivered.
     CatchUp(CatchUpReason),
 }
@@ -73,7 +73,7 @@ struct UserSessions {
 
 /// The hub's side of one session.
 struct SessionHandle {
-    messages: mpsc::Sender<Arc<InboxMessage>>,
+    messages: mpsc::Sender<Arc<Live>>,
     signal: Arc<Signal>,
 }
 
@@ -240,12 +240,12 @@ impl Hub {
     fn deliver(&self, event: LiveEvent) {
         let state = self.lock();
         match event {
-            LiveEvent::Message { user, msg } => {
+            LiveEvent::Message { user, live } => {
                 let Some(entry) = state.users.get(&user) else {
                     return;
                 };
                 for session in entry.sessions.values() {
-                    match session.messages.try_send(Arc::clone(&msg)) {
+                    match session.messages.try_send(Arc::clone(&live)) {
                         Ok(()) | Err(TrySendError::Closed(_)) => {}
                         Err(TrySendError::Full(_)) => session.signal.raise(LAGGED),
                     }
@@ -285,7 +285,7 @@ pub struct Membership {
     user: UserId,
     id: u64,
     signal: Arc<Signal>,
-    messages: mpsc::Receiver<Arc<InboxMessage>>,
+    messages: mpsc::Receiver<Arc<Live>>,
 }
 
 impl Membership {

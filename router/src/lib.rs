@@ -3,6 +3,7 @@
 //!
 //! The router knows nothing of WebSockets; the gateway knows nothing of Redis commands.
 
+mod audit;
 mod embedded;
 mod engine;
 mod epoch;
@@ -18,9 +19,9 @@ pub mod testkit;
 
 pub use embedded::EmbeddedEngine;
 pub use engine::{
-    AppendOutcome, Engine, EngineError, EngineOptions, InboxMessage, InboxState, LiveEvent,
-    NewMessage,
+    AppendOutcome, Checked, Engine, EngineError, EngineOptions, InboxMessage, InboxState, Live,
+    LiveEvent, NewMessage, Opened, Position, StoreReport, Stored,
 };
 pub use hub::{CatchUpReason, Hub, HubOptions, LiveSignal, Membership};
-pub use record::{RecordError, decode_member, encode_payload};
+pub use record::{RecordError, decode_member, decode_stored, encode_payload, split_live};
 pub use redis_engine::RedisEngine;

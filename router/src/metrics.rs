@@ -4,8 +4,8 @@
 use std::sync::LazyLock;
 
 use prometheus::{
-    HistogramVec, IntCounter, IntCounterVec, exponential_buckets, register_histogram_vec,
-    register_int_counter, register_int_counter_vec,
+    HistogramVec, IntCounter, IntCounterVec, IntGauge, exponential_buckets, register_histogram_vec,
+    register_int_counter, register_int_counter_vec, register_int_gauge,
 };
 
 // A registration can only fail on a duplicate or malformed name, which is a bug caught by the
@@ -20,17 +20,26 @@ pub enum StoreOp {
     Trim,
     Open,
     State,
+    /// The periodic position check, and ending an epoch a session found reused.
+    Position,
     Ping,
+    /// The store watchdog's check.
+    Check,
+    /// Moving an undecodable member out of an inbox, and auditing appends after a restart.
+    Repair,
 }
 
 impl StoreOp {
-    pub const ALL: [StoreOp; 6] = [
+    pub const ALL: [StoreOp; 9] = [
         StoreOp::Append,
         StoreOp::Read,
         StoreOp::Trim,
         StoreOp::Open,
         StoreOp::State,
+        StoreOp::Position,
         StoreOp::Ping,
+        StoreOp::Check,
+        StoreOp::Repair,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -40,7 +49,10 @@ impl StoreOp {
             StoreOp::Trim => "trim",
             StoreOp::Open => "open",
             StoreOp::State => "state",
+            StoreOp::Position => "position",
             StoreOp::Ping => "ping",
+            StoreOp::Check => "check",
+            StoreOp::Repair => "repair",
         }
     }
 }
@@ -82,6 +94,56 @@ pub static LIVE_RESYNCS: LazyLock<IntCounter> = LazyLock::new(|| {
     .expect(REGISTERED)
 });
 
+/// Why an inbox's epoch was replaced by Ferry (the `reason` label of `EPOCHS_REPLACED`).
+pub const EPOCH_REASONS: [&str; 5] = [
+    // A session's position check, read or trim found the head below what it delivered.
+    "head_behind",
+    // A seq at or below what a session delivered was stored after it: reused.
+    "seq_reused",
+    // A `hello` resumed beyond the head under the same epoch.
+    "resume_beyond_head",
+    // The audit after a store restart or failover found an append answered `sent` gone.
+    "append_lost",
+    // A new epoch adopted an inbox whose `meta` was gone (evicted or lost on its own).
+    "meta_lost",
+];
+
+pub static EPOCHS_REPLACED: LazyLock<IntCounterVec> = LazyLock::new(|| {
+    register_int_counter_vec!(
+        "ferry_epochs_replaced_total",
+        "Inbox epochs Ferry replaced because the store lost or went back on data, by reason; \
+         every connection of such an inbox's user learns `reset`",
+        &["reason"]
+    )
+    .expect(REGISTERED)
+});
+
+pub static UNDECODABLE: LazyLock<IntCounter> = LazyLock::new(|| {
+    register_int_counter!(
+        "ferry_store_undecodable_total",
+        "Inbox members that could not be decoded, stepped over and moved to the inbox's \
+         quarantine set"
+    )
+    .expect(REGISTERED)
+});
+
+pub static STORE_AUDITS: LazyLock<IntCounter> = LazyLock::new(|| {
+    register_int_counter!(
+        "ferry_store_audits_total",
+        "Audits of this node's recent appends after the store restarted or failed over"
+    )
+    .expect(REGISTERED)
+});
+
+pub static STORE_MAY_EVICT: LazyLock<IntGauge> = LazyLock::new(|| {
+    register_int_gauge!(
+        "ferry_store_may_evict",
+        "1 when the store has a memory limit and an eviction policy other than noeviction, \
+         so it may evict inboxes; 0 otherwise (as of the last store check)"
+    )
+    .expect(REGISTERED)
+});
+
 /// Registers every router metric and creates every labelled series, so they are exported (at 0)
 /// before anything happens. Idempotent.
 pub fn init() {
@@ -89,8 +151,25 @@ pub fn init() {
         STORE_COMMAND_DURATION.with_label_values(&[op.as_str()]);
         STORE_ERRORS.with_label_values(&[op.as_str()]);
     }
+    for reason in EPOCH_REASONS {
+        EPOCHS_REPLACED.with_label_values(&[reason]);
+    }
     LazyLock::force(&PUBSUB_RECONNECTS);
     LazyLock::force(&LIVE_RESYNCS);
+    LazyLock::force(&UNDECODABLE);
+    LazyLock::force(&STORE_AUDITS);
+    LazyLock::force(&STORE_MAY_EVICT);
+}
+
+/// Counts an epoch replaced for `reason` (one of `EPOCH_REASONS`) and says so in the log.
+pub(crate) fn epoch_replaced(user: &ferry_shared::UserId, reason: &'static str) {
+    EPOCHS_REPLACED.with_label_values(&[reason]).inc();
+    tracing::warn!(
+        %user,
+        reason,
+        "the store lost or went back on this inbox; its epoch is replaced and every connection \
+         of the user gets reset"
+    );
 }
 
 #[cfg(test)]
@@ -110,6 +189,10 @@ mod tests {
             "ferry_store_errors_total",
             "ferry_pubsub_reconnects_total",
             "ferry_live_resyncs_total",
+            "ferry_epochs_replaced_total",
+            "ferry_store_undecodable_total",
+            "ferry_store_audits_total",
+            "ferry_store_may_evict",
         ] {
             assert!(
                 names.iter().any(|n| n == name),

@@ -10,70 +10,292 @@ use redis::{Script, Value};
 
 use crate::engine::{AppendOutcome, EngineError, InboxState};
 
-/// KEYS: inbox, meta, dedupe.
-/// ARGV: payload, max_inbox, new epoch, dedupe window (ms), inbox ttl (ms), live channel.
-/// Returns `{0, seq}` stored, `{1, seq}` duplicate, `{2}` inbox full.
+/// Functions every script starts with.
+///
+/// - A member is `<seq>:<stamp>:<payload>` (`record.rs`); `stamp_of` reads its stamp (0 for a
+///   member without one). Stamps are Redis's clock in microseconds (`TIME`), which orders the
+///   writes of one inbox.
+/// - `ensure_epoch` creates the epoch if absent. A new incarnation adopts whatever inbox is left
+///   under the key (`meta` was evicted or lost on its own): those messages stay deliverable under
+///   the new epoch, and seqs go on above them, so no seq is ever stored twice. Returns 1 when it
+///   adopted messages.
+/// - `verify` checks a session's position (epoch, delivered, stamp) before a read or trim:
+///   `nil` when it holds; `epoch` when the inbox has another epoch already; and when the inbox
+///   went back in time under the same epoch (its head below `delivered`, or a seq at or below
+///   `delivered` stored after `stamp`, i.e. reused) it ends the epoch (the compare is the
+///   epoch match just made, in the same atomic script) and says why.
 ///
 /// Numbers are formatted with `%d`: Lua's default number-to-string conversion switches to
 /// exponent notation above 1e14.
+const PRELUDE: &str = r#"
+local function fmt(n) return string.format('%d', n) end
+local function stamp_of(member)
+  return tonumber(string.match(member, '^%d+:(%d+):')) or 0
+end
+local function now_us()
+  local t = redis.call('TIME')
+  return tonumber(t[1]) * 1000000 + tonumber(t[2])
+end
+local function ensure_epoch(inbox, meta, epoch)
+  if redis.call('HSETNX', meta, 'epoch', epoch) == 0 then
+    return 0
+  end
+  local top = redis.call('ZRANGE', inbox, '+inf', '-inf', 'BYSCORE', 'REV', 'LIMIT', 0, 1, 'WITHSCORES')
+  if not top[2] then
+    return 0
+  end
+  local head = tonumber(redis.call('HGET', meta, 'seq') or '0')
+  if tonumber(top[2]) > head then
+    redis.call('HSET', meta, 'seq', fmt(tonumber(top[2])))
+  end
+  return 1
+end
+local function verify(inbox, meta, epoch, delivered, stamp, new_epoch)
+  local state = redis.call('HMGET', meta, 'epoch', 'seq')
+  if state[1] ~= epoch then
+    return 'epoch'
+  end
+  local why = nil
+  if tonumber(state[2] or '0') < delivered then
+    why = 'head_behind'
+  elseif stamp > 0 and delivered > 0 then
+    local top = redis.call('ZRANGE', inbox, fmt(delivered), '-inf', 'BYSCORE', 'REV', 'LIMIT', 0, 1)
+    if top[1] and stamp_of(top[1]) > stamp then
+      why = 'seq_reused'
+    end
+  end
+  if why then
+    redis.call('HSET', meta, 'epoch', new_epoch)
+  end
+  return why
+end
+"#;
+
+/// KEYS: inbox, meta, dedupe.
+/// ARGV: payload, max_inbox, new epoch, dedupe window (ms), inbox ttl (ms), live channel, `1` when
+/// replicas must acknowledge (a duplicate then writes too, so that `WAIT` covers the original).
+/// Returns `{0, seq, epoch, adopted}` stored, `{1, seq}` duplicate, `{2}` inbox full.
 const APPEND: &str = r#"
 local dup = redis.call('GET', KEYS[3])
 if dup then
+  if ARGV[7] == '1' then
+    local ttl = redis.call('PTTL', KEYS[3])
+    if ttl > 0 then
+      redis.call('PEXPIRE', KEYS[3], ttl)
+    end
+  end
   return {1, dup}
 end
 if redis.call('ZCARD', KEYS[1]) >= tonumber(ARGV[2]) then
   return {2}
 end
-redis.call('HSETNX', KEYS[2], 'epoch', ARGV[3])
-local seq = string.format('%d', redis.call('HINCRBY', KEYS[2], 'seq', 1))
-local member = seq .. ':' .. ARGV[1]
+local adopted = ensure_epoch(KEYS[1], KEYS[2], ARGV[3])
+local epoch = redis.call('HGET', KEYS[2], 'epoch')
+local seq = fmt(redis.call('HINCRBY', KEYS[2], 'seq', 1))
+local member = seq .. ':' .. fmt(now_us()) .. ':' .. ARGV[1]
 redis.call('ZADD', KEYS[1], seq, member)
 redis.call('SET', KEYS[3], seq, 'PX', ARGV[4])
 redis.call('PEXPIRE', KEYS[1], ARGV[5])
 redis.call('PEXPIRE', KEYS[2], ARGV[5])
-redis.call('PUBLISH', ARGV[6], member)
-return {0, seq}
+redis.call('PUBLISH', ARGV[6], epoch .. ':' .. member)
+return {0, seq, epoch, adopted}
 "#;
 
-/// KEYS: meta, inbox. ARGV: new epoch, inbox ttl (ms).
-/// Returns `{epoch, seq or false}`.
+/// KEYS: meta, inbox. ARGV: new epoch, inbox ttl (ms), claimed epoch (`` if none), claimed
+/// last_seq. A claim beyond the head under the same epoch ends that epoch.
+/// Returns `{epoch, head, stamp, ended, adopted}`.
 const OPEN: &str = r#"
-redis.call('HSETNX', KEYS[1], 'epoch', ARGV[1])
+local adopted = ensure_epoch(KEYS[2], KEYS[1], ARGV[1])
 local state = redis.call('HMGET', KEYS[1], 'epoch', 'seq')
+local head = tonumber(state[2] or '0')
+local ended = 0
+if ARGV[3] ~= '' and ARGV[3] == state[1] and tonumber(ARGV[4]) > head then
+  redis.call('HSET', KEYS[1], 'epoch', ARGV[1])
+  state[1] = ARGV[1]
+  ended = 1
+end
 redis.call('PEXPIRE', KEYS[1], ARGV[2])
 redis.call('PEXPIRE', KEYS[2], ARGV[2])
-return state
+return {state[1], fmt(head), fmt(now_us()), ended, adopted}
+"#;
+
+/// KEYS: inbox, meta. ARGV: epoch, delivered, stamp, new epoch, limit.
+/// Returns `{'ok', {member, score, ...}}`, or `{why}` (see `verify`).
+const READ: &str = r#"
+local why = verify(KEYS[1], KEYS[2], ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3]), ARGV[4])
+if why then
+  return {why}
+end
+return {'ok', redis.call('ZRANGE', KEYS[1], '(' .. ARGV[2], '+inf', 'BYSCORE', 'LIMIT', 0, ARGV[5], 'WITHSCORES')}
+"#;
+
+/// KEYS: inbox, meta. ARGV: epoch, delivered, stamp, new epoch, upto.
+/// Returns `{'ok'}` or `{why}`.
+const TRIM: &str = r#"
+local why = verify(KEYS[1], KEYS[2], ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3]), ARGV[4])
+if why then
+  return {why}
+end
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', ARGV[5])
+return {'ok'}
+"#;
+
+/// KEYS: inbox, meta. ARGV: epoch, delivered, stamp, new epoch.
+/// Returns `{'ok', head}` or `{why}`.
+const POSITION: &str = r#"
+local why = verify(KEYS[1], KEYS[2], ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3]), ARGV[4])
+if why then
+  return {why}
+end
+return {'ok', redis.call('HGET', KEYS[2], 'seq') or '0'}
+"#;
+
+/// KEYS: meta. ARGV: epoch, new epoch. Returns 1 if `epoch` was current and is ended now.
+const END_EPOCH: &str = r#"
+if redis.call('HGET', KEYS[1], 'epoch') == ARGV[1] then
+  redis.call('HSET', KEYS[1], 'epoch', ARGV[2])
+  return 1
+end
+return 0
+"#;
+
+/// KEYS: inbox, quarantine. ARGV: member, seq, ttl (ms). Moves the exact member out of the
+/// inbox into the quarantine set (kept for a look, with the inbox's TTL). Returns 1 if moved.
+const QUARANTINE: &str = r#"
+if redis.call('ZREM', KEYS[1], ARGV[1]) == 1 then
+  redis.call('ZADD', KEYS[2], ARGV[2], ARGV[1])
+  redis.call('PEXPIRE', KEYS[2], ARGV[3])
+  return 1
+end
+return 0
+"#;
+
+/// KEYS: meta, then the dedupe key of each audited append. ARGV: the epoch they were stored in,
+/// a new epoch, then each append's seq. An append whose dedupe key is gone (or names another
+/// seq) was lost by the store after it was answered `sent`: the epoch ends, so the recipient
+/// learns `reset`. Returns 1 if it ended the epoch.
+const AUDIT: &str = r#"
+if redis.call('HGET', KEYS[1], 'epoch') ~= ARGV[1] then
+  return 0
+end
+for i = 2, #KEYS do
+  if redis.call('GET', KEYS[i]) ~= ARGV[i + 1] then
+    redis.call('HSET', KEYS[1], 'epoch', ARGV[2])
+    return 1
+  end
+end
+return 0
 "#;
 
 /// The engine's scripts, hashed once.
 pub(crate) struct Scripts {
     pub append: Script,
     pub open: Script,
+    pub read: Script,
+    pub trim: Script,
+    pub position: Script,
+    pub end_epoch: Script,
+    pub quarantine: Script,
+    pub audit: Script,
 }
 
 impl Scripts {
     pub fn new() -> Self {
+        let with_prelude = |body: &str| Script::new(&format!("{PRELUDE}{body}"));
         Self {
-            append: Script::new(APPEND),
-            open: Script::new(OPEN),
+            append: with_prelude(APPEND),
+            open: with_prelude(OPEN),
+            read: with_prelude(READ),
+            trim: with_prelude(TRIM),
+            position: with_prelude(POSITION),
+            end_epoch: Script::new(END_EPOCH),
+            quarantine: Script::new(QUARANTINE),
+            audit: Script::new(AUDIT),
         }
     }
 }
 
+/// Why a checked script found a session's position void: the epoch had changed already, or the
+/// script ended it now for the reason given (a `ferry_epochs_replaced_total` reason).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum VoidReason {
+    EpochChanged,
+    Ended(&'static str),
+}
+
+/// The answer of a checked script: its payload (the items after `ok`), or why it was void.
+pub(crate) fn parse_checked(value: &Value) -> Result<Result<&[Value], VoidReason>, EngineError> {
+    let bad = || EngineError::Internal(format!("unexpected checked answer: {value:?}"));
+    let Value::Array(items) = value else {
+        return Err(bad());
+    };
+    let (status, rest) = items.split_first().ok_or_else(bad)?;
+    let status = match status {
+        Value::BulkString(bytes) => bytes.as_slice(),
+        Value::SimpleString(s) => s.as_bytes(),
+        _ => return Err(bad()),
+    };
+    Ok(match status {
+        b"ok" => Ok(rest),
+        b"epoch" => Err(VoidReason::EpochChanged),
+        b"head_behind" => Err(VoidReason::Ended("head_behind")),
+        b"seq_reused" => Err(VoidReason::Ended("seq_reused")),
+        _ => return Err(bad()),
+    })
+}
+
+/// What the append script stored, beyond the outcome: the epoch and whether it adopted a
+/// leftover inbox. `None` for a duplicate or a full inbox.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct AppendDetail {
+    pub epoch: String,
+    pub adopted: bool,
+}
+
+/// Reads the open script's answer: the state, the stamp, whether it ended the claimed epoch
+/// and whether it adopted a leftover inbox.
+pub(crate) fn parse_open(value: &Value) -> Result<(InboxState, u64, bool, bool), EngineError> {
+    let bad = || EngineError::Internal(format!("unexpected open answer: {value:?}"));
+    let Value::Array(items) = value else {
+        return Err(bad());
+    };
+    let [epoch, head, stamp, ended, adopted] = items.as_slice() else {
+        return Err(bad());
+    };
+    let epoch = string(epoch).ok_or_else(bad)?;
+    let state = InboxState {
+        epoch,
+        head: int(head).ok_or_else(bad)?,
+    };
+    let stamp = int(stamp).ok_or_else(bad)?;
+    Ok((state, stamp, int(ended) == Some(1), int(adopted) == Some(1)))
+}
+
 /// Reads the append script's answer.
-pub(crate) fn parse_append(value: &Value) -> Result<AppendOutcome, EngineError> {
+pub(crate) fn parse_append(
+    value: &Value,
+) -> Result<(AppendOutcome, Option<AppendDetail>), EngineError> {
     let bad = || EngineError::Internal(format!("unexpected append answer: {value:?}"));
     let Value::Array(items) = value else {
         return Err(bad());
     };
     match items.as_slice() {
-        [code, seq] if int(code) == Some(0) => Ok(AppendOutcome::Stored {
-            seq: int(seq).ok_or_else(bad)?,
-        }),
-        [code, seq] if int(code) == Some(1) => Ok(AppendOutcome::Duplicate {
-            seq: int(seq).ok_or_else(bad)?,
-        }),
-        [code] if int(code) == Some(2) => Ok(AppendOutcome::InboxFull),
+        [code, seq, epoch, adopted] if int(code) == Some(0) => Ok((
+            AppendOutcome::Stored {
+                seq: int(seq).ok_or_else(bad)?,
+            },
+            Some(AppendDetail {
+                epoch: string(epoch).ok_or_else(bad)?,
+                adopted: int(adopted) == Some(1),
+            }),
+        )),
+        [code, seq] if int(code) == Some(1) => Ok((
+            AppendOutcome::Duplicate {
+                seq: int(seq).ok_or_else(bad)?,
+            },
+            None,
+        )),
+        [code] if int(code) == Some(2) => Ok((AppendOutcome::InboxFull, None)),
         _ => Err(bad()),
     }
 }
@@ -90,8 +312,7 @@ pub(crate) fn parse_state(value: &Value) -> Result<Option<InboxState>, EngineErr
     };
     let epoch = match epoch {
         Value::Nil => return Ok(None),
-        Value::BulkString(bytes) => String::from_utf8(bytes.clone()).map_err(|_| bad())?,
-        _ => return Err(bad()),
+        other => string(other).ok_or_else(bad)?,
     };
     let head = match head {
         Value::Nil => 0,
@@ -100,8 +321,17 @@ pub(crate) fn parse_state(value: &Value) -> Result<Option<InboxState>, EngineErr
     Ok(Some(InboxState { epoch, head }))
 }
 
+/// A UTF-8 string sent as a bulk or simple string.
+pub(crate) fn string(value: &Value) -> Option<String> {
+    match value {
+        Value::BulkString(bytes) => String::from_utf8(bytes.clone()).ok(),
+        Value::SimpleString(s) => Some(s.clone()),
+        _ => None,
+    }
+}
+
 /// An unsigned integer sent as an integer or a decimal string.
-fn int(value: &Value) -> Option<u64> {
+pub(crate) fn int(value: &Value) -> Option<u64> {
     match value {
         Value::Int(n) => u64::try_from(*n).ok(),
         Value::BulkString(bytes) => std::str::from_utf8(bytes).ok()?.parse().ok(),
@@ -120,18 +350,27 @@ mod tests {
 
     #[test]
     fn append_answers() {
-        let stored = Value::Array(vec![Value::Int(0), bulk("7")]);
+        let stored = Value::Array(vec![Value::Int(0), bulk("7"), bulk("e1"), Value::Int(0)]);
         assert_eq!(
             parse_append(&stored).unwrap(),
-            AppendOutcome::Stored { seq: 7 }
+            (
+                AppendOutcome::Stored { seq: 7 },
+                Some(AppendDetail {
+                    epoch: "e1".into(),
+                    adopted: false
+                })
+            )
         );
         let dup = Value::Array(vec![Value::Int(1), bulk("3")]);
         assert_eq!(
             parse_append(&dup).unwrap(),
-            AppendOutcome::Duplicate { seq: 3 }
+            (AppendOutcome::Duplicate { seq: 3 }, None)
         );
         let full = Value::Array(vec![Value::Int(2)]);
-        assert_eq!(parse_append(&full).unwrap(), AppendOutcome::InboxFull);
+        assert_eq!(
+            parse_append(&full).unwrap(),
+            (AppendOutcome::InboxFull, None)
+        );
         assert!(parse_append(&Value::Okay).is_err());
         assert!(parse_append(&Value::Array(vec![Value::Int(0), bulk("x")])).is_err());
     }
@@ -157,5 +396,23 @@ mod tests {
             })
         );
         assert!(parse_state(&Value::Nil).is_err());
+    }
+
+    #[test]
+    fn checked_answers() {
+        let ok = Value::Array(vec![bulk("ok"), bulk("12")]);
+        assert_eq!(parse_checked(&ok).unwrap(), Ok(&[bulk("12")][..]));
+        let changed = Value::Array(vec![bulk("epoch")]);
+        assert_eq!(
+            parse_checked(&changed).unwrap(),
+            Err(VoidReason::EpochChanged)
+        );
+        let ended = Value::Array(vec![bulk("seq_reused")]);
+        assert_eq!(
+            parse_checked(&ended).unwrap(),
+            Err(VoidReason::Ended("seq_reused"))
+        );
+        assert!(parse_checked(&Value::Array(vec![bulk("what")])).is_err());
+        assert!(parse_checked(&Value::Nil).is_err());
     }
 }

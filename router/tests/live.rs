@@ -8,7 +8,7 @@ use std::sync::Arc;
 
 use common::*;
 use ferry_router::{
-    CatchUpReason, EngineOptions, Hub, HubOptions, LiveEvent, LiveSignal, Membership,
+    CatchUpReason, EngineOptions, Hub, HubOptions, LiveEvent, LiveSignal, Membership, Stored,
 };
 
 on_both_engines!(
@@ -37,17 +37,18 @@ on_both_engines!(
         let mut events = engine.take_live_events().unwrap();
         engine.subscribe(&user("bob")).await.unwrap();
         stored(&*engine, &message("carol", "bob", "c-9", &[1, 2, 255])).await;
-        let LiveEvent::Message { user: to, msg } = next_event(&mut events).await else {
+        let LiveEvent::Message { user: to, live } = next_event(&mut events).await else {
             panic!("expected a message");
         };
+        let Stored::Message(msg) = &live.entry else {
+            panic!("undecodable: {live:?}");
+        };
+        assert_eq!(*live.epoch, inbox_state(&*engine, "bob").await.epoch);
         assert_eq!(to, user("bob"));
         assert_eq!(msg.from, user("carol"));
         assert_eq!(msg.id.as_str(), "c-9");
         assert_eq!(&msg.body[..], &[1, 2, 255]);
-        assert_eq!(
-            engine.read_after(&user("bob"), 0, 1).await.unwrap()[0],
-            *msg
-        );
+        assert_eq!(read(&*engine, "bob", 0, 1).await[0], *msg);
     }
 );
 
@@ -108,7 +109,7 @@ on_both_engines!(
         let mut resynced = false;
         while !resynced && seen.last() != Some(&6) {
             match next_event(&mut events).await {
-                LiveEvent::Message { msg, .. } => seen.push(msg.seq),
+                LiveEvent::Message { live, .. } => seen.push(live.entry.seq()),
                 LiveEvent::Resync => resynced = true,
             }
         }
@@ -124,8 +125,8 @@ on_both_engines!(
         stored(&*engine, &message("alice", "bob", "after", b"x")).await;
         loop {
             match next_event(&mut events).await {
-                LiveEvent::Message { msg, .. } if msg.seq == 7 => break,
-                LiveEvent::Message { msg, .. } => assert!(msg.seq < 7),
+                LiveEvent::Message { live, .. } if live.entry.seq() == 7 => break,
+                LiveEvent::Message { live, .. } => assert!(live.entry.seq() < 7),
                 LiveEvent::Resync => {}
             }
         }
@@ -142,7 +143,7 @@ async fn next_signal(membership: &mut Membership) -> LiveSignal {
 
 async fn next_seq(membership: &mut Membership) -> u64 {
     match next_signal(membership).await {
-        LiveSignal::Message(msg) => msg.seq,
+        LiveSignal::Message(live) => live.entry.seq(),
         other => panic!("expected a message, got {other:?}"),
     }
 }
@@ -242,7 +243,7 @@ on_both_engines!(next_is_cancel_safe, options(), |engine| async move {
     while got.len() < expected.len() {
         tokio::select! {
             signal = bob.next() => match signal {
-                LiveSignal::Message(msg) => got.push(msg.seq),
+                LiveSignal::Message(live) => got.push(live.entry.seq()),
                 other => panic!("unexpected {other:?}"),
             },
             _ = ticks.tick() => {}

@@ -10,7 +10,7 @@ use common::*;
 use ferry_router::testkit::{RedisOptions, RedisServer};
 use ferry_router::{
     CatchUpReason, Engine, EngineError, EngineOptions, Hub, HubOptions, LiveSignal, Membership,
-    RedisEngine, decode_member,
+    Position, RedisEngine, decode_member,
 };
 use redis::Value;
 use tokio::time::Instant;
@@ -71,8 +71,8 @@ async fn resync_then_live(engine: &dyn Engine, bob: &mut Membership, id: &str) {
     let seq = stored(engine, &message("alice", "bob", id, b"x")).await;
     loop {
         match next_signal(bob).await {
-            LiveSignal::Message(msg) if msg.seq == seq => break,
-            LiveSignal::Message(msg) => assert!(msg.seq < seq),
+            LiveSignal::Message(live) if live.entry.seq() == seq => break,
+            LiveSignal::Message(live) => assert!(live.entry.seq() < seq),
             LiveSignal::CatchUp(_) => {}
         }
     }
@@ -103,7 +103,7 @@ async fn keys_share_the_hash_tag_and_carry_ttls() {
         let ttl = pttl(key);
         assert!(ttl > 3_500_000 && ttl <= 3_600_000, "{key}: {ttl}");
     }
-    let dedupe = "ferry:{u:bob}:dedupe:alice:m-1";
+    let dedupe = "ferry:{u:bob}:dedupe:alice/m-1";
     assert!((1..=60_000).contains(&pttl(dedupe)));
     assert_eq!(
         server.cmd(&["GET", dedupe]),
@@ -121,7 +121,12 @@ async fn keys_share_the_hash_tag_and_carry_ttls() {
         panic!("not a member: {members:?}");
     };
     assert!(member.starts_with(b"1:"));
-    assert_eq!(&decode_member(member).unwrap().body[..], b"hi");
+    let decoded = decode_member(member).unwrap();
+    assert_eq!(&decoded.body[..], b"hi");
+    assert!(
+        decoded.stamp > 1_700_000_000_000_000,
+        "a stamp in µs of Redis's clock"
+    );
 
     // The prefix is configurable.
     let other = engine_on(
@@ -141,11 +146,11 @@ async fn lost_keys_start_a_new_epoch() {
     let server = RedisServer::start();
     let engine = engine_on(&server, options()).await;
     let bob = user("bob");
-    let before = engine.open_inbox(&bob).await.unwrap();
+    let before = open(&*engine, "bob").await;
     fill(&*engine, "bob", "m", 2).await;
     server.cmd(&["FLUSHALL"]);
     assert_eq!(engine.inbox_state(&bob).await.unwrap(), None);
-    let after = engine.open_inbox(&bob).await.unwrap();
+    let after = open(&*engine, "bob").await;
     assert_ne!(after.epoch, before.epoch);
     assert_eq!(after.head, 0);
     assert_eq!(
@@ -159,10 +164,11 @@ async fn flushed_scripts_are_reloaded() {
     let server = RedisServer::start();
     let engine = engine_on(&server, options()).await;
     fill(&*engine, "bob", "m", 1).await;
-    engine.open_inbox(&user("bob")).await.unwrap();
+    open(&*engine, "bob").await;
     server.cmd(&["SCRIPT", "FLUSH"]);
     assert_eq!(fill(&*engine, "bob", "n", 1).await, [2]);
-    assert_eq!(engine.open_inbox(&user("bob")).await.unwrap().head, 2);
+    assert_eq!(open(&*engine, "bob").await.head, 2);
+    assert_eq!(seqs(&read(&*engine, "bob", 0, 10).await), [1, 2]);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -188,7 +194,7 @@ async fn a_killed_pubsub_connection_reconnects_and_resyncs() {
     let hub = Hub::new(engine.clone(), HubOptions::default());
     let mut bob = hub.join(&user("bob")).await.unwrap();
     stored(&*engine, &message("alice", "bob", "m-1", b"x")).await;
-    assert!(matches!(next_signal(&mut bob).await, LiveSignal::Message(m) if m.seq == 1));
+    assert!(matches!(next_signal(&mut bob).await, LiveSignal::Message(m) if m.entry.seq() == 1));
     let reconnects = ferry_router::metrics::PUBSUB_RECONNECTS.get();
     assert_eq!(int(server.cmd(&["CLIENT", "KILL", "TYPE", "pubsub"])), 1);
     resync_then_live(&*engine, &mut bob, "m-2").await;
@@ -214,9 +220,17 @@ async fn a_stopped_redis_fails_fast_and_recovers_on_restart() {
         "append",
         engine.append(&message("a", "bob", "m", b"x")).await,
     );
-    assert_unavailable("read", engine.read_after(&bob_id, 0, 10).await);
-    assert_unavailable("trim", engine.trim(&bob_id, 1).await);
-    assert_unavailable("open", engine.open_inbox(&bob_id).await);
+    let position = Position {
+        epoch: "e".into(),
+        delivered: 0,
+        stamp: 0,
+    };
+    assert_unavailable("read", engine.read_after(&bob_id, &position, 10).await);
+    assert_unavailable("trim", engine.trim(&bob_id, &position, 1).await);
+    assert_unavailable("position", engine.check_position(&bob_id, &position).await);
+    assert_unavailable("open", engine.open_inbox(&bob_id, None).await);
+    assert_unavailable("end", engine.end_epoch(&bob_id, "e").await);
+    assert_unavailable("check", engine.check().await);
     assert_unavailable("state", engine.inbox_state(&bob_id).await);
     assert_unavailable("ping", engine.ping().await);
     assert!(
@@ -238,7 +252,7 @@ async fn a_stopped_redis_fails_fast_and_recovers_on_restart() {
     resync_then_live(&*engine, &mut bob, "after-restart").await;
     let mut carol = hub.join(&user("carol")).await.unwrap();
     stored(&*engine, &message("alice", "carol", "m-1", b"x")).await;
-    assert!(matches!(next_signal(&mut carol).await, LiveSignal::Message(m) if m.seq == 1));
+    assert!(matches!(next_signal(&mut carol).await, LiveSignal::Message(m) if m.entry.seq() == 1));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -260,7 +274,12 @@ async fn a_frozen_redis_times_out_instead_of_hanging() {
         );
     }
     let started = Instant::now();
-    assert_unavailable("read", engine.read_after(&user("bob"), 0, 1).await);
+    let position = Position {
+        epoch: "e".into(),
+        delivered: 0,
+        stamp: 0,
+    };
+    assert_unavailable("read", engine.read_after(&user("bob"), &position, 1).await);
     assert!(started.elapsed() < SHORT_TIMEOUT * 3);
     server.resume();
     eventually("the store", async || engine.ping().await.is_ok()).await;
@@ -277,20 +296,20 @@ async fn a_crash_with_appendfsync_always_keeps_every_stored_message() {
     let engine = engine_on(&server, options()).await;
     let hub = Hub::new(engine.clone(), HubOptions::default());
     let mut bob = hub.join(&user("bob")).await.unwrap();
-    let before = engine.open_inbox(&user("bob")).await.unwrap();
+    let before = open(&*engine, "bob").await;
     fill(&*engine, "bob", "m", 3).await;
     let pid = server.pid();
     server.kill();
     server.restart();
     assert_ne!(server.pid(), pid);
     eventually("the store", async || engine.ping().await.is_ok()).await;
-    let inbox = engine.read_after(&user("bob"), 0, 10).await.unwrap();
+    let inbox = read(&*engine, "bob", 0, 10).await;
     assert_eq!(seqs(&inbox), [1, 2, 3]);
     assert_eq!(inbox_state(&*engine, "bob").await.epoch, before.epoch);
     // Live delivery resumes after a resync (skipping the three pre-crash live messages).
     loop {
         match next_signal(&mut bob).await {
-            LiveSignal::Message(m) => assert!(m.seq <= 3),
+            LiveSignal::Message(m) => assert!(m.entry.seq() <= 3),
             LiveSignal::CatchUp(CatchUpReason::Resync) => break,
             other => panic!("unexpected {other:?}"),
         }
@@ -299,7 +318,7 @@ async fn a_crash_with_appendfsync_always_keeps_every_stored_message() {
         stored(&*engine, &message("alice", "bob", "m-9", b"x")).await,
         4
     );
-    assert!(matches!(next_signal(&mut bob).await, LiveSignal::Message(m) if m.seq == 4));
+    assert!(matches!(next_signal(&mut bob).await, LiveSignal::Message(m) if m.entry.seq() == 4));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -5,7 +5,7 @@
 mod common;
 
 use common::*;
-use ferry_router::{AppendOutcome, EngineOptions, InboxState};
+use ferry_router::{AppendOutcome, Checked, EngineOptions, InboxState};
 
 on_both_engines!(
     append_allocates_consecutive_seqs,
@@ -30,7 +30,7 @@ on_both_engines!(
             1
         );
 
-        let inbox = engine.read_after(&user("bob"), 0, 10).await.unwrap();
+        let inbox = read(&*engine, "bob", 0, 10).await;
         assert_eq!(seqs(&inbox), [1, 2, 3]);
         assert_eq!(inbox[1].from, user("carol"));
         assert_eq!(inbox[1].id.as_str(), "c-1");
@@ -53,7 +53,7 @@ on_both_engines!(
             .await
             .unwrap();
         assert_eq!(again, AppendOutcome::Duplicate { seq: 1 });
-        let inbox = engine.read_after(&user("bob"), 0, 10).await.unwrap();
+        let inbox = read(&*engine, "bob", 0, 10).await;
         assert_eq!(seqs(&inbox), [1]);
         assert_eq!(&inbox[0].body[..], b"first");
         assert_eq!(inbox_state(&*engine, "bob").await.head, 1);
@@ -67,7 +67,7 @@ on_both_engines!(
             1
         );
         // Still a duplicate after the inbox was acknowledged: the dedupe window is independent.
-        engine.trim(&user("bob"), 2).await.unwrap();
+        trim(&*engine, "bob", 2).await;
         let late = engine
             .append(&message("alice", "bob", "m-1", b"late"))
             .await
@@ -92,11 +92,8 @@ on_both_engines!(inbox_full_until_trimmed, three_max(), |engine| async move {
     assert_eq!(full, AppendOutcome::InboxFull);
     // Nothing was written: no seq, no dedupe entry.
     assert_eq!(inbox_state(&*engine, "bob").await.head, 3);
-    assert_eq!(
-        seqs(&engine.read_after(&user("bob"), 0, 10).await.unwrap()),
-        [1, 2, 3]
-    );
-    engine.trim(&user("bob"), 1).await.unwrap();
+    assert_eq!(seqs(&read(&*engine, "bob", 0, 10).await), [1, 2, 3]);
+    trim(&*engine, "bob", 1).await;
     assert_eq!(
         stored(&*engine, &message("alice", "bob", "x-1", b"x")).await,
         4
@@ -116,42 +113,18 @@ on_both_engines!(inbox_full_until_trimmed, three_max(), |engine| async move {
 
 on_both_engines!(read_after_pages_by_seq, options(), |engine| async move {
     fill(&*engine, "bob", "m", 10).await;
-    let bob = user("bob");
-    assert_eq!(
-        seqs(&engine.read_after(&bob, 0, 3).await.unwrap()),
-        [1, 2, 3]
-    );
-    assert_eq!(
-        seqs(&engine.read_after(&bob, 3, 3).await.unwrap()),
-        [4, 5, 6]
-    );
-    assert_eq!(seqs(&engine.read_after(&bob, 8, 5).await.unwrap()), [9, 10]);
-    assert!(engine.read_after(&bob, 10, 5).await.unwrap().is_empty());
-    assert!(engine.read_after(&bob, 0, 0).await.unwrap().is_empty());
-    assert!(
-        engine
-            .read_after(&bob, u64::MAX, 5)
-            .await
-            .unwrap()
-            .is_empty()
-    );
-    assert!(
-        engine
-            .read_after(&user("nobody"), 0, 5)
-            .await
-            .unwrap()
-            .is_empty()
-    );
+    assert_eq!(seqs(&read(&*engine, "bob", 0, 3).await), [1, 2, 3]);
+    assert_eq!(seqs(&read(&*engine, "bob", 3, 3).await), [4, 5, 6]);
+    assert_eq!(seqs(&read(&*engine, "bob", 8, 5).await), [9, 10]);
+    assert!(read(&*engine, "bob", 10, 5).await.is_empty());
+    assert!(read(&*engine, "bob", 0, 0).await.is_empty());
     // Paging continues past trimmed messages by seq, not by position.
-    engine.trim(&bob, 4).await.unwrap();
-    assert_eq!(
-        seqs(&engine.read_after(&bob, 2, 3).await.unwrap()),
-        [5, 6, 7]
-    );
+    trim(&*engine, "bob", 4).await;
+    assert_eq!(seqs(&read(&*engine, "bob", 2, 3).await), [5, 6, 7]);
     let mut after = 0;
     let mut all = Vec::new();
     loop {
-        let page = engine.read_after(&bob, after, 4).await.unwrap();
+        let page = read(&*engine, "bob", after, 4).await;
         let Some(last) = page.last() else { break };
         after = last.seq;
         all.extend(seqs(&page));
@@ -165,16 +138,13 @@ on_both_engines!(
     |engine| async move {
         fill(&*engine, "bob", "m", 5).await;
         let bob = user("bob");
-        engine.trim(&bob, 0).await.unwrap();
-        assert_eq!(
-            seqs(&engine.read_after(&bob, 0, 10).await.unwrap()),
-            [1, 2, 3, 4, 5]
-        );
-        engine.trim(&bob, 3).await.unwrap();
-        assert_eq!(seqs(&engine.read_after(&bob, 0, 10).await.unwrap()), [4, 5]);
-        engine.trim(&bob, 3).await.unwrap();
-        engine.trim(&bob, u64::MAX).await.unwrap();
-        assert!(engine.read_after(&bob, 0, 10).await.unwrap().is_empty());
+        trim(&*engine, "bob", 0).await;
+        assert_eq!(seqs(&read(&*engine, "bob", 0, 10).await), [1, 2, 3, 4, 5]);
+        trim(&*engine, "bob", 3).await;
+        assert_eq!(seqs(&read(&*engine, "bob", 0, 10).await), [4, 5]);
+        trim(&*engine, "bob", 3).await;
+        trim(&*engine, "bob", u64::MAX).await;
+        assert!(read(&*engine, "bob", 5, 10).await.is_empty());
         // An empty inbox keeps its head and epoch; seqs are never reused.
         let state = engine.inbox_state(&bob).await.unwrap().unwrap();
         assert_eq!(state.head, 5);
@@ -186,7 +156,6 @@ on_both_engines!(
             engine.inbox_state(&bob).await.unwrap().unwrap().epoch,
             state.epoch
         );
-        engine.trim(&user("nobody"), 10).await.unwrap();
     }
 );
 
@@ -196,18 +165,24 @@ on_both_engines!(
     |engine| async move {
         let bob = user("bob");
         assert_eq!(engine.inbox_state(&bob).await.unwrap(), None);
-        assert!(engine.read_after(&bob, 0, 1).await.unwrap().is_empty());
-        engine.trim(&bob, 1).await.unwrap();
+        // Reads and trims of an inbox without an epoch find their position void, and create
+        // nothing.
+        let nowhere = at(&*engine, "bob", 0).await;
+        assert_eq!(
+            engine.read_after(&bob, &nowhere, 1).await.unwrap(),
+            Checked::Void
+        );
+        assert_eq!(engine.trim(&bob, &nowhere, 1).await.unwrap(), Checked::Void);
         assert_eq!(
             engine.inbox_state(&bob).await.unwrap(),
             None,
             "reads create nothing"
         );
 
-        let opened = engine.open_inbox(&bob).await.unwrap();
+        let opened = open(&*engine, "bob").await;
         assert_eq!(opened.head, 0);
         assert!(!opened.epoch.is_empty() && opened.epoch.len() <= 16);
-        assert_eq!(engine.open_inbox(&bob).await.unwrap(), opened);
+        assert_eq!(open(&*engine, "bob").await, opened);
         assert_eq!(
             engine.inbox_state(&bob).await.unwrap(),
             Some(opened.clone())
@@ -221,14 +196,14 @@ on_both_engines!(
             engine.inbox_state(&bob).await.unwrap(),
             Some(expected.clone())
         );
-        assert_eq!(engine.open_inbox(&bob).await.unwrap(), expected);
+        assert_eq!(open(&*engine, "bob").await, expected);
 
         // An inbox first written to gets its epoch then, and keeps it when opened.
         let carol = user("carol");
         fill(&*engine, "carol", "m", 1).await;
         let first = engine.inbox_state(&carol).await.unwrap().unwrap();
         assert_eq!(first.head, 1);
-        assert_eq!(engine.open_inbox(&carol).await.unwrap(), first);
+        assert_eq!(open(&*engine, "carol").await, first);
         assert_ne!(first.epoch, opened.epoch, "each inbox has its own epoch");
     }
 );

@@ -40,9 +40,17 @@ impl Keys {
         self.user_key(user, "meta")
     }
 
-    /// String holding the seq a `send` got, for the dedupe window.
+    /// String holding the seq a `send` got, for the dedupe window. Sender and id are joined by
+    /// `/`, which neither alphabet contains (both may contain `:`), so two different
+    /// (sender, id) pairs never name one key.
     pub fn dedupe(&self, user: &UserId, sender: &UserId, id: &MessageId) -> String {
-        self.user_key(user, &format!("dedupe:{sender}:{id}"))
+        self.user_key(user, &format!("dedupe:{sender}/{id}"))
+    }
+
+    /// Sorted set of inbox members that could not be decoded, moved out of the inbox (score =
+    /// seq) and kept for a look until the inbox's TTL.
+    pub fn quarantine(&self, user: &UserId) -> String {
+        self.user_key(user, "quarantine")
     }
 
     /// Pub/sub channel carrying live notifications for `user`.
@@ -70,9 +78,27 @@ mod tests {
         let id = MessageId::parse("m-1").unwrap();
         assert_eq!(k.inbox(&u), "ferry:{u:bob@x}:inbox");
         assert_eq!(k.meta(&u), "ferry:{u:bob@x}:meta");
-        assert_eq!(k.dedupe(&u, &s, &id), "ferry:{u:bob@x}:dedupe:al:m-1");
+        assert_eq!(k.dedupe(&u, &s, &id), "ferry:{u:bob@x}:dedupe:al/m-1");
+        assert_eq!(k.quarantine(&u), "ferry:{u:bob@x}:quarantine");
         assert_eq!(k.live(&u), "ferry:{u:bob@x}:live");
         assert_eq!(k.user_of_live(&k.live(&u)), Some(u));
         assert_eq!(Keys::new("other").user_of_live("ferry:{u:bob}:live"), None);
+    }
+
+    #[test]
+    fn dedupe_keys_of_different_senders_differ() {
+        let k = Keys::default();
+        let u = UserId::parse("bob").unwrap();
+        let one = k.dedupe(
+            &u,
+            &UserId::parse("s").unwrap(),
+            &MessageId::parse("x:1").unwrap(),
+        );
+        let other = k.dedupe(
+            &u,
+            &UserId::parse("s:x").unwrap(),
+            &MessageId::parse("1").unwrap(),
+        );
+        assert_ne!(one, other);
     }
 }

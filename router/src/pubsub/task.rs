@@ -14,9 +14,9 @@ use tokio::time::{Instant, MissedTickBehavior};
 
 use super::Request;
 use super::backoff::Backoff;
-use crate::engine::LiveEvent;
+use crate::engine::{Live, LiveEvent, Stored};
 use crate::metrics;
-use crate::record::decode_member;
+use crate::record::{decode_stored, split_live};
 
 /// A connection up this long resets the reconnection backoff.
 const STABLE_AFTER: Duration = Duration::from_secs(30);
@@ -324,16 +324,30 @@ impl LiveTask {
         if !self.desired.contains(&user) {
             return;
         }
-        let msg = match decode_member(message.get_payload_bytes()) {
-            Ok(msg) => msg,
+        // An undecodable message still goes to the sessions, which catch up from the inbox
+        // and step over the bad member there (seq 0: nothing can be told of it here).
+        let live = match split_live(message.get_payload_bytes()) {
+            Ok((epoch, member)) => {
+                let (entry, error) = decode_stored(member, 0);
+                if let Some(e) = error {
+                    tracing::debug!(error = %e, "undecodable live message");
+                }
+                Live {
+                    epoch: epoch.into(),
+                    entry,
+                }
+            }
             Err(e) => {
-                tracing::warn!(error = %e, "undecodable live message dropped");
-                return;
+                tracing::debug!(error = %e, "undecodable live message");
+                Live {
+                    epoch: "".into(),
+                    entry: Stored::Undecodable { seq: 0, stamp: 0 },
+                }
             }
         };
         let event = LiveEvent::Message {
             user,
-            msg: Arc::new(msg),
+            live: Arc::new(live),
         };
         match self.events.try_send(event) {
             Ok(()) | Err(TrySendError::Closed(_)) => {}

@@ -9,8 +9,8 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use ferry_router::{
-    AppendOutcome, Engine, EngineError, EngineOptions, InboxMessage, InboxState, LiveEvent,
-    NewMessage,
+    AppendOutcome, Checked, Engine, EngineError, EngineOptions, InboxMessage, InboxState,
+    LiveEvent, NewMessage, Opened, Position, StoreReport, Stored,
 };
 use ferry_shared::{MessageId, UserId};
 use futures_util::future::BoxFuture;
@@ -115,6 +115,53 @@ pub async fn inbox_state(engine: &dyn Engine, name: &str) -> InboxState {
         .expect("the inbox has an epoch")
 }
 
+/// A position at `delivered` in `name`'s current epoch (empty if it has none), without a stamp.
+pub async fn at(engine: &dyn Engine, name: &str, delivered: u64) -> Position {
+    let epoch = engine
+        .inbox_state(&user(name))
+        .await
+        .expect("inbox_state")
+        .map(|s| s.epoch)
+        .unwrap_or_default();
+    Position {
+        epoch,
+        delivered,
+        stamp: 0,
+    }
+}
+
+/// Up to `limit` messages of `name`'s inbox after `after`, read in its current epoch.
+pub async fn read(engine: &dyn Engine, name: &str, after: u64, limit: usize) -> Vec<InboxMessage> {
+    let position = at(engine, name, after).await;
+    match engine.read_after(&user(name), &position, limit).await {
+        Ok(Checked::Valid(entries)) => entries
+            .into_iter()
+            .map(|entry| match entry {
+                Stored::Message(msg) => msg,
+                other => panic!("undecodable entry {other:?}"),
+            })
+            .collect(),
+        other => panic!("read of {name} after {after}: {other:?}"),
+    }
+}
+
+/// Trims `name`'s inbox up to `upto`, from a valid position in its current epoch.
+pub async fn trim(engine: &dyn Engine, name: &str, upto: u64) {
+    let head = inbox_state(engine, name).await.head;
+    let position = at(engine, name, head).await;
+    let trimmed = engine.trim(&user(name), &position, upto).await;
+    assert_eq!(trimmed.expect("trim"), Checked::Valid(()), "trim of {name}");
+}
+
+/// Opens `name`'s inbox without a claim: its (epoch, head).
+pub async fn open(engine: &dyn Engine, name: &str) -> InboxState {
+    let Opened { epoch, head, .. } = engine
+        .open_inbox(&user(name), None)
+        .await
+        .expect("open_inbox");
+    InboxState { epoch, head }
+}
+
 pub fn seqs(messages: &[InboxMessage]) -> Vec<u64> {
     messages.iter().map(|m| m.seq).collect()
 }
@@ -129,7 +176,7 @@ pub async fn next_event(events: &mut mpsc::Receiver<LiveEvent>) -> LiveEvent {
 /// The next live event, which must be a message for `to`; returns its seq.
 pub async fn next_message(events: &mut mpsc::Receiver<LiveEvent>, to: &str) -> u64 {
     match next_event(events).await {
-        LiveEvent::Message { user: u, msg } if u == user(to) => msg.seq,
+        LiveEvent::Message { user: u, live } if u == user(to) => live.entry.seq(),
         other => panic!("expected a message for {to}, got {other:?}"),
     }
 }
@@ -169,21 +216,35 @@ impl Engine for Recorder {
     fn read_after<'a>(
         &'a self,
         user: &'a UserId,
-        after: u64,
+        at: &'a Position,
         limit: usize,
-    ) -> BoxFuture<'a, Result<Vec<InboxMessage>, EngineError>> {
-        self.inner.read_after(user, after, limit)
+    ) -> BoxFuture<'a, Result<Checked<Vec<Stored>>, EngineError>> {
+        self.inner.read_after(user, at, limit)
     }
 
-    fn trim<'a>(&'a self, user: &'a UserId, upto: u64) -> BoxFuture<'a, Result<(), EngineError>> {
-        self.inner.trim(user, upto)
+    fn trim<'a>(
+        &'a self,
+        user: &'a UserId,
+        at: &'a Position,
+        upto: u64,
+    ) -> BoxFuture<'a, Result<Checked<()>, EngineError>> {
+        self.inner.trim(user, at, upto)
+    }
+
+    fn check_position<'a>(
+        &'a self,
+        user: &'a UserId,
+        at: &'a Position,
+    ) -> BoxFuture<'a, Result<Checked<u64>, EngineError>> {
+        self.inner.check_position(user, at)
     }
 
     fn open_inbox<'a>(
         &'a self,
         user: &'a UserId,
-    ) -> BoxFuture<'a, Result<InboxState, EngineError>> {
-        self.inner.open_inbox(user)
+        claim: Option<(&'a str, u64)>,
+    ) -> BoxFuture<'a, Result<Opened, EngineError>> {
+        self.inner.open_inbox(user, claim)
     }
 
     fn inbox_state<'a>(
@@ -191,6 +252,14 @@ impl Engine for Recorder {
         user: &'a UserId,
     ) -> BoxFuture<'a, Result<Option<InboxState>, EngineError>> {
         self.inner.inbox_state(user)
+    }
+
+    fn end_epoch<'a>(
+        &'a self,
+        user: &'a UserId,
+        epoch: &'a str,
+    ) -> BoxFuture<'a, Result<bool, EngineError>> {
+        self.inner.end_epoch(user, epoch)
     }
 
     fn subscribe(&self, user: &UserId) -> BoxFuture<'static, Result<(), EngineError>> {
@@ -209,5 +278,9 @@ impl Engine for Recorder {
 
     fn ping(&self) -> BoxFuture<'_, Result<(), EngineError>> {
         self.inner.ping()
+    }
+
+    fn check(&self) -> BoxFuture<'_, Result<StoreReport, EngineError>> {
+        self.inner.check()
     }
 }

@@ -15,6 +15,7 @@ use tokio::time::Instant;
 const AOF_ALWAYS: RedisOptions = RedisOptions {
     appendonly: true,
     appendfsync_always: true,
+    replica_of: None,
 };
 
 fn assert_unavailable(answer: &Result<ferry_shared::client::Sent, SendError>) {

@@ -25,6 +25,8 @@ pub struct RedisOptions {
     pub appendonly: bool,
     /// `appendfsync always` instead of `everysec`.
     pub appendfsync_always: bool,
+    /// Start as a replica of the server on this loopback port.
+    pub replica_of: Option<u16>,
 }
 
 /// A `redis-server` child process, stopped and its directory removed on drop.
@@ -116,8 +118,30 @@ impl RedisServer {
         }
     }
 
+    /// Starts a replica of this server (without persistence) and waits until it is in sync.
+    pub fn start_replica(&self) -> RedisServer {
+        let replica = Self::start_with(RedisOptions {
+            replica_of: Some(self.port),
+            ..RedisOptions::default()
+        });
+        let deadline = Deadline::after(READY_WITHIN);
+        loop {
+            let info = match replica.cmd(&["INFO", "replication"]) {
+                redis::Value::BulkString(bytes) => String::from_utf8_lossy(&bytes).into_owned(),
+                redis::Value::VerbatimString { text, .. } => text,
+                _ => String::new(),
+            };
+            if info.contains("master_link_status:up") {
+                return replica;
+            }
+            assert!(!deadline.passed(), "the replica did not sync: {info}");
+            thread::sleep(POLL);
+        }
+    }
+
     /// Stops the server if it runs, and starts it again on the same port and directory, so an
-    /// append-only file is reloaded. Returns once it answers `PING`.
+    /// append-only file (or, without one, a `dump.rdb` made by `SAVE`) is reloaded. Returns once
+    /// it answers `PING`.
     pub fn restart(&mut self) {
         self.stop();
         let mut last = String::new();
@@ -185,6 +209,9 @@ impl RedisServer {
             .stdin(Stdio::null())
             .stdout(log)
             .stderr(log_err);
+        if let Some(primary) = self.options.replica_of {
+            command.args(["--replicaof", "127.0.0.1", &primary.to_string()]);
+        }
         let mut child = match command.spawn() {
             Ok(child) => child,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => panic!(

@@ -292,6 +292,7 @@ async fn a_crash_with_appendfsync_always_keeps_every_stored_message() {
     let mut server = RedisServer::start_with(RedisOptions {
         appendonly: true,
         appendfsync_always: true,
+        replica_of: None,
     });
     let engine = engine_on(&server, options()).await;
     let hub = Hub::new(engine.clone(), HubOptions::default());

@@ -86,7 +86,8 @@ impl TestGateway {
         .await
     }
 
-    async fn start_on(
+    /// A gateway on `redis` (a server the test set up), or the embedded engine with `None`.
+    pub async fn start_on(
         kind: EngineKind,
         redis: Option<RedisServer>,
         tweak: impl FnOnce(&mut Config),

@@ -166,7 +166,7 @@ pub struct Config {
     #[arg(long, env = "FERRY_MIN_REPLICAS_ACK", default_value_t = 0)]
     pub min_replicas_ack: u32,
 
-    /// Start even when Redis has a memory limit and an evicting `maxmemory-policy`. Eviction
+    /// Start even when Redis has an evicting `maxmemory-policy` (any but noeviction). Eviction
     /// can take an inbox's keys; Ferry then reports the loss through `reset`, but messages are
     /// gone. (`FERRY_ALLOW_REDIS_EVICTION` takes true/false, 1/0, yes/no, on/off.)
     #[arg(long, env = "FERRY_ALLOW_REDIS_EVICTION", action = ArgAction::SetTrue, value_parser = BoolishValueParser::new())]

@@ -36,9 +36,9 @@ pub enum GatewayError {
     #[error("store: {0}")]
     Store(#[from] ferry_router::EngineError),
     #[error(
-        "Redis may evict Ferry's keys (maxmemory is set and maxmemory-policy is {0}): an \
-         evicted inbox loses messages that were answered `sent`. Set maxmemory-policy to \
-         noeviction, or start with --allow-redis-eviction to accept that"
+        "Redis may evict Ferry's keys (maxmemory-policy is {0}): an evicted inbox loses \
+         messages that were answered `sent`. Set maxmemory-policy to noeviction, or start with \
+         --allow-redis-eviction to accept that"
     )]
     EvictingStore(String),
 }

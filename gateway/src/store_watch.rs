@@ -82,22 +82,21 @@ pub async fn run(node: Arc<Node>, stop: CancellationToken) {
             _ = ticks.tick() => {}
         }
         let started = Instant::now();
-        let answered = match tokio::time::timeout(node.config.store_timeout, node.engine.check())
-            .await
-        {
-            Ok(Ok(report)) => {
-                if report.may_evict && !evicting {
-                    tracing::error!(
-                        policy = report.eviction_policy.as_deref().unwrap_or(""),
-                        "Redis may now evict Ferry's keys (memory limit and an evicting policy); \
-                         set maxmemory-policy to noeviction"
-                    );
+        let answered =
+            match tokio::time::timeout(node.config.store_timeout, node.engine.check()).await {
+                Ok(Ok(report)) => {
+                    if report.may_evict && !evicting {
+                        tracing::error!(
+                            policy = report.eviction_policy.as_deref().unwrap_or(""),
+                            "Redis may now evict Ferry's keys (an evicting maxmemory-policy); set \
+                         maxmemory-policy to noeviction"
+                        );
+                    }
+                    evicting = report.may_evict;
+                    true
                 }
-                evicting = report.may_evict;
-                true
-            }
-            _ => false,
-        };
+                _ => false,
+            };
         metrics::STORE_UP.set(i64::from(answered));
         match outage.observe(answered, started, Instant::now()) {
             None => {}

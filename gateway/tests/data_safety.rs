@@ -103,6 +103,38 @@ both_engines! {
     }
 }
 
+both_engines! {
+    // Point 1 on both engines: the inbox expired (after `--inbox-ttl` untouched) under a live
+    // session that had delivered and acknowledged 1-2. The next sends start a new epoch; the
+    // session must not take them for its 3, 4, and the client learns `reset`.
+    async fn an_inbox_expired_under_a_live_session_is_never_trimmed_unseen(kind: EngineKind) {
+        let gw = TestGateway::start_with(kind, |c| {
+            c.inbox_ttl = Duration::from_millis(800);
+            c.dedupe_window = Duration::from_millis(500);
+            c.append_audit_window = Duration::ZERO;
+        })
+        .await;
+        let (mut alice, _) = gw.raw("alice").await;
+        let (mut bob, welcome) = gw.raw("bob").await;
+        let epoch = epoch_of(&welcome);
+        for i in 1..=2 {
+            raw_send(&mut alice, &format!("old{i}"), "bob", "x").await;
+        }
+        assert_eq!(raw_messages(&mut bob, 2).await.len(), 2);
+        ack(&mut bob, 2).await;
+        tokio::time::sleep(Duration::from_millis(1200)).await;
+        for i in 1..=3 {
+            raw_send(&mut alice, &format!("new{i}"), "bob", "x").await;
+        }
+        let (on_old, asked) = read_until_closed(&mut bob).await;
+        assert!(on_old.is_empty(), "nothing of the new epoch on the old one: {on_old:?}");
+        assert!(asked, "the session asks for a reconnect");
+        let (mut bob, welcome) = gw.raw_resume("bob", 2, Some(&epoch)).await;
+        assert!(welcome_reset(&welcome), "{welcome:?}");
+        assert_eq!(ids(&raw_messages(&mut bob, 3).await), ["new1", "new2", "new3"]);
+    }
+}
+
 // Point 1: Redis loses everything (FLUSHALL stands in for a restart without persistence) under a
 // live session that had delivered and acknowledged 1-3. The new epoch's messages must not be
 // taken for the old epoch's 4, 5, ...; the client learns `reset` and gets all five.

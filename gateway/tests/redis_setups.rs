@@ -97,14 +97,17 @@ async fn an_evicting_redis_is_refused_unless_allowed() {
         Err(GatewayError::EvictingStore(policy)) => assert_eq!(policy, "volatile-lru"),
         other => panic!("expected a refusal, got {other:?}"),
     }
-    // A memory limit with noeviction, or a policy without a limit, evicts nothing.
+    // Without a memory limit now, the policy still counts: a limit set later would evict.
+    redis.cmd(&["CONFIG", "SET", "maxmemory", "0"]);
+    redis.cmd(&["CONFIG", "SET", "maxmemory-policy", "allkeys-lru"]);
+    assert!(matches!(
+        run_on(&redis, false).await,
+        Err(GatewayError::EvictingStore(_))
+    ));
     redis.cmd(&["CONFIG", "SET", "maxmemory-policy", "noeviction"]);
     assert!(run_on(&redis, false).await.is_ok());
-    redis.cmd(&["CONFIG", "SET", "maxmemory-policy", "allkeys-lru"]);
-    redis.cmd(&["CONFIG", "SET", "maxmemory", "0"]);
-    assert!(run_on(&redis, false).await.is_ok());
 
-    redis.cmd(&["CONFIG", "SET", "maxmemory", "1gb"]);
+    redis.cmd(&["CONFIG", "SET", "maxmemory-policy", "allkeys-lru"]);
     let gw = TestGateway::start_on(EngineKind::Redis, Some(redis), |c| {
         c.allow_redis_eviction = true;
         c.store_check = Duration::from_millis(100);

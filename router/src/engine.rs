@@ -125,8 +125,9 @@ pub struct Opened {
 pub struct StoreReport {
     /// The store's eviction policy (Redis's `maxmemory-policy`), if it has one.
     pub eviction_policy: Option<String>,
-    /// Whether the store may evict Ferry's keys under memory pressure: a memory limit is set
-    /// and the policy is not `noeviction`. Eviction can take an inbox's `meta` or its messages.
+    /// Whether the store may evict Ferry's keys under memory pressure: its policy is not
+    /// `noeviction` (with or without a memory limit now: one set later would make it evict).
+    /// Eviction can take an inbox's `meta` or its messages.
     pub may_evict: bool,
 }
 

@@ -138,8 +138,8 @@ pub static STORE_AUDITS: LazyLock<IntCounter> = LazyLock::new(|| {
 pub static STORE_MAY_EVICT: LazyLock<IntGauge> = LazyLock::new(|| {
     register_int_gauge!(
         "ferry_store_may_evict",
-        "1 when the store has a memory limit and an eviction policy other than noeviction, \
-         so it may evict inboxes; 0 otherwise (as of the last store check)"
+        "1 when the store's maxmemory-policy is not noeviction, so it may evict inboxes under \
+         memory pressure; 0 otherwise (as of the last store check)"
     )
     .expect(REGISTERED)
 });

@@ -266,7 +266,7 @@ impl RedisEngine {
         }
     }
 
-    /// Reads the store's run id and eviction settings (`INFO server memory`).
+    /// Reads the store's run id and eviction policy (`INFO server memory`).
     async fn info(&self) -> Result<(String, StoreReport), EngineError> {
         let mut cmd = redis::cmd("INFO");
         cmd.arg("server").arg("memory");
@@ -279,8 +279,7 @@ impl RedisEngine {
         };
         let run_id = field("run_id").unwrap_or_default();
         let policy = field("maxmemory_policy");
-        let limited = field("maxmemory").is_some_and(|m| m != "0");
-        let may_evict = limited && policy.as_deref().is_some_and(|p| p != "noeviction");
+        let may_evict = policy.as_deref().is_some_and(|p| p != "noeviction");
         Ok((
             run_id,
             StoreReport {

@@ -117,6 +117,12 @@ pub struct RunArgs {
     /// Seed of the recipient choice and of who goes offline [default: random].
     #[arg(long)]
     pub seed: Option<u64>,
+    /// Pass although messages were lost, if each loss was reported to its recipient through a
+    /// `reset` after the `sent` answer, and count a message delivered again after a reset as
+    /// the new epoch's replay. Losses without a reset, duplicates or disorder within an epoch,
+    /// and seq mismatches still fail. For faults where the store loses data.
+    #[arg(long)]
+    pub allow_reported_loss: bool,
 }
 
 /// `ramp`: memory per idle connection.
@@ -203,6 +209,7 @@ impl RunArgs {
         if let Some(seed) = self.seed {
             config.seed = seed;
         }
+        config.allow_reported_loss = self.allow_reported_loss;
         config.validate()?;
         Ok(config)
     }
@@ -289,11 +296,20 @@ mod tests {
         assert_eq!(c.pattern, Pattern::Ring);
         assert_eq!(c.target.user_id(3), "lt-r9-3");
         assert_eq!(c.seed, 7);
+        assert!(!c.allow_reported_loss, "strict unless asked");
         let o = c.offline.unwrap();
         assert_eq!(
             (o.at, o.duration),
             (Duration::from_secs(1), Duration::from_millis(1500))
         );
+    }
+
+    #[test]
+    fn reported_losses_are_allowed_only_when_asked() {
+        let Mode::Run(args) = parse(&["run", "--dev", "--allow-reported-loss"]).mode else {
+            panic!("not run")
+        };
+        assert!(args.into_config().unwrap().allow_reported_loss);
     }
 
     #[test]

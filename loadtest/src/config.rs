@@ -104,10 +104,11 @@ impl Target {
 }
 
 /// Who each message goes to.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, clap::ValueEnum)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
 pub enum Pattern {
     /// A random other user (fixed by the run's seed, so a run can be repeated).
+    #[default]
     Random,
     /// The next user: `n` sends to `n + 1`, the last to the first.
     Ring,
@@ -152,11 +153,16 @@ pub struct LoadConfig {
     pub send_timeout: Duration,
     /// Seed of the random recipient choice and of who goes offline.
     pub seed: u64,
+    /// The verdict accepts messages lost with a `reset` of their recipient after the `sent`
+    /// answer, and a message delivered again after such a reset (a fault where the store lost
+    /// data is expected to cause both). Silent losses, and duplicates and disorder within an
+    /// epoch, still fail the run.
+    pub allow_reported_loss: bool,
 }
 
 impl LoadConfig {
     /// 100 connections at 1,000 msg/s for 10 s, 100-byte bodies, random recipients, acks every
-    /// 100 ms, nobody offline, 10 s drain.
+    /// 100 ms, nobody offline, 10 s drain, any loss a failure.
     pub fn new(target: Target) -> Self {
         LoadConfig {
             target,
@@ -171,6 +177,7 @@ impl LoadConfig {
             max_in_flight: 1000,
             send_timeout: Duration::from_secs(30),
             seed: rand::random(),
+            allow_reported_loss: false,
         }
     }
 

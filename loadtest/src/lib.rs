@@ -5,9 +5,10 @@
 //! ([`run_ramp`]) and a reconnect storm ([`run_storm`]).
 //!
 //! Layout: `config` (typed settings), `cli` (flags), `auth` (tokens), `clients` (opening many
-//! connections), `schedule` (due times, routing, body layout), `verify` (ledger and per-user
-//! checks), `latency` (histograms), `report` (results), `procstat` (`/proc` readings), and
-//! `modes` (`run`, `user`, `ramp`, `storm`).
+//! connections), `schedule` (due times, routing, body layout), `ledger` (per-message record and
+//! the tally over it), `verify` (what the client tasks report, checked per user), `latency`
+//! (histograms), `report` (results), `procstat` (`/proc` readings), and `modes` (`run`, `user`,
+//! `ramp`, `storm`).
 
 pub mod auth;
 pub mod cli;
@@ -17,6 +18,7 @@ pub mod report;
 
 mod clients;
 mod latency;
+mod ledger;
 mod modes;
 mod schedule;
 mod verify;
@@ -24,5 +26,5 @@ mod verify;
 pub use config::{Auth, LoadConfig, Offline, Pattern, RampConfig, StormConfig, Target};
 pub use latency::Percentiles;
 pub use modes::{run_load, run_ramp, run_storm};
-pub use report::{RampReport, RampStep, Report, StormReport, Verdict};
+pub use report::{LostMessage, RampReport, RampStep, Report, StormReport, Verdict};
 pub use schedule::BODY_HEADER;

@@ -11,7 +11,7 @@ use crate::latency::Percentiles;
 use crate::procstat::ProcDelta;
 
 /// The result of a load run.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Default, Serialize)]
 pub struct Report {
     pub mode: &'static str,
     pub run_id: String,
@@ -40,19 +40,38 @@ pub struct Report {
     pub sent_duplicate: u64,
     /// Sends that got no `sent`, by protocol code or client-side reason.
     pub send_errors: BTreeMap<String, u64>,
+    /// Unix time (ms) of the run's `t0`, the start of sending: `*_ms` times count from it.
+    pub t0_unix_ms: u64,
     /// Messages answered `sent` that their recipient received.
     pub delivered: u64,
     /// Messages answered `sent` that their recipient had not received when the run ended
     /// (after the drain; if the drain timed out, `drained` is false and this includes messages
-    /// still waiting in their inboxes).
+    /// still waiting in their inboxes). `lost_reported + lost_unreported`.
     pub lost: u64,
-    /// Extra deliveries of one message (same `from` and `id`) to the application.
+    /// Lost, and their recipient got a `reset` after the `sent` answer: the loss was reported.
+    pub lost_reported: u64,
+    /// Lost without a later `reset` of their recipient: lost in silence.
+    pub lost_unreported: u64,
+    /// The latest `sent` answer of any lost message, ms after `t0` (`null` if none was lost):
+    /// every message answered `sent` after it was delivered.
+    pub lost_last_answered_ms: Option<u32>,
+    /// Users that got a `reset` (their position was void: the store lost their inbox's state).
+    pub users_reset: usize,
+    /// Extra deliveries of one message (same `from` and `id`) to the application:
+    /// `duplicates_within_epoch + duplicates_across_reset`.
     pub duplicates: u64,
+    /// Extra deliveries with no `reset` of the recipient since the previous one: the message
+    /// was stored twice, or delivered twice in one epoch.
+    pub duplicates_within_epoch: u64,
+    /// Extra deliveries after a `reset` of the recipient: the new epoch's replay of what the
+    /// client had before, which the protocol allows.
+    pub duplicates_across_reset: u64,
     /// Duplicate seqs dropped by the client before the application: not exposed by the Rust
     /// client, so `null`.
     pub duplicates_dropped_by_seq: Option<u64>,
     /// Deliveries whose seq was not the one after the previous delivery on that user's
-    /// connection (a skipped or reordered seq).
+    /// connection (a skipped or reordered seq), within an epoch: the first delivery after a
+    /// `reset` may have any seq.
     pub out_of_order: u64,
     /// Messages delivered at a seq other than the one their `sent` named.
     pub seq_mismatch: u64,
@@ -69,7 +88,8 @@ pub struct Report {
     pub reconnect_failures: u64,
     /// `error` events not tied to a send, by code.
     pub event_errors: BTreeMap<String, u64>,
-    /// Every answered message arrived before the drain timeout.
+    /// Every answered message arrived before the drain timeout, or was reported lost through a
+    /// `reset` at least a second before it (time for the reset's replay).
     pub drained: bool,
     pub drain_secs: f64,
     /// `sent` answers per second, from the start of sending to the last answer.
@@ -85,6 +105,24 @@ pub struct Report {
     pub loadgen: Option<ProcDelta>,
     /// A few lost message numbers.
     pub lost_examples: Vec<u64>,
+    /// A few messages lost in silence, for a look at the gateway's logs.
+    pub lost_unreported_examples: Vec<LostMessage>,
+    /// The verdict accepted losses reported through `reset` and replays after one
+    /// (`--allow-reported-loss`).
+    pub allow_reported_loss: bool,
+}
+
+/// One lost message.
+#[derive(Debug, Clone, Serialize)]
+pub struct LostMessage {
+    /// The message's `id` (its number in the run).
+    pub id: String,
+    pub from: String,
+    pub to: String,
+    /// The seq its `sent` named.
+    pub seq: u64,
+    /// When `sent` arrived, ms after `t0`.
+    pub answered_ms: u32,
 }
 
 /// The result of a connection ramp.
@@ -160,9 +198,23 @@ fn nonzero(out: &mut Vec<String>, what: &str, n: u64) {
 impl Verdict for Report {
     fn failures(&self) -> Vec<String> {
         let mut out = Vec::new();
-        nonzero(&mut out, "lost", self.lost);
+        if self.allow_reported_loss {
+            nonzero(&mut out, "lost without a reset", self.lost_unreported);
+            nonzero(
+                &mut out,
+                "duplicates within an epoch",
+                self.duplicates_within_epoch,
+            );
+        } else {
+            if self.lost > 0 {
+                out.push(format!(
+                    "lost: {} ({} reported through reset)",
+                    self.lost, self.lost_reported
+                ));
+            }
+            nonzero(&mut out, "duplicates", self.duplicates);
+        }
         nonzero(&mut out, "out of order", self.out_of_order);
-        nonzero(&mut out, "duplicates", self.duplicates);
         nonzero(&mut out, "seq mismatch", self.seq_mismatch);
         nonzero(&mut out, "connections failed", self.connect_failed as u64);
         if !self.drained {
@@ -267,8 +319,24 @@ impl fmt::Display for Report {
         )?;
         writeln!(
             f,
-            "errors    send {:?}  events {:?}  resets {}  disconnects {}  resumes {}",
-            self.send_errors, self.event_errors, self.resets, self.disconnects, self.resumes
+            "resets    {} ({} users)  lost reported {}  lost silently {}  \
+             duplicates after a reset {}  within an epoch {}{}",
+            self.resets,
+            self.users_reset,
+            self.lost_reported,
+            self.lost_unreported,
+            self.duplicates_across_reset,
+            self.duplicates_within_epoch,
+            if self.allow_reported_loss {
+                "  (reported losses allowed)"
+            } else {
+                ""
+            }
+        )?;
+        writeln!(
+            f,
+            "errors    send {:?}  events {:?}  disconnects {}  resumes {}",
+            self.send_errors, self.event_errors, self.disconnects, self.resumes
         )?;
         writeln!(
             f,
@@ -362,5 +430,52 @@ impl fmt::Display for StormReport {
             self.send_errors
         )?;
         proc_line(f, "gateway", &self.gateway)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_verdict_is_strict_unless_reported_losses_are_allowed() {
+        let reported = Report {
+            drained: true,
+            lost: 3,
+            lost_reported: 3,
+            duplicates: 2,
+            duplicates_across_reset: 2,
+            ..Report::default()
+        };
+        assert_eq!(
+            reported.failures(),
+            ["lost: 3 (3 reported through reset)", "duplicates: 2"]
+        );
+        let allowed = Report {
+            allow_reported_loss: true,
+            ..reported.clone()
+        };
+        assert!(allowed.failures().is_empty(), "{:?}", allowed.failures());
+        let silent = Report {
+            lost: 4,
+            lost_unreported: 1,
+            ..allowed.clone()
+        };
+        assert_eq!(silent.failures(), ["lost without a reset: 1"]);
+        let twice = Report {
+            duplicates: 3,
+            duplicates_within_epoch: 1,
+            out_of_order: 1,
+            ..allowed.clone()
+        };
+        assert_eq!(
+            twice.failures(),
+            ["duplicates within an epoch: 1", "out of order: 1"]
+        );
+        let stuck = Report {
+            drained: false,
+            ..allowed
+        };
+        assert_eq!(stuck.failures().len(), 1);
     }
 }

@@ -1,111 +1,31 @@
-//! The delivery verifier. Every message has a number `k`; the ledger records, per `k`, the seq
-//! its `sent` answer named and what its recipient received, so that after the run every message
-//! answered `sent` can be checked: received, exactly once, at the seq it was given, and in
-//! increasing seq order on its recipient's connection.
+//! The delivery verifier: what every client task reports to as the run goes (a send's answer,
+//! each event of a recipient's client), checked against the [`Ledger`]: every message answered
+//! `sent` received, once within an epoch, at the seq it was given, and in increasing seq order
+//! on its recipient's connection; or, if its recipient got a `reset` after the answer, reported
+//! lost.
 //!
 //! The Rust client drops duplicate seqs itself and does not say how many it dropped, so
 //! duplicates are counted at the application level: the same message (`from`, `id`) handed to
-//! the application twice, which can only happen if it was stored twice.
+//! the application twice. Within one epoch that can only happen if it was stored twice; after a
+//! `reset` the server replays the inbox from its start, so the recipient may be handed again
+//! what it had before, which the protocol allows.
 
 use std::collections::BTreeMap;
-use std::sync::atomic::{AtomicI64, AtomicU8, AtomicU64, Ordering::Relaxed};
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
 
 use ferry_shared::client::{Event, SendError, Sent};
 use tokio::time::Instant;
 
 use crate::latency::Latency;
+use crate::ledger::{Ledger, Receipt, Resets, Tally};
 use crate::schedule::{Routing, decode_body};
 
-/// Per message: its `sent` seq and what its recipient got.
-pub(crate) struct Ledger {
-    /// The seq of the `sent` answer; 0 while unanswered (seqs start at 1).
-    sent_seq: Box<[AtomicU64]>,
-    /// The seq it was first delivered at; 0 while not delivered.
-    delivered_seq: Box<[AtomicU64]>,
-    /// Times the application was handed it (saturating).
-    deliveries: Box<[AtomicU8]>,
-}
-
-/// The verdict over the whole ledger.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub(crate) struct Tally {
-    /// Messages answered `sent`.
-    pub answered: u64,
-    /// Answered messages their recipient received.
-    pub delivered: u64,
-    /// Answered messages their recipient never received.
-    pub lost: u64,
-    /// Extra deliveries of one message (same `from` and `id`), after the client's drop by seq.
-    pub duplicates: u64,
-    /// Answered messages delivered at a seq other than the one `sent` named.
-    pub seq_mismatch: u64,
-    /// Messages delivered although their send had no `sent` answer (outcome unknown: timed
-    /// out or cut by a disconnect, yet stored).
-    pub unconfirmed: u64,
-    /// The first few lost message numbers, for a look at the gateway's logs.
-    pub lost_examples: Vec<u64>,
-}
-
-impl Ledger {
-    pub(crate) fn new(total: u64) -> Self {
-        let total = usize::try_from(total).unwrap_or(usize::MAX);
-        Ledger {
-            sent_seq: (0..total).map(|_| AtomicU64::new(0)).collect(),
-            delivered_seq: (0..total).map(|_| AtomicU64::new(0)).collect(),
-            deliveries: (0..total).map(|_| AtomicU8::new(0)).collect(),
-        }
-    }
-
-    pub(crate) fn len(&self) -> u64 {
-        self.sent_seq.len() as u64
-    }
-
-    /// Message `k` was answered `sent` with `seq`.
-    pub(crate) fn answered(&self, k: u64, seq: u64) {
-        self.sent_seq[k as usize].store(seq, Relaxed);
-    }
-
-    /// Message `k` was handed to its recipient at `seq`; whether it was the first time.
-    pub(crate) fn delivered(&self, k: u64, seq: u64) -> bool {
-        let i = k as usize;
-        let before = self.deliveries[i]
-            .fetch_update(Relaxed, Relaxed, |n| Some(n.saturating_add(1)))
-            .unwrap_or(u8::MAX);
-        if before == 0 {
-            self.delivered_seq[i].store(seq, Relaxed);
-        }
-        before == 0
-    }
-
-    pub(crate) fn tally(&self) -> Tally {
-        let mut t = Tally::default();
-        for k in 0..self.sent_seq.len() {
-            let sent = self.sent_seq[k].load(Relaxed);
-            let times = u64::from(self.deliveries[k].load(Relaxed));
-            t.duplicates += times.saturating_sub(1);
-            match (sent, times) {
-                (0, 0) => {}
-                (0, _) => t.unconfirmed += 1,
-                (_, 0) => {
-                    t.answered += 1;
-                    t.lost += 1;
-                    if t.lost_examples.len() < 10 {
-                        t.lost_examples.push(k as u64);
-                    }
-                }
-                (seq, _) => {
-                    t.answered += 1;
-                    t.delivered += 1;
-                    if self.delivered_seq[k].load(Relaxed) != seq {
-                        t.seq_mismatch += 1;
-                    }
-                }
-            }
-        }
-        t
-    }
-}
+/// After the latest `reset`, how long the replays it started get before the messages still
+/// missing count as reported lost rather than on their way (a replay follows the `welcome` at
+/// once; this is slack for a busy machine).
+const REPLAY_GRACE: Duration = Duration::from_secs(1);
 
 /// Counters shared by every client task.
 #[derive(Default)]
@@ -121,6 +41,8 @@ pub(crate) struct Stats {
     pub deliveries: AtomicU64,
     pub out_of_order: AtomicU64,
     pub resets: AtomicU64,
+    /// The latest `reset`, ns after `t0`; 0 before the first.
+    pub last_reset_ns: AtomicU64,
     pub disconnects: AtomicU64,
     /// `welcome`s after a client's first (the client's own reconnects and resumes).
     pub resumes: AtomicU64,
@@ -173,6 +95,8 @@ impl Stats {
 /// What every receiving task checks against.
 pub(crate) struct Verifier {
     pub ledger: Ledger,
+    /// When each recipient last got `reset`.
+    pub resets: Resets,
     pub stats: Stats,
     /// Scheduled time → `sent` answer.
     pub sent_latency: Latency,
@@ -181,14 +105,22 @@ pub(crate) struct Verifier {
     pub routing: Routing,
     /// Sender user ids, by sender index.
     pub senders: Vec<Arc<str>>,
-    /// Time zero of body offsets.
+    /// Time zero of body offsets and of the ledger's times.
     pub t0: Instant,
 }
 
 impl Verifier {
-    pub(crate) fn new(total: u64, routing: Routing, senders: Vec<Arc<str>>, t0: Instant) -> Self {
+    /// A verifier for `total` messages to `recipients` users.
+    pub(crate) fn new(
+        total: u64,
+        recipients: usize,
+        routing: Routing,
+        senders: Vec<Arc<str>>,
+        t0: Instant,
+    ) -> Self {
         Verifier {
             ledger: Ledger::new(total),
+            resets: Resets::new(recipients),
             stats: Stats::default(),
             sent_latency: Latency::new(),
             delivery_latency: Latency::new(),
@@ -200,6 +132,10 @@ impl Verifier {
 
     fn since_t0_ns(&self, at: Instant) -> u64 {
         u64::try_from(at.saturating_duration_since(self.t0).as_nanos()).unwrap_or(u64::MAX)
+    }
+
+    fn since_t0_ms(&self, at: Instant) -> u32 {
+        u32::try_from(at.saturating_duration_since(self.t0).as_millis()).unwrap_or(u32::MAX)
     }
 
     /// A send's outcome, from the task of sender `who`; `scheduled` is when it was due.
@@ -214,7 +150,7 @@ impl Verifier {
         self.stats.in_flight.fetch_sub(1, Relaxed);
         match r {
             Ok(sent) => {
-                self.ledger.answered(k, sent.seq);
+                self.ledger.answered(k, sent.seq, self.since_t0_ms(now));
                 self.stats.sent_ok.fetch_add(1, Relaxed);
                 if sent.duplicate {
                     self.stats.sent_duplicate.fetch_add(1, Relaxed);
@@ -229,12 +165,33 @@ impl Verifier {
         }
     }
 
-    /// All answered messages are delivered and no send waits for an answer.
+    /// Message `k`'s recipient got a `reset` after `k` was answered `sent`.
+    fn reported(&self, k: u64, answered_ms: u32) -> bool {
+        self.resets.after(self.routing.recipient(k), answered_ms)
+    }
+
+    /// The verdict over every message.
+    pub(crate) fn tally(&self) -> Tally {
+        self.ledger.tally(|k, at| self.reported(k, at))
+    }
+
+    /// No send waits for an answer, and every answered message was delivered, or was reported
+    /// lost to its recipient through a `reset` that came at least [`REPLAY_GRACE`] ago.
     pub(crate) fn settled(&self) -> bool {
         let s = &self.stats;
-        s.in_flight.load(Relaxed) <= 0
-            && s.offline_now.load(Relaxed) <= 0
-            && s.unique_delivered.load(Relaxed) >= s.sent_ok.load(Relaxed)
+        if s.in_flight.load(Relaxed) > 0 || s.offline_now.load(Relaxed) > 0 {
+            return false;
+        }
+        if s.unique_delivered.load(Relaxed) >= s.sent_ok.load(Relaxed) {
+            return true;
+        }
+        let last_reset_ns = s.last_reset_ns.load(Relaxed);
+        let since_reset = self
+            .since_t0_ns(Instant::now())
+            .saturating_sub(last_reset_ns);
+        last_reset_ns > 0
+            && since_reset >= REPLAY_GRACE.as_nanos() as u64
+            && self.ledger.all_accounted_for(|k, at| self.reported(k, at))
     }
 }
 
@@ -247,6 +204,11 @@ pub(crate) struct Receiver {
     pub last_seq: u64,
     /// `welcome`s seen.
     pub welcomes: u64,
+    /// `reset`s seen: which of this user's epochs (as its client saw them) it is in.
+    pub resets: u32,
+    /// The next message is the first after a `reset`. Its seq may be any: the new epoch keeps
+    /// what the inbox still holds, which starts wherever acks had trimmed it.
+    pub epoch_start: bool,
 }
 
 impl Receiver {
@@ -264,7 +226,7 @@ impl Receiver {
             Event::Message(m) => {
                 let now = Instant::now();
                 s.deliveries.fetch_add(1, Relaxed);
-                if m.seq != self.last_seq + 1 {
+                if !std::mem::take(&mut self.epoch_start) && m.seq != self.last_seq + 1 {
                     s.out_of_order.fetch_add(1, Relaxed);
                 }
                 self.last_seq = self.last_seq.max(m.seq);
@@ -277,10 +239,10 @@ impl Receiver {
                     s.foreign.fetch_add(1, Relaxed);
                     return;
                 };
-                if v.ledger.delivered(k, m.seq) {
+                if v.ledger.delivered(k, m.seq, self.resets) == Receipt::First {
                     s.unique_delivered.fetch_add(1, Relaxed);
                 }
-                let scheduled = v.t0 + std::time::Duration::from_nanos(offset_ns);
+                let scheduled = v.t0 + Duration::from_nanos(offset_ns);
                 v.delivery_latency
                     .record(self.n, now.saturating_duration_since(scheduled));
                 s.last_delivery_ns.fetch_max(v.since_t0_ns(now), Relaxed);
@@ -292,8 +254,13 @@ impl Receiver {
                 }
             }
             Event::Reset { .. } => {
+                let now = Instant::now();
                 s.resets.fetch_add(1, Relaxed);
+                s.last_reset_ns.fetch_max(v.since_t0_ns(now), Relaxed);
+                v.resets.record(self.n, v.since_t0_ms(now));
+                self.resets += 1;
                 self.last_seq = 0;
+                self.epoch_start = true;
             }
             Event::Error(code, message) => {
                 tracing::debug!(code = code.as_str(), %message, "error event");
@@ -331,16 +298,41 @@ mod tests {
         })
     }
 
-    #[test]
-    fn the_receiver_counts_gaps_strangers_and_duplicates() {
+    fn reset() -> Event {
+        Event::Reset {
+            previous_epoch: Some("e1".into()),
+            epoch: "e2".into(),
+        }
+    }
+
+    /// Two users on a ring: user 1 receives the even `k`, from user 0 ("a").
+    fn ring_of_two(total: u64) -> Verifier {
         let routing = Routing::Load {
             connections: 2,
             pattern: Pattern::Ring,
             seed: 0,
         };
         let senders = vec![Arc::from("a"), Arc::from("b")];
-        let v = Verifier::new(10, routing, senders, Instant::now());
-        let mut b = Receiver::new(1); // user 1 receives the even k, from user 0 ("a")
+        Verifier::new(total, 2, routing, senders, Instant::now())
+    }
+
+    fn sent(v: &Verifier, k: u64, seq: u64) {
+        v.stats.in_flight.fetch_add(1, Relaxed);
+        let ok = Ok(Sent {
+            seq,
+            duplicate: false,
+        });
+        v.on_send(0, k, Instant::now(), ok);
+    }
+
+    async fn wait(ms: u64) {
+        tokio::time::advance(Duration::from_millis(ms)).await;
+    }
+
+    #[test]
+    fn the_receiver_counts_gaps_strangers_and_duplicates() {
+        let v = ring_of_two(10);
+        let mut b = Receiver::new(1);
         b.on_event(&v, message(1, "a", 0));
         b.on_event(&v, message(3, "a", 2)); // seq 2 skipped
         b.on_event(&v, message(4, "a", 4));
@@ -351,34 +343,83 @@ mod tests {
         assert_eq!(s.out_of_order.load(Relaxed), 1);
         assert_eq!(s.foreign.load(Relaxed), 2);
         assert_eq!(s.unique_delivered.load(Relaxed), 3);
-        assert_eq!(v.ledger.tally().duplicates, 1);
+        let t = v.tally();
+        assert_eq!((t.duplicates, t.duplicates_within_epoch), (1, 1));
         assert_eq!(v.delivery_latency.summary().count, 4);
     }
 
-    #[test]
-    fn the_tally_names_every_outcome() {
-        let ledger = Ledger::new(6);
-        ledger.answered(0, 1); // delivered once at its seq
-        assert!(ledger.delivered(0, 1));
-        ledger.answered(1, 2); // lost
-        ledger.answered(2, 3); // delivered twice
-        assert!(ledger.delivered(2, 3));
-        assert!(!ledger.delivered(2, 4));
-        ledger.answered(3, 5); // delivered at another seq
-        ledger.delivered(3, 6);
-        ledger.delivered(4, 7); // delivered without an answer
-        let t = ledger.tally();
+    #[tokio::test(start_paused = true)]
+    async fn a_loss_is_reported_only_by_a_reset_after_its_answer() {
+        let v = ring_of_two(10);
+        let mut b = Receiver::new(1);
+        wait(10).await;
+        sent(&v, 0, 1); // answered at 10 ms, then b is reset: reported
+        wait(10).await;
+        b.on_event(&v, message(1, "a", 0)); // delivered before the reset
+        sent(&v, 2, 2); // answered at 20 ms, never delivered
+        wait(10).await;
+        b.on_event(&v, reset()); // at 30 ms
+        wait(10).await;
+        sent(&v, 4, 1); // answered at 40 ms, after the reset: lost in silence
+        sent(&v, 6, 2); // delivered in the new epoch
+        b.on_event(&v, message(2, "a", 6));
+        let t = v.tally();
+        assert_eq!((t.answered, t.delivered, t.lost), (4, 2, 2));
+        assert_eq!((t.lost_reported, t.lost_unreported), (1, 1));
+        assert_eq!(t.lost_last_answered_ms, Some(40));
+        let silent: Vec<u64> = t.lost_unreported_examples.iter().map(|l| l.k).collect();
+        assert_eq!(silent, vec![4]);
+        assert_eq!(v.resets.users(), 1);
+        // The first message of the new epoch may start anywhere; it is not a gap.
+        assert_eq!(v.stats.out_of_order.load(Relaxed), 0);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn after_a_reset_the_replay_is_allowed_and_order_is_checked_anew() {
+        let v = ring_of_two(20);
+        let mut b = Receiver::new(1);
+        for (seq, k) in [(1, 0), (2, 2), (3, 4)] {
+            sent(&v, k, seq);
+            b.on_event(&v, message(seq, "a", k));
+        }
+        b.on_event(&v, reset());
+        // The new epoch kept seqs 2 and 3 (1 was trimmed by an ack) and adds 4.
+        sent(&v, 6, 4);
+        for (seq, k) in [(2, 2), (3, 4), (4, 6)] {
+            b.on_event(&v, message(seq, "a", k));
+        }
+        assert_eq!(v.stats.out_of_order.load(Relaxed), 0);
+        b.on_event(&v, message(5, "a", 6)); // stored twice in the new epoch
+        b.on_event(&v, message(7, "a", 8)); // seq 6 skipped
+        let t = v.tally();
         assert_eq!(
-            t,
-            Tally {
-                answered: 4,
-                delivered: 3,
-                lost: 1,
-                duplicates: 1,
-                seq_mismatch: 1,
-                unconfirmed: 1,
-                lost_examples: vec![1],
-            }
+            (
+                t.duplicates,
+                t.duplicates_within_epoch,
+                t.duplicates_across_reset
+            ),
+            (3, 1, 2)
         );
+        assert_eq!(v.stats.out_of_order.load(Relaxed), 1);
+        assert_eq!((t.lost, t.seq_mismatch, t.unconfirmed), (0, 0, 1));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_drain_settles_when_every_missing_message_was_reported() {
+        let v = ring_of_two(10);
+        let mut b = Receiver::new(1);
+        sent(&v, 0, 1);
+        assert!(!v.settled(), "message 0 is on its way");
+        wait(5).await;
+        b.on_event(&v, reset());
+        assert!(!v.settled(), "the reset's replay may still bring it");
+        wait(999).await;
+        assert!(!v.settled());
+        wait(1).await;
+        assert!(v.settled(), "reported lost, and the replay had its time");
+        sent(&v, 2, 1);
+        assert!(!v.settled(), "message 2 was answered after the reset");
+        b.on_event(&v, message(1, "a", 2));
+        assert!(v.settled());
     }
 }

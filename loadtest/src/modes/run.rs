@@ -2,7 +2,7 @@
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering::Relaxed;
-use std::time::Duration;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use anyhow::bail;
 use tokio::task::JoinSet;
@@ -14,7 +14,7 @@ use super::{ProcWatch, patience};
 use crate::clients::{ConnectStats, Connector};
 use crate::config::LoadConfig;
 use crate::procstat::ProcDelta;
-use crate::report::Report;
+use crate::report::{LostMessage, Report};
 use crate::schedule::{Routing, Schedule, mix};
 use crate::verify::{Receiver, Verifier};
 
@@ -79,7 +79,7 @@ async fn start(
         seed: config.seed,
     };
     let run = Arc::new(RunShared {
-        verifier: Verifier::new(total, routing, users.clone(), t0),
+        verifier: Verifier::new(total, count, routing, users.clone(), t0),
         schedule: Schedule::new(t0, config.rate, total),
         users,
         body_bytes: config.body_bytes,
@@ -132,7 +132,7 @@ fn report(config: &LoadConfig, run: &RunShared, outcome: Outcome) -> Report {
     let (count, total) = (config.connections, run.schedule.total);
     let v = &run.verifier;
     let s = &v.stats;
-    let tally = v.ledger.tally();
+    let tally = v.tally();
     let per_sec = |n: u64, last_ns: u64| {
         let secs = last_ns as f64 / 1e9;
         if secs > 0.0 { n as f64 / secs } else { 0.0 }
@@ -158,9 +158,16 @@ fn report(config: &LoadConfig, run: &RunShared, outcome: Outcome) -> Report {
         sent: s.sent_ok.load(Relaxed),
         sent_duplicate: s.sent_duplicate.load(Relaxed),
         send_errors: s.send_errors(),
+        t0_unix_ms: unix_ms(v.t0),
         delivered: tally.delivered,
         lost: tally.lost,
+        lost_reported: tally.lost_reported,
+        lost_unreported: tally.lost_unreported,
+        lost_last_answered_ms: tally.lost_last_answered_ms,
+        users_reset: v.resets.users(),
         duplicates: tally.duplicates,
+        duplicates_within_epoch: tally.duplicates_within_epoch,
+        duplicates_across_reset: tally.duplicates_across_reset,
         duplicates_dropped_by_seq: None,
         out_of_order: s.out_of_order.load(Relaxed),
         seq_mismatch: tally.seq_mismatch,
@@ -184,7 +191,29 @@ fn report(config: &LoadConfig, run: &RunShared, outcome: Outcome) -> Report {
         gateway,
         loadgen,
         lost_examples: tally.lost_examples,
+        lost_unreported_examples: tally
+            .lost_unreported_examples
+            .iter()
+            .map(|l| LostMessage {
+                id: l.k.to_string(),
+                from: run.users[v.routing.sender(l.k)].to_string(),
+                to: run.users[v.routing.recipient(l.k)].to_string(),
+                seq: l.seq,
+                answered_ms: l.answered_ms,
+            })
+            .collect(),
+        allow_reported_loss: config.allow_reported_loss,
     }
+}
+
+/// The Unix time, in ms, of `at`.
+fn unix_ms(at: Instant) -> u64 {
+    let now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or_default();
+    let since = Instant::now().saturating_duration_since(at);
+    let until = at.saturating_duration_since(Instant::now());
+    u64::try_from((now + until).saturating_sub(since).as_millis()).unwrap_or(u64::MAX)
 }
 
 /// Which users go offline: the `fraction` of them that a seeded hash ranks first.

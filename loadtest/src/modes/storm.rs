@@ -46,7 +46,13 @@ pub async fn run_storm(config: StormConfig) -> anyhow::Result<StormReport> {
         senders: config.senders as u64,
     };
     let total = (config.connections * config.backlog) as u64;
-    let v = Arc::new(Verifier::new(total, routing, senders, Instant::now()));
+    let v = Arc::new(Verifier::new(
+        total,
+        users.len(),
+        routing,
+        senders,
+        Instant::now(),
+    ));
 
     // 1. Every client drops at once, keeping its position.
     let (configs, receivers) = drop_all(conns, &v).await;
@@ -56,7 +62,7 @@ pub async fn run_storm(config: StormConfig) -> anyhow::Result<StormReport> {
     let storm = resume_all(&connector, configs, receivers, &v, config.timeout).await;
 
     let (gateway, _) = watch.finish();
-    let tally = v.ledger.tally();
+    let tally = v.tally();
     let s = &v.stats;
     Ok(StormReport {
         mode: "storm",

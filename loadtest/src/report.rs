@@ -52,11 +52,20 @@ pub struct Report {
     pub lost_reported: u64,
     /// Lost without a later `reset` of their recipient: lost in silence.
     pub lost_unreported: u64,
+    /// The earliest `sent` answer of any lost message, ms after `t0` (`null` if none was
+    /// lost): every message answered `sent` before it was delivered.
+    pub lost_first_answered_ms: Option<u32>,
     /// The latest `sent` answer of any lost message, ms after `t0` (`null` if none was lost):
     /// every message answered `sent` after it was delivered.
     pub lost_last_answered_ms: Option<u32>,
     /// Users that got a `reset` (their position was void: the store lost their inbox's state).
     pub users_reset: usize,
+    /// Lost messages answered while their recipient was offline: no session of the recipient
+    /// saw them go, so only the server's own checks can have reported them (the audit after a
+    /// store restart or failover, or a new epoch).
+    pub lost_offline: u64,
+    /// The recipients of those.
+    pub lost_offline_users: Vec<String>,
     /// Extra deliveries of one message (same `from` and `id`) to the application:
     /// `duplicates_within_epoch + duplicates_across_reset`.
     pub duplicates: u64,

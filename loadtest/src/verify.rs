@@ -19,7 +19,7 @@ use ferry_shared::client::{Event, SendError, Sent};
 use tokio::time::Instant;
 
 use crate::latency::Latency;
-use crate::ledger::{Ledger, Receipt, Resets, Tally};
+use crate::ledger::{Fate, Ledger, Receipt, Recipients, Tally};
 use crate::schedule::{Routing, decode_body};
 
 /// After the latest `reset`, how long the replays it started get before the messages still
@@ -95,8 +95,8 @@ impl Stats {
 /// What every receiving task checks against.
 pub(crate) struct Verifier {
     pub ledger: Ledger,
-    /// When each recipient last got `reset`.
-    pub resets: Resets,
+    /// When each recipient last got `reset`, and when it was offline.
+    pub recipients: Recipients,
     pub stats: Stats,
     /// Scheduled time → `sent` answer.
     pub sent_latency: Latency,
@@ -120,7 +120,7 @@ impl Verifier {
     ) -> Self {
         Verifier {
             ledger: Ledger::new(total),
-            resets: Resets::new(recipients),
+            recipients: Recipients::new(recipients),
             stats: Stats::default(),
             sent_latency: Latency::new(),
             delivery_latency: Latency::new(),
@@ -134,7 +134,7 @@ impl Verifier {
         u64::try_from(at.saturating_duration_since(self.t0).as_nanos()).unwrap_or(u64::MAX)
     }
 
-    fn since_t0_ms(&self, at: Instant) -> u32 {
+    pub(crate) fn since_t0_ms(&self, at: Instant) -> u32 {
         u32::try_from(at.saturating_duration_since(self.t0).as_millis()).unwrap_or(u32::MAX)
     }
 
@@ -167,12 +167,22 @@ impl Verifier {
 
     /// Message `k`'s recipient got a `reset` after `k` was answered `sent`.
     fn reported(&self, k: u64, answered_ms: u32) -> bool {
-        self.resets.after(self.routing.recipient(k), answered_ms)
+        self.recipients
+            .reset_after(self.routing.recipient(k), answered_ms)
     }
 
     /// The verdict over every message.
     pub(crate) fn tally(&self) -> Tally {
-        self.ledger.tally(|k, at| self.reported(k, at))
+        self.ledger.tally(|k, answered_ms| {
+            let recipient = self.routing.recipient(k);
+            Fate {
+                reported: self.reported(k, answered_ms),
+                offline_recipient: self
+                    .recipients
+                    .offline_at(recipient, answered_ms)
+                    .then_some(recipient),
+            }
+        })
     }
 
     /// No send waits for an answer, and every answered message was delivered, or was reported
@@ -257,7 +267,7 @@ impl Receiver {
                 let now = Instant::now();
                 s.resets.fetch_add(1, Relaxed);
                 s.last_reset_ns.fetch_max(v.since_t0_ns(now), Relaxed);
-                v.resets.record(self.n, v.since_t0_ms(now));
+                v.recipients.reset(self.n, v.since_t0_ms(now));
                 self.resets += 1;
                 self.last_seq = 0;
                 self.epoch_start = true;
@@ -369,9 +379,28 @@ mod tests {
         assert_eq!(t.lost_last_answered_ms, Some(40));
         let silent: Vec<u64> = t.lost_unreported_examples.iter().map(|l| l.k).collect();
         assert_eq!(silent, vec![4]);
-        assert_eq!(v.resets.users(), 1);
+        assert_eq!(v.recipients.users_reset(), 1);
         // The first message of the new epoch may start anywhere; it is not a gap.
         assert_eq!(v.stats.out_of_order.load(Relaxed), 0);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_loss_while_the_recipient_was_offline_is_counted_apart() {
+        let v = ring_of_two(10);
+        let mut b = Receiver::new(1);
+        sent(&v, 0, 1); // lost while b is online
+        wait(10).await;
+        v.recipients.went_offline(1, 10);
+        sent(&v, 2, 2); // lost while b is offline
+        wait(10).await;
+        v.recipients.came_back(1, 20);
+        b.on_event(&v, reset());
+        let t = v.tally();
+        assert_eq!((t.lost, t.lost_reported, t.lost_offline), (2, 2, 1));
+        assert_eq!(
+            t.lost_offline_recipients.into_iter().collect::<Vec<_>>(),
+            [1]
+        );
     }
 
     #[tokio::test(start_paused = true)]
@@ -401,7 +430,9 @@ mod tests {
             (3, 1, 2)
         );
         assert_eq!(v.stats.out_of_order.load(Relaxed), 1);
-        assert_eq!((t.lost, t.seq_mismatch, t.unconfirmed), (0, 0, 1));
+        // Message 6's latest delivery is the second copy, not the seq `sent` named; 8 was
+        // never answered.
+        assert_eq!((t.lost, t.seq_mismatch, t.unconfirmed), (0, 1, 1));
     }
 
     #[tokio::test(start_paused = true)]

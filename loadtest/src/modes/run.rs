@@ -163,8 +163,15 @@ fn report(config: &LoadConfig, run: &RunShared, outcome: Outcome) -> Report {
         lost: tally.lost,
         lost_reported: tally.lost_reported,
         lost_unreported: tally.lost_unreported,
+        lost_first_answered_ms: tally.lost_first_answered_ms,
         lost_last_answered_ms: tally.lost_last_answered_ms,
-        users_reset: v.resets.users(),
+        users_reset: v.recipients.users_reset(),
+        lost_offline: tally.lost_offline,
+        lost_offline_users: tally
+            .lost_offline_recipients
+            .iter()
+            .map(|&n| run.users[n].to_string())
+            .collect(),
         duplicates: tally.duplicates,
         duplicates_within_epoch: tally.duplicates_within_epoch,
         duplicates_across_reset: tally.duplicates_across_reset,

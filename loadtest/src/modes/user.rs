@@ -218,11 +218,16 @@ async fn go_offline(
     let v = &run.verifier;
     let (_, until) = window?;
     v.stats.offline_now.fetch_add(1, Relaxed);
+    v.recipients
+        .went_offline(rx.n, v.since_t0_ms(Instant::now()));
     close_and_drain(&client, events, rx, v).await;
     let back = tokio::select! {
         () = run.stop.cancelled() => None,
         back = come_back(&run.connector, config, &client, until) => back,
     };
+    if back.is_some() {
+        v.recipients.came_back(rx.n, v.since_t0_ms(Instant::now()));
+    }
     v.stats.offline_now.fetch_sub(1, Relaxed);
     back
 }

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Bring up a local Ferry cluster on 127.0.0.1: Redis (AOF, fsync always), N gateway nodes in --dev
+# Bring up a local Ferry cluster on 127.0.0.1: Redis (AOF, fsync always by default), N gateway nodes in --dev
 # mode, HAProxy in front of them and Prometheus scraping them. Usage: deploy/local/up.sh [N]
 # Stop it with deploy/local/down.sh. See deploy/local/README.md.
 #
@@ -28,6 +28,8 @@ WS_BASE=${FERRY_LOCAL_WS_BASE:-8080}       # node i listens on WS_BASE+i    (808
 ADMIN_BASE=${FERRY_LOCAL_ADMIN_BASE:-9090} # node i's admin is ADMIN_BASE+i (9091..)
 DRAIN_TIMEOUT=${FERRY_LOCAL_DRAIN_TIMEOUT:-5s}
 DEADLINE_SECS=${FERRY_LOCAL_DEADLINE:-60}
+# Redis's appendfsync: always (a write is on disk before Redis answers), everysec or no.
+APPENDFSYNC=${FERRY_LOCAL_REDIS_APPENDFSYNC:-always}
 # Extra flags for every gateway node (split on spaces), e.g. "--store-timeout 1s".
 GATEWAY_ARGS=${FERRY_LOCAL_GATEWAY_ARGS:-}
 BIN_DIR=${FERRY_LOCAL_BIN_DIR:-$ROOT/target/release}
@@ -40,6 +42,10 @@ if ! [[ "$N" =~ ^[1-9]$ ]]; then
     die "N must be 1..9 (WebSocket ports 8081..808N, admin 9091..909N), got '$N'"
 fi
 [[ "$PROMETHEUS" == 0 || "$PROMETHEUS" == 1 ]] || die "FERRY_LOCAL_PROMETHEUS must be 0 or 1"
+case "$APPENDFSYNC" in
+always | everysec | no) ;;
+*) die "FERRY_LOCAL_REDIS_APPENDFSYNC must be always, everysec or no, got '$APPENDFSYNC'" ;;
+esac
 
 # --- 1. prerequisites -------------------------------------------------------------------------
 need_curl=""
@@ -225,7 +231,7 @@ rm -f "$STATE"/logs/*.log
 
 # --- 3. Redis ---------------------------------------------------------------------------------
 launcher redis redis-server --bind 127.0.0.1 --port "$REDIS_PORT" \
-    --dir "$STATE/redis" --appendonly yes --appendfsync always \
+    --dir "$STATE/redis" --appendonly yes --appendfsync "$APPENDFSYNC" \
     --save '' --daemonize no --protected-mode yes
 start redis redis-server
 wait_for "redis PING on 127.0.0.1:$REDIS_PORT" redis_ping
@@ -303,7 +309,7 @@ Ferry local cluster is up ($N nodes). State, logs and PIDs: $STATE
 $(if [[ "$PROMETHEUS" == 1 ]]; then
     echo "  Prometheus:              http://127.0.0.1:$PROM_PORT/   (targets: /targets)"
 else echo "  Prometheus:              not started (FERRY_LOCAL_PROMETHEUS=0)"; fi)
-  Redis:                   redis://127.0.0.1:$REDIS_PORT   (AOF on, appendfsync always; data in $STATE/redis)
+  Redis:                   redis://127.0.0.1:$REDIS_PORT   (AOF on, appendfsync $APPENDFSYNC; data in $STATE/redis)
 EOF
 for i in $(seq 1 "$N"); do
     a=$((ADMIN_BASE + i))

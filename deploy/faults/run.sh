@@ -3,6 +3,9 @@
 # with AOF fsync always, 3 gateway nodes, HAProxy health-checking /readyz), the load generator
 # driving traffic through HAProxy with reconnecting clients, one fault injected at a fixed point,
 # then the verifier's verdict: every message answered `sent` delivered exactly once, in order.
+# In the three scenarios where Redis loses data (redis-amnesia, redis-aof-rollback,
+# replica-promote), a message answered `sent` before the incident may instead be reported lost
+# to its recipient through `reset`; everything answered after it must be delivered.
 #
 #   deploy/faults/run.sh [scenario...]      (all by default; see --list)
 #
@@ -14,7 +17,8 @@ HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 ROOT=$(cd "$HERE/../.." && pwd)
 LOCAL="$ROOT/deploy/local"
 
-ALL_SCENARIOS=(kill-node rolling-restart pubsub-kill redis-restart redis-pause node-cut)
+ALL_SCENARIOS=(kill-node rolling-restart pubsub-kill redis-restart redis-pause node-cut
+    redis-amnesia redis-aof-rollback replica-promote)
 
 BIN_DIR=${FERRY_BIN_DIR:-$ROOT/target/debug}
 OUT=${FERRY_FAULTS_DIR:-/tmp/ferry-faults}
@@ -24,10 +28,19 @@ RATE=${FERRY_FAULTS_RATE:-400}
 DURATION=${FERRY_FAULTS_DURATION:-15}   # seconds of sending
 DRAIN=${FERRY_FAULTS_DRAIN:-45}         # the verifier's longest wait after sending
 FAULT_AT=${FERRY_FAULTS_AT:-3}          # seconds after every client connected
+# In the scenarios where Redis loses data, a share of the users is offline from OFFLINE_AT to
+# OFFLINE_AT + OFFLINE_FOR seconds after the start of sending: across the fault (at about 3 s) and
+# the nodes' audit after it, so that what Redis lost of their inboxes is found by the audit, not
+# by a live session.
+OFFLINE_FRACTION=${FERRY_FAULTS_OFFLINE_FRACTION:-0.2}
+OFFLINE_AT=${FERRY_FAULTS_OFFLINE_AT:-1}
+OFFLINE_FOR=${FERRY_FAULTS_OFFLINE_FOR:-7}
+REPLICA_LAG=${FERRY_FAULTS_REPLICA_LAG:-1.5} # replica-promote: seconds of writes the replica misses
 NODES=3
 
 # Ports (loopback), below Linux's ephemeral range: HAProxy PORT_BASE, stats +4, node i WebSocket
-# +i, admin +10+i, Redis -1. The TCP proxy takes a free port of its own.
+# +i, admin +10+i, Redis -1, the replica (replica-promote) +5. The TCP proxies take free ports of
+# their own.
 port_busy() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
 ports_free() {
     local p
@@ -49,6 +62,7 @@ STATS_PORT=$((PORT_BASE + 4))
 WS_BASE=$PORT_BASE
 ADMIN_BASE=$((PORT_BASE + 10))
 REDIS_PORT=$((PORT_BASE - 1))
+REPLICA_PORT=$((PORT_BASE + 5))
 
 GATEWAY="$BIN_DIR/ferry-gateway"
 LOADTEST="$BIN_DIR/ferry-loadtest"
@@ -61,7 +75,7 @@ die() {
 
 case "${1:-}" in
 -h | --help)
-    sed -n '2,10p' "$0" | sed 's/^# \{0,1\}//'
+    sed -n '2,13p' "$0" | sed 's/^# \{0,1\}//'
     echo "scenarios: ${ALL_SCENARIOS[*]}"
     exit 0
     ;;
@@ -112,8 +126,12 @@ RESULTS="$OUT/results.jsonl"
 STATE=""        # the current scenario's cluster state dir (down.sh stops what it lists, by PID)
 LOAD_PID=""     # the load generator (under timeout)
 SAMPLER_PID=""  # the metrics sampler
-PROXY_PID=""    # the fault-injecting TCP proxy
+PROXY_PID=""    # the fault-injecting TCP proxy (node-cut: gw-3's link; replica-promote: every node's)
+LINK_PROXY_PID="" # replica-promote: the TCP proxy on the replica's link to the primary
+REPLICA_PID=""  # replica-promote: the replica's redis-server
+AOF_SAMPLER_PID="" # redis-aof-rollback: the sampler of the AOF's size
 PAUSED_PID=""   # a SIGSTOPped redis-server, to SIGCONT
+LOAD_ARGS=()    # the load generator's extra flags for this scenario
 
 cluster_env() {
     export FERRY_LOCAL_DIR=$STATE FERRY_LOCAL_PROMETHEUS=0 FERRY_LOCAL_BIN_DIR=$BIN_DIR
@@ -147,6 +165,12 @@ teardown() {
     fi
     stop_pid "$PROXY_PID"
     PROXY_PID=""
+    stop_pid "$LINK_PROXY_PID"
+    LINK_PROXY_PID=""
+    stop_pid "$REPLICA_PID"
+    REPLICA_PID=""
+    stop_pid "$AOF_SAMPLER_PID"
+    AOF_SAMPLER_PID=""
 }
 on_exit() {
     local rc=$?
@@ -195,6 +219,8 @@ wait_until() {
 
 # sample NODE: append one metrics sample of node NODE to $SAMPLES:
 # time node pid delivered connections_open sends_unavailable sends_duplicate pubsub_reconnects
+# epochs_replaced (all reasons) and by reason: head_behind seq_reused resume_beyond_head
+# append_lost meta_lost; store_audits. judge.py reads the columns in this order.
 sample() {
     local i=$1 pid
     pid=$(pid_of "gw-$i")
@@ -206,8 +232,16 @@ sample() {
         /^ferry_sends_total\{outcome="unavailable"\}/ { u = $2 }
         /^ferry_sends_total\{outcome="duplicate"\}/ { dup = $2 }
         /^ferry_pubsub_reconnects_total/ { p += $2 }
-        END { if (NR > 0) printf "%s %s %s %d %d %d %d %d\n", t, n, pid, d, c, u, dup, p }' \
-        >>"$SAMPLES" || true
+        /^ferry_epochs_replaced_total\{/ {
+            e += $2
+            if (match($0, /reason="[a-z_]+"/)) r[substr($0, RSTART + 8, RLENGTH - 9)] += $2
+        }
+        /^ferry_store_audits_total/ { a = $2 }
+        END {
+            if (NR > 0) printf "%s %s %s %d %d %d %d %d %d %d %d %d %d %d %d\n", t, n, pid, d, c, u,
+                dup, p, e, r["head_behind"], r["seq_reused"], r["resume_beyond_head"],
+                r["append_lost"], r["meta_lost"], a
+        }' >>"$SAMPLES" || true
 }
 sample_all() {
     local i
@@ -369,16 +403,218 @@ restore_node-cut() {
     check $? "after the link returns, gw-3 is ready and UP again (${took:-—} s)"
 }
 
+# --- the faults where Redis loses data ------------------------------------------------------------
+# Each ends with incident_over: the instant Redis (or its replacement) serves the nodes again. The
+# judge requires every message answered `sent` after it delivered; a message answered before it
+# may instead be reported lost to its recipient through `reset`.
+
+to_ms() { local t=${1/./}; echo $((t / 1000)); } # an $EPOCHREALTIME in Unix ms
+now_ms() { to_ms "$EPOCHREALTIME"; }
+incident_over() {
+    note "incident_end_unix_ms=$(now_ms)"
+    log "incident over: Redis serves the nodes again"
+}
+# Offline users across the incident, reported losses allowed (see OFFLINE_* at the top).
+data_loss_load() {
+    LOAD_ARGS=(--allow-reported-loss --offline-fraction "$OFFLINE_FRACTION"
+        --offline-at "${OFFLINE_AT}s" --offline-for "${OFFLINE_FOR}s")
+}
+redis_cli() { redis-cli -h 127.0.0.1 -p "$1" "${@:2}" 2>&1 | tr -d '\r'; }
+# info_field PORT SECTION FIELD: one field of INFO.
+info_field() { redis_cli "$1" INFO "$2" | awk -F: -v f="$3" '$1 == f { print $2 }'; }
+# restart_redis T_KILL: up.sh --restart redis; checks it and notes the time Redis was down.
+restart_redis() {
+    local ok took
+    "$LOCAL/up.sh" --restart redis >>"$STATE/restart.log" 2>&1
+    ok=$?
+    took=$(awk -v s="$1" -v now="$EPOCHREALTIME" 'BEGIN { printf "%.1f", now - s }')
+    check $ok "Redis restarted on the same port and dir, answers PING (down ${took} s)"
+    note "redis_down_secs=$took"
+}
+
+setup_redis-amnesia() { data_loss_load; }
+fault_redis-amnesia() {
+    local pid t_kill keys
+    keys=$(redis_cli "$REDIS_PORT" DBSIZE)
+    pid=$(pid_of redis)
+    kill -KILL "$pid"
+    t_kill=$EPOCHREALTIME
+    log "SIGKILL redis-server (PID $pid, $keys keys); deleting its data before the restart"
+    wait_until 5 not_alive "$pid" >/dev/null
+    # No persistence: the AOF (and any RDB) goes, the directory stays for the restart.
+    rm -rf "${STATE:?}/redis/appendonlydir" "$STATE"/redis/*.rdb
+    [[ -z "$(ls -A "$STATE/redis")" ]]
+    check $? "Redis's data dir is empty before the restart (it held $keys keys)"
+    sleep 1
+    restart_redis "$t_kill"
+    incident_over
+    # The restart found no AOF to load: Redis created a fresh one (once at start, once now).
+    (($(grep -c 'Creating AOF base file' "$STATE/logs/redis.log") >= 2))
+    check $? "Redis restarted empty (its log: a new AOF base file, nothing loaded)"
+}
+
+# The AOF's incr file (Redis 7 multi-part AOF: the manifest names it): "NAME SIZE".
+aof_incr() {
+    local dir="$STATE/redis/appendonlydir" name
+    name=$(awk '$NF == "i" && $1 == "file" { n = $2 } END { print n }' "$dir"/*.manifest 2>/dev/null)
+    [[ -n "$name" && -e "$dir/$name" ]] || return 1
+    echo "$name $(stat -c %s "$dir/$name")"
+}
+setup_redis-aof-rollback() {
+    data_loss_load
+    export FERRY_LOCAL_REDIS_APPENDFSYNC=everysec
+}
+prepare_redis-aof-rollback() {
+    # Every 0.1 s, the incr file's size: at the fault the file is cut back to what it was about
+    # a second before (see fault_redis-aof-rollback).
+    (
+        trap 'exit 0' TERM
+        while :; do
+            if line=$(aof_incr); then echo "$EPOCHREALTIME $line"; fi
+            sleep 0.1
+        done
+    ) >"$STATE/aof-sizes.txt" &
+    AOF_SAMPLER_PID=$!
+}
+# Simulates a machine crash (power loss, kernel panic) under `appendfsync everysec`: Redis has
+# write()n every acknowledged command to the AOF, but the kernel's page cache holds the last
+# second or so, not yet fsynced, and a machine crash loses it. SIGKILL of redis-server alone
+# would lose nothing (the page cache survives a process), so the fault kills Redis and then cuts
+# the AOF's incr file back to the size it had about 1 s earlier, at a page boundary (what the
+# disk held at the last fsync), usually in the middle of a command; Redis loads the file up to
+# the last whole command (`aof-load-truncated yes`, the default) and answers as if the last
+# second never happened, under the same inbox epochs.
+fault_redis-aof-rollback() {
+    local pid t_kill t_size name size kept now_name now_size cut
+    pid=$(pid_of redis)
+    kill -KILL "$pid"
+    t_kill=$EPOCHREALTIME
+    log "SIGKILL redis-server (PID $pid); its AOF loses the last second, as in a machine crash"
+    wait_until 5 not_alive "$pid" >/dev/null
+    stop_pid "$AOF_SAMPLER_PID"
+    AOF_SAMPLER_PID=""
+    read -r t_size name size < <(awk -v t="$t_kill" '$1 <= t - 1.0 { a = $1; n = $2; s = $3 }
+        END { print a, n, s }' "$STATE/aof-sizes.txt")
+    read -r now_name now_size < <(aof_incr)
+    if [[ -n "$name" && "$name" == "$now_name" ]] && ((size < now_size)); then
+        kept=$((size / 4096 * 4096))
+        truncate -s "$kept" "$STATE/redis/appendonlydir/$name"
+        cut=$((now_size - kept))
+        log "cut $name from $now_size to $kept bytes ($cut bytes, about the last second)"
+        note "aof_bytes_cut=$cut"
+        # Redis writes a command to the AOF before it answers: what it answered before t_size is
+        # in the part kept, and must not be lost.
+        note "loss_from_unix_ms=$(to_ms "$t_size")"
+        check 0 "the AOF lost about its last second: $cut of $now_size bytes cut from $name"
+    else
+        check 1 "the AOF lost about its last second (incr file then: ${name:-?} ${size:-?} B; at the kill: ${now_name:-?} ${now_size:-?} B)"
+    fi
+    sleep 1
+    restart_redis "$t_kill"
+    incident_over
+    if grep -q 'loaded anyway because aof-load-truncated is enabled' "$STATE/logs/redis.log"; then
+        note "aof_cut_mid_command=1"
+        log "Redis dropped the command cut in the middle and loaded the rest (aof-load-truncated)"
+    else
+        note "aof_cut_mid_command=0"
+    fi
+}
+
+# replica-promote: the nodes reach Redis through a TCP proxy (all three), and a replica follows the
+# primary through a second proxy. The fault cuts the replica's link, lets the nodes write to the
+# primary for REPLICA_LAG seconds more, then fails over: the primary becomes unreachable (the
+# nodes' proxy resets every connection and refuses new ones), the replica is promoted with
+# REPLICAOF NO ONE, and the proxy forwards to it. Whatever the primary took after the link was
+# cut is gone.
+# start_proxy NAME TARGET_PORT: starts tcp_proxy.py (its PID in STARTED_PID) and waits for its
+# port, in $STATE/NAME.port; its target can be switched through $STATE/NAME.target.
+start_proxy() {
+    rm -f "$STATE/$1.port"
+    python3 "$HERE/tcp_proxy.py" --port-file "$STATE/$1.port" --target "127.0.0.1:$2" \
+        --target-file "$STATE/$1.target" >"$STATE/$1.log" 2>&1 </dev/null &
+    STARTED_PID=$!
+    wait_until 10 test -s "$STATE/$1.port" >/dev/null || die "the TCP proxy $1 did not start; see $STATE/$1.log"
+}
+setup_replica-promote() {
+    local i
+    data_loss_load
+    start_proxy store-proxy "$REDIS_PORT"
+    PROXY_PID=$STARTED_PID
+    for i in $(seq 1 "$NODES"); do
+        export "FERRY_LOCAL_REDIS_URL_$i=redis://127.0.0.1:$(<"$STATE/store-proxy.port")"
+    done
+    log "the nodes reach Redis through the proxy at 127.0.0.1:$(<"$STATE/store-proxy.port")"
+}
+replica_synced() {
+    [[ "$(info_field "$REPLICA_PORT" replication master_link_status)" == up &&
+        "$(info_field "$REPLICA_PORT" replication master_sync_in_progress)" == 0 ]]
+}
+prepare_replica-promote() {
+    # The primary streams its snapshot to the replica at once instead of waiting 5 s for others.
+    redis_cli "$REDIS_PORT" CONFIG SET repl-diskless-sync-delay 0 >/dev/null
+    start_proxy link-proxy "$REDIS_PORT"
+    LINK_PROXY_PID=$STARTED_PID
+    mkdir -p "$STATE/replica"
+    redis-server --bind 127.0.0.1 --port "$REPLICA_PORT" --dir "$STATE/replica" \
+        --appendonly no --save '' --daemonize no --protected-mode yes \
+        --replicaof 127.0.0.1 "$(<"$STATE/link-proxy.port")" >"$STATE/logs/replica.log" 2>&1 </dev/null &
+    REPLICA_PID=$!
+    local took
+    took=$(wait_until 20 replica_synced)
+    check $? "a replica on 127.0.0.1:$REPLICA_PORT follows the primary (synced in ${took:-—} s)"
+}
+fault_replica-promote() {
+    local took primary replica role
+    # The replica has what the primary did before this: that must not be lost.
+    note "loss_from_unix_ms=$(now_ms)"
+    kill -USR1 "$LINK_PROXY_PID"
+    log "cut the replica's link to the primary; the nodes write to the primary for ${REPLICA_LAG} s more"
+    took=$(wait_until 10 replica_link_down)
+    check $? "the replica lost its link to the primary (${took:-—} s)"
+    sleep "$REPLICA_LAG"
+    kill -USR1 "$PROXY_PID"
+    log "the primary is unreachable for the nodes (proxy cut); promoting the replica"
+    primary=$(info_field "$REDIS_PORT" replication master_repl_offset)
+    replica=$(info_field "$REPLICA_PORT" replication master_repl_offset)
+    note "replica_lag_bytes=$((primary - replica))"
+    ((primary > replica))
+    check $? "the replica lags the primary by $((primary - replica)) bytes of replication stream"
+    [[ "$(redis_cli "$REPLICA_PORT" REPLICAOF NO ONE)" == OK ]]
+    check $? "REPLICAOF NO ONE on the replica"
+    role=$(info_field "$REPLICA_PORT" replication role)
+    [[ "$role" == master ]]
+    check $? "the replica is now a primary (role: $role)"
+    echo "127.0.0.1:$REPLICA_PORT" >"$STATE/store-proxy.target"
+    sleep 0.5 # anything the old primary answered before the cut is handled by now
+    kill -USR2 "$PROXY_PID"
+    incident_over
+    took=$(wait_until 15 all_ready)
+    check $? "every node is ready again on the promoted replica (${took:-—} s)"
+}
+replica_link_down() { [[ "$(info_field "$REPLICA_PORT" replication master_link_status)" == down ]]; }
+all_ready() {
+    local i
+    for i in $(seq 1 "$NODES"); do
+        [[ "$(http_code "$(admin "$i")/readyz")" == 200 ]] || return 1
+    done
+}
+
 # --- one scenario --------------------------------------------------------------------------------
+# What a scenario's setup may have set for up.sh, cleared before and after each scenario.
+unset_cluster_overrides() {
+    local i
+    unset FERRY_LOCAL_GATEWAY_ARGS FERRY_LOCAL_REDIS_APPENDFSYNC
+    for i in $(seq 1 "$NODES"); do unset "FERRY_LOCAL_REDIS_URL_$i"; done
+}
 run_scenario() {
     local name=$1 t_start=$SECONDS rc limit
     STATE="$OUT/$name"
     SAMPLES="$STATE/samples.txt"
-    CHECKS=() NOTES=()
+    CHECKS=() NOTES=() LOAD_ARGS=()
     rm -rf "$STATE"
     mkdir -p "$STATE"
     cluster_env
-    unset FERRY_LOCAL_GATEWAY_ARGS FERRY_LOCAL_REDIS_URL_3
+    unset_cluster_overrides
     log "=== $name: starting a 3-node cluster in $STATE"
     if declare -F "setup_$name" >/dev/null; then "setup_$name"; fi
     if ! "$LOCAL/up.sh" "$NODES" >"$STATE/up.log" 2>&1; then
@@ -386,13 +622,14 @@ run_scenario() {
         finish_scenario "$name" "$t_start" 99
         return
     fi
+    if declare -F "prepare_$name" >/dev/null; then "prepare_$name"; fi
     : >"$SAMPLES"
     start_sampler
     limit=$((DURATION + DRAIN + 90))
     FERRY_JWT_SECRET=$(<"$STATE/jwt-secret") timeout -k 10 "$limit" "$LOADTEST" --json run \
         --url "ws://127.0.0.1:$LB_PORT/v1/ws" --run-id "$name-$$" \
         -c "$CLIENTS" -r "$RATE" -d "${DURATION}s" --drain "${DRAIN}s" -b 64 \
-        >"$STATE/report.json" 2>"$STATE/loadtest.log" </dev/null &
+        ${LOAD_ARGS[@]+"${LOAD_ARGS[@]}"} >"$STATE/report.json" 2>"$STATE/loadtest.log" </dev/null &
     LOAD_PID=$!
     log "load: $CLIENTS clients, $RATE msg/s for ${DURATION}s through HAProxy (PID $LOAD_PID)"
     if wait_until 30 all_connected >/dev/null; then
@@ -419,7 +656,7 @@ run_scenario() {
 finish_scenario() {
     local name=$1 t_start=$2 rc=$3 c
     teardown
-    unset FERRY_LOCAL_GATEWAY_ARGS FERRY_LOCAL_REDIS_URL_3
+    unset_cluster_overrides
     printf '%s\n' "${CHECKS[@]+"${CHECKS[@]}"}" >"$STATE/checks.txt"
     printf '%s\n' "${NOTES[@]+"${NOTES[@]}"}" >"$STATE/notes.txt"
     python3 "$HERE/judge.py" scenario --name "$name" --dir "$STATE" --loadtest-rc "$rc" \

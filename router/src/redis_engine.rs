@@ -186,7 +186,8 @@ fn decode_page(items: &[Value]) -> Result<Vec<ReadEntry>, EngineError> {
             Ok(match decode_stored(member, seq) {
                 (stored, None) => (stored, None),
                 (stored, Some(error)) => {
-                    tracing::warn!(seq, %error, "undecodable inbox member; stepping over it");
+                    // Logged once, at warn, when it is moved to quarantine.
+                    tracing::debug!(seq, %error, "undecodable inbox member; stepping over it");
                     (stored, Some(member.clone()))
                 }
             })

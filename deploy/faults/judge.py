@@ -47,6 +47,10 @@ EXPECT = {
             "Redis lost messages answered `sent`, each reported (lost_reported > 0)",
             lambda r, m: r["lost_reported"] > 0,
         ),
+        (
+            "the nodes' audit counted the appends Redis lost (ferry_store_lost_appends_total > 0)",
+            lambda r, m: m["store_lost_appends"] > 0,
+        ),
     ],
     "redis-aof-rollback": [
         ("clients learned `reset` (resets > 0)", lambda r, m: r["resets"] > 0),
@@ -97,6 +101,7 @@ COLUMNS = [
     "append_lost",
     "meta_lost",
     "store_audits",
+    "store_lost_appends",
 ]
 
 

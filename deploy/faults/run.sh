@@ -220,7 +220,7 @@ wait_until() {
 # sample NODE: append one metrics sample of node NODE to $SAMPLES:
 # time node pid delivered connections_open sends_unavailable sends_duplicate pubsub_reconnects
 # epochs_replaced (all reasons) and by reason: head_behind seq_reused resume_beyond_head
-# append_lost meta_lost; store_audits. judge.py reads the columns in this order.
+# append_lost meta_lost; store_audits store_lost_appends. judge.py reads the columns in this order.
 sample() {
     local i=$1 pid
     pid=$(pid_of "gw-$i")
@@ -237,10 +237,11 @@ sample() {
             if (match($0, /reason="[a-z_]+"/)) r[substr($0, RSTART + 8, RLENGTH - 9)] += $2
         }
         /^ferry_store_audits_total/ { a = $2 }
+        /^ferry_store_lost_appends_total/ { l = $2 }
         END {
-            if (NR > 0) printf "%s %s %s %d %d %d %d %d %d %d %d %d %d %d %d\n", t, n, pid, d, c, u,
-                dup, p, e, r["head_behind"], r["seq_reused"], r["resume_beyond_head"],
-                r["append_lost"], r["meta_lost"], a
+            if (NR > 0) printf "%s %s %s %d %d %d %d %d %d %d %d %d %d %d %d %d\n", t, n, pid, d, c,
+                u, dup, p, e, r["head_behind"], r["seq_reused"], r["resume_beyond_head"],
+                r["append_lost"], r["meta_lost"], a, l
         }' >>"$SAMPLES" || true
 }
 sample_all() {

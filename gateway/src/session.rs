@@ -397,7 +397,9 @@ impl Session {
                 Err((ErrorCode::InboxFull, format!("{to}'s inbox is full"), None))
             }
             Err(EngineError::Unavailable(e)) => {
-                tracing::warn!(error = %e, "append failed");
+                // Per message, so at debug: an outage shows in the store metrics and the
+                // watchdog's log, not as one line per refused send.
+                tracing::debug!(error = %e, "append failed");
                 let message = "the store did not answer in time; retry with the same id";
                 Err((ErrorCode::Unavailable, message.into(), None))
             }

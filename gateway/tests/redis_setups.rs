@@ -167,4 +167,19 @@ async fn an_append_lost_in_a_restart_is_reported_by_reset() {
         raw_messages(&mut bob, 2).await,
         [(1, "m1".to_string()), (2, "m2".to_string())]
     );
+
+    // Redis comes back with nothing at all: the inbox's new epoch tells the clients; the audit
+    // still counts the appends it lost (only this test restarts Redis in this binary).
+    let before = metric(&gw, "ferry_store_lost_appends_total")
+        .await
+        .unwrap_or(0.0);
+    raw_send(&mut alice, "m4", "bob", "x").await;
+    gw.redis().cmd(&["FLUSHALL"]);
+    gw.redis().cmd(&["SAVE"]);
+    gw.redis_mut().kill();
+    gw.redis_mut().restart();
+    eventually("the audit counts the lost append", || async {
+        metric(&gw, "ferry_store_lost_appends_total").await > Some(before)
+    })
+    .await;
 }

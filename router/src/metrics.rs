@@ -135,6 +135,15 @@ pub static STORE_AUDITS: LazyLock<IntCounter> = LazyLock::new(|| {
     .expect(REGISTERED)
 });
 
+pub static STORE_LOST_APPENDS: LazyLock<IntCounter> = LazyLock::new(|| {
+    register_int_counter!(
+        "ferry_store_lost_appends_total",
+        "Appends this node answered `sent` that its audit after a store restart or failover \
+         found gone: the store lost them (their recipients learn `reset`)"
+    )
+    .expect(REGISTERED)
+});
+
 pub static STORE_MAY_EVICT: LazyLock<IntGauge> = LazyLock::new(|| {
     register_int_gauge!(
         "ferry_store_may_evict",
@@ -158,6 +167,7 @@ pub fn init() {
     LazyLock::force(&LIVE_RESYNCS);
     LazyLock::force(&UNDECODABLE);
     LazyLock::force(&STORE_AUDITS);
+    LazyLock::force(&STORE_LOST_APPENDS);
     LazyLock::force(&STORE_MAY_EVICT);
 }
 
@@ -192,6 +202,7 @@ mod tests {
             "ferry_epochs_replaced_total",
             "ferry_store_undecodable_total",
             "ferry_store_audits_total",
+            "ferry_store_lost_appends_total",
             "ferry_store_may_evict",
         ] {
             assert!(

@@ -341,17 +341,20 @@ impl Auditor {
         metrics::STORE_AUDITS.inc();
         let groups = lock(&self.shared.journal).recent_by_inbox(Instant::now());
         let appends: usize = groups.values().map(Vec::len).sum();
-        let mut ended = 0;
+        let (mut ended, mut lost) = (0, 0);
         let mut failed = None;
         for ((user, epoch), entries) in &groups {
             for chunk in entries.chunks(AUDIT_KEYS_PER_CALL) {
                 match self.audit_chunk(user, epoch, chunk).await {
-                    Ok(true) => {
-                        ended += 1;
-                        metrics::epoch_replaced(user, "append_lost");
-                        break;
+                    Ok((found, ended_now)) => {
+                        lost += found;
+                        metrics::STORE_LOST_APPENDS.inc_by(found);
+                        if ended_now {
+                            ended += 1;
+                            metrics::epoch_replaced(user, "append_lost");
+                            break;
+                        }
                     }
-                    Ok(false) => {}
                     Err(e) => failed = Some(e),
                 }
             }
@@ -363,12 +366,18 @@ impl Auditor {
             Some(e) => tracing::warn!(error = %e, "audit incomplete; retried at the next check"),
             None => {
                 store.audit_due = false;
-                tracing::info!(
-                    appends,
-                    inboxes = groups.len(),
-                    epochs_ended = ended,
-                    "audit of recent appends done"
-                );
+                let message = "audit of recent appends done";
+                if lost > 0 {
+                    tracing::warn!(
+                        appends,
+                        inboxes = groups.len(),
+                        lost,
+                        epochs_ended = ended,
+                        "{message}: the store lost appends answered `sent`"
+                    );
+                } else {
+                    tracing::info!(appends, inboxes = groups.len(), "{message}");
+                }
             }
         }
     }
@@ -378,7 +387,7 @@ impl Auditor {
         user: &UserId,
         epoch: &str,
         chunk: &[Appended],
-    ) -> Result<bool, EngineError> {
+    ) -> Result<(u64, bool), EngineError> {
         let mut invocation = self.audit.prepare_invoke();
         invocation.key(self.keys.meta(user));
         for entry in chunk {
@@ -390,11 +399,11 @@ impl Auditor {
         }
         let work = async {
             let mut conn = self.pool.get().await.map_err(pool_error)?;
-            let ended: i64 = invocation
+            let (lost, ended): (u64, i64) = invocation
                 .invoke_async(&mut conn)
                 .await
                 .map_err(redis_error)?;
-            Ok(ended == 1)
+            Ok((lost, ended == 1))
         };
         tokio::time::timeout(self.store_timeout, work)
             .await

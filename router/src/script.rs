@@ -172,19 +172,24 @@ return 0
 
 /// KEYS: meta, then the dedupe key of each audited append. ARGV: the epoch they were stored in,
 /// a new epoch, then each append's seq. An append whose dedupe key is gone (or names another
-/// seq) was lost by the store after it was answered `sent`: the epoch ends, so the recipient
-/// learns `reset`. Returns 1 if it ended the epoch.
+/// seq) was lost by the store after it was answered `sent`: if that epoch is still the inbox's,
+/// it ends, so the recipient learns `reset`. Returns `{lost, ended}`: the appends found lost (up
+/// to the first, when it ends the epoch), and 1 if it ended the epoch. An epoch that changed
+/// already (the whole inbox was lost, or a session ended it) is not ended again, but its lost
+/// appends are still counted.
 const AUDIT: &str = r#"
-if redis.call('HGET', KEYS[1], 'epoch') ~= ARGV[1] then
-  return 0
-end
+local current = redis.call('HGET', KEYS[1], 'epoch')
+local lost = 0
 for i = 2, #KEYS do
   if redis.call('GET', KEYS[i]) ~= ARGV[i + 1] then
-    redis.call('HSET', KEYS[1], 'epoch', ARGV[2])
-    return 1
+    lost = lost + 1
+    if current == ARGV[1] then
+      redis.call('HSET', KEYS[1], 'epoch', ARGV[2])
+      return {lost, 1}
+    end
   end
 end
-return 0
+return {lost, 0}
 "#;
 
 /// The engine's scripts, hashed once.

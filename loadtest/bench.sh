@@ -16,6 +16,7 @@
 #   ACK_INTERVAL=100ms (the clients' ack coalescing; each ack is one trim in Redis)
 #   SOURCE_ADDRS=4 CEILING_REQUESTS=2000000 APPENDONLY=no (yes: appendfsync everysec)
 #   SKIP_BUILD=1 (use the existing release binaries)  OUT=dir (keep JSON reports there)
+#   GATEWAY_BIN=path (another gateway build, e.g. an older commit's, to compare in one session)
 # Needs: cargo, redis-server, redis-cli, redis-benchmark, curl, jq.
 set -euo pipefail
 
@@ -93,7 +94,7 @@ wait_for() {
 if [[ "${SKIP_BUILD:-0}" != 1 ]]; then
   (cd "$ROOT" && cargo build --release -p ferry-gateway -p ferry-loadtest)
 fi
-GATEWAY_BIN="$ROOT/target/release/ferry-gateway"
+GATEWAY_BIN=${GATEWAY_BIN:-$ROOT/target/release/ferry-gateway}
 LOADTEST_BIN="$ROOT/target/release/ferry-loadtest"
 
 # --- Redis ---

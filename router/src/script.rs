@@ -10,71 +10,57 @@ use redis::{Script, Value};
 
 use crate::engine::{AppendOutcome, EngineError, InboxState};
 
-/// Functions every script starts with.
+/// Lua that checks a session's position before a read, trim or position check. KEYS: inbox,
+/// meta. ARGV: epoch, delivered, stamp, a new epoch. It returns `{why}` when the position is void:
+/// `epoch` when the inbox has another epoch already; and when the inbox went back in time under
+/// the same epoch (its head below `delivered`, or a member at or below `delivered` stored after
+/// `stamp`: a reused seq) it ends the epoch, the compare being the epoch match just made in the
+/// same atomic script, and says why (`head_behind`, `seq_reused`). A member is
+/// `<seq>:<stamp>:<payload>` (`record.rs`); one without a stamp counts as stamp 0.
 ///
-/// - A member is `<seq>:<stamp>:<payload>` (`record.rs`); `stamp_of` reads its stamp (0 for a
-///   member without one). Stamps are Redis's clock in microseconds (`TIME`), which orders the
-///   writes of one inbox.
-/// - `ensure_epoch` creates the epoch if absent. A new incarnation adopts whatever inbox is left
-///   under the key (`meta` was evicted or lost on its own): those messages stay deliverable under
-///   the new epoch, and seqs go on above them, so no seq is ever stored twice. Returns 1 when it
-///   adopted messages.
-/// - `verify` checks a session's position (epoch, delivered, stamp) before a read or trim:
-///   `nil` when it holds; `epoch` when the inbox has another epoch already; and when the inbox
-///   went back in time under the same epoch (its head below `delivered`, or a seq at or below
-///   `delivered` stored after `stamp`, i.e. reused) it ends the epoch (the compare is the
-///   epoch match just made, in the same atomic script) and says why.
-///
-/// Numbers are formatted with `%d`: Lua's default number-to-string conversion switches to
-/// exponent notation above 1e14.
-const PRELUDE: &str = r#"
-local function fmt(n) return string.format('%d', n) end
-local function stamp_of(member)
-  return tonumber(string.match(member, '^%d+:(%d+):')) or 0
-end
-local function now_us()
-  local t = redis.call('TIME')
-  return tonumber(t[1]) * 1000000 + tonumber(t[2])
-end
-local function ensure_epoch(inbox, meta, epoch)
-  if redis.call('HSETNX', meta, 'epoch', epoch) == 0 then
-    return 0
-  end
-  local top = redis.call('ZRANGE', inbox, '+inf', '-inf', 'BYSCORE', 'REV', 'LIMIT', 0, 1, 'WITHSCORES')
-  if not top[2] then
-    return 0
-  end
-  local head = tonumber(redis.call('HGET', meta, 'seq') or '0')
-  if tonumber(top[2]) > head then
-    redis.call('HSET', meta, 'seq', fmt(tonumber(top[2])))
-  end
-  return 1
-end
-local function verify(inbox, meta, epoch, delivered, stamp, new_epoch)
-  local state = redis.call('HMGET', meta, 'epoch', 'seq')
-  if state[1] ~= epoch then
-    return 'epoch'
-  end
-  local why = nil
+/// Inline code, not a Lua function: a script defines its functions again on every call, which
+/// costs measurably on the per-message path.
+macro_rules! verify_position {
+    () => {
+        r#"
+local why = nil
+local state = redis.call('HMGET', KEYS[2], 'epoch', 'seq')
+if state[1] ~= ARGV[1] then
+  why = 'epoch'
+else
+  local delivered = tonumber(ARGV[2])
+  local stamp = tonumber(ARGV[3])
   if tonumber(state[2] or '0') < delivered then
     why = 'head_behind'
   elseif stamp > 0 and delivered > 0 then
-    local top = redis.call('ZRANGE', inbox, fmt(delivered), '-inf', 'BYSCORE', 'REV', 'LIMIT', 0, 1)
-    if top[1] and stamp_of(top[1]) > stamp then
+    local top = redis.call('ZRANGE', KEYS[1], ARGV[2], '-inf', 'BYSCORE', 'REV', 'LIMIT', 0, 1)
+    if top[1] and (tonumber(string.match(top[1], '^%d+:(%d+):')) or 0) > stamp then
       why = 'seq_reused'
     end
   end
   if why then
-    redis.call('HSET', meta, 'epoch', new_epoch)
+    redis.call('HSET', KEYS[2], 'epoch', ARGV[4])
   end
-  return why
 end
-"#;
+if why then
+  return {why}
+end
+"#
+    };
+}
 
 /// KEYS: inbox, meta, dedupe.
 /// ARGV: payload, max_inbox, new epoch, dedupe window (ms), inbox ttl (ms), live channel, `1` when
 /// replicas must acknowledge (a duplicate then writes too, so that `WAIT` covers the original).
 /// Returns `{0, seq, epoch, adopted}` stored, `{1, seq}` duplicate, `{2}` inbox full.
+///
+/// - The epoch is created if absent. A new incarnation adopts whatever inbox is left under the
+///   key (`meta` was evicted or lost on its own): those messages stay deliverable under the new
+///   epoch, and seqs go on above them, so no seq is ever stored twice (the same code as in
+///   `OPEN`; this script is kept whole so that `loadtest/bench.sh` can load it as it is).
+/// - The stamp is Redis's clock (`TIME`) in microseconds: the seconds, then six digits.
+/// - Numbers are formatted with `%d`: Lua's default number-to-string conversion switches to
+///   exponent notation above 1e14.
 const APPEND: &str = r#"
 local dup = redis.call('GET', KEYS[3])
 if dup then
@@ -89,10 +75,22 @@ end
 if redis.call('ZCARD', KEYS[1]) >= tonumber(ARGV[2]) then
   return {2}
 end
-local adopted = ensure_epoch(KEYS[1], KEYS[2], ARGV[3])
 local epoch = redis.call('HGET', KEYS[2], 'epoch')
-local seq = fmt(redis.call('HINCRBY', KEYS[2], 'seq', 1))
-local member = seq .. ':' .. fmt(now_us()) .. ':' .. ARGV[1]
+local adopted = 0
+if not epoch then
+  epoch = ARGV[3]
+  redis.call('HSET', KEYS[2], 'epoch', epoch)
+  local top = redis.call('ZRANGE', KEYS[1], '+inf', '-inf', 'BYSCORE', 'REV', 'LIMIT', 0, 1, 'WITHSCORES')
+  if top[2] then
+    adopted = 1
+    if tonumber(top[2]) > tonumber(redis.call('HGET', KEYS[2], 'seq') or '0') then
+      redis.call('HSET', KEYS[2], 'seq', string.format('%d', tonumber(top[2])))
+    end
+  end
+end
+local seq = string.format('%d', redis.call('HINCRBY', KEYS[2], 'seq', 1))
+local now = redis.call('TIME')
+local member = seq .. ':' .. now[1] .. string.format('%06d', tonumber(now[2])) .. ':' .. ARGV[1]
 redis.call('ZADD', KEYS[1], seq, member)
 redis.call('SET', KEYS[3], seq, 'PX', ARGV[4])
 redis.call('PEXPIRE', KEYS[1], ARGV[5])
@@ -102,10 +100,20 @@ return {0, seq, epoch, adopted}
 "#;
 
 /// KEYS: meta, inbox. ARGV: new epoch, inbox ttl (ms), claimed epoch (`` if none), claimed
-/// last_seq. A claim beyond the head under the same epoch ends that epoch.
+/// last_seq. Creates the epoch (adopting a leftover inbox) as `APPEND` does; a claim beyond the
+/// head under the same epoch ends that epoch.
 /// Returns `{epoch, head, stamp, ended, adopted}`.
 const OPEN: &str = r#"
-local adopted = ensure_epoch(KEYS[2], KEYS[1], ARGV[1])
+local adopted = 0
+if redis.call('HSETNX', KEYS[1], 'epoch', ARGV[1]) == 1 then
+  local top = redis.call('ZRANGE', KEYS[2], '+inf', '-inf', 'BYSCORE', 'REV', 'LIMIT', 0, 1, 'WITHSCORES')
+  if top[2] then
+    adopted = 1
+    if tonumber(top[2]) > tonumber(redis.call('HGET', KEYS[1], 'seq') or '0') then
+      redis.call('HSET', KEYS[1], 'seq', string.format('%d', tonumber(top[2])))
+    end
+  end
+end
 local state = redis.call('HMGET', KEYS[1], 'epoch', 'seq')
 local head = tonumber(state[2] or '0')
 local ended = 0
@@ -116,39 +124,37 @@ if ARGV[3] ~= '' and ARGV[3] == state[1] and tonumber(ARGV[4]) > head then
 end
 redis.call('PEXPIRE', KEYS[1], ARGV[2])
 redis.call('PEXPIRE', KEYS[2], ARGV[2])
-return {state[1], fmt(head), fmt(now_us()), ended, adopted}
+local now = redis.call('TIME')
+return {state[1], string.format('%d', head), now[1] .. string.format('%06d', tonumber(now[2])), ended, adopted}
 "#;
 
 /// KEYS: inbox, meta. ARGV: epoch, delivered, stamp, new epoch, limit.
-/// Returns `{'ok', {member, score, ...}}`, or `{why}` (see `verify`).
-const READ: &str = r#"
-local why = verify(KEYS[1], KEYS[2], ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3]), ARGV[4])
-if why then
-  return {why}
-end
+/// Returns `{'ok', {member, score, ...}}`, or `{why}` (see `verify_position!`).
+const READ: &str = concat!(
+    verify_position!(),
+    r#"
 return {'ok', redis.call('ZRANGE', KEYS[1], '(' .. ARGV[2], '+inf', 'BYSCORE', 'LIMIT', 0, ARGV[5], 'WITHSCORES')}
-"#;
+"#
+);
 
 /// KEYS: inbox, meta. ARGV: epoch, delivered, stamp, new epoch, upto.
 /// Returns `{'ok'}` or `{why}`.
-const TRIM: &str = r#"
-local why = verify(KEYS[1], KEYS[2], ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3]), ARGV[4])
-if why then
-  return {why}
-end
+const TRIM: &str = concat!(
+    verify_position!(),
+    r#"
 redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', ARGV[5])
 return {'ok'}
-"#;
+"#
+);
 
 /// KEYS: inbox, meta. ARGV: epoch, delivered, stamp, new epoch.
 /// Returns `{'ok', head}` or `{why}`.
-const POSITION: &str = r#"
-local why = verify(KEYS[1], KEYS[2], ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3]), ARGV[4])
-if why then
-  return {why}
-end
-return {'ok', redis.call('HGET', KEYS[2], 'seq') or '0'}
-"#;
+const POSITION: &str = concat!(
+    verify_position!(),
+    r#"
+return {'ok', state[2] or '0'}
+"#
+);
 
 /// KEYS: meta. ARGV: epoch, new epoch. Returns 1 if `epoch` was current and is ended now.
 const END_EPOCH: &str = r#"
@@ -206,13 +212,12 @@ pub(crate) struct Scripts {
 
 impl Scripts {
     pub fn new() -> Self {
-        let with_prelude = |body: &str| Script::new(&format!("{PRELUDE}{body}"));
         Self {
-            append: with_prelude(APPEND),
-            open: with_prelude(OPEN),
-            read: with_prelude(READ),
-            trim: with_prelude(TRIM),
-            position: with_prelude(POSITION),
+            append: Script::new(APPEND),
+            open: Script::new(OPEN),
+            read: Script::new(READ),
+            trim: Script::new(TRIM),
+            position: Script::new(POSITION),
             end_epoch: Script::new(END_EPOCH),
             quarantine: Script::new(QUARANTINE),
             audit: Script::new(AUDIT),

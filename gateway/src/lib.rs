@@ -12,6 +12,7 @@ pub mod limits;
 pub mod metrics;
 pub mod node;
 pub mod outbound;
+pub mod sends;
 pub mod server;
 pub mod session;
 pub mod store_watch;

@@ -27,8 +27,8 @@ use ferry_router::{
     Position, Stored,
 };
 use ferry_shared::{Body, ClientFrame, Codec, ErrorCode, MessageId, ServerFrame, UserId, Wire};
+use futures_util::future::BoxFuture;
 use futures_util::{Stream, StreamExt};
-use tokio::task::JoinHandle;
 use tokio::time::Instant;
 use tokio_tungstenite::tungstenite::error::CapacityError;
 use tokio_tungstenite::tungstenite::{Error as WsError, Message};
@@ -39,11 +39,19 @@ use crate::limits::TokenBucket;
 use crate::metrics;
 use crate::node::Node;
 use crate::outbound::{Frame, Item, Outbound, Path, now_ms};
+use crate::sends::{Refused, Sends};
 
 /// How long a closing session waits for its close frame to be written and answered.
 const CLOSE_GRACE: Duration = Duration::from_secs(2);
 /// Pause before retrying a catch-up read that failed (the store is down or slow).
 const CATCHUP_RETRY: Duration = Duration::from_millis(250);
+/// Sends of one connection in flight at most; beyond it the session stops reading the socket
+/// until the oldest is answered (TCP pushes back on the client).
+const SENDS_IN_FLIGHT: usize = 64;
+/// A session starts at most one trim per this interval: acks coalesce, so a client that acks
+/// every message costs the store what one that acks every quarter second does. The last ack is
+/// applied at once when the session ends.
+const TRIM_EVERY: Duration = Duration::from_millis(250);
 
 /// What arrived from the client.
 pub enum Incoming {
@@ -190,12 +198,16 @@ struct Session {
     /// In the `ferry_sessions_lagging` gauge.
     lagging: bool,
     bucket: TokenBucket,
+    /// Sends issued to the store and not answered yet, oldest first.
+    sends: Sends,
     /// Highest seq the client acknowledged (clamped to `delivered`).
     ack_wanted: u64,
     /// Highest seq trimmed from the inbox by this session.
     ack_done: u64,
-    /// The one trim in flight, if any.
-    trim: Option<JoinHandle<Result<Checked<u64>, EngineError>>>,
+    /// The one trim in flight, if any, and the seq it trims up to.
+    trim: Option<Trim>,
+    /// When the next trim may start (`TRIM_EVERY` after the last one started).
+    next_trim_at: Instant,
     last_activity: Instant,
 }
 
@@ -214,9 +226,11 @@ impl Session {
             catchup_retry_at: None,
             lagging: false,
             bucket,
+            sends: Sends::default(),
             ack_wanted: 0,
             ack_done: 0,
             trim: None,
+            next_trim_at: Instant::now(),
             last_activity: Instant::now(),
             node,
         };
@@ -244,6 +258,7 @@ impl Session {
         tokio::pin!(position_check);
 
         loop {
+            let trim_due = self.trim_due();
             tokio::select! {
                 () = &mut drain_turn => {
                     return Box::pin(self.leave("drain", close::SERVICE_RESTART)).await;
@@ -253,7 +268,7 @@ impl Session {
                     return Box::pin(self.leave("store_outage", close::TRY_AGAIN_LATER)).await;
                 }
                 () = self.out.closed() => return End { label: "write_timeout", close: None },
-                next = stream.next() => {
+                next = stream.next(), if self.sends.len() < SENDS_IN_FLIGHT => {
                     self.last_activity = Instant::now();
                     match classify(next, self.codec) {
                         // Handlers are boxed: their state exists while they run, not for the
@@ -289,11 +304,15 @@ impl Session {
                         return end;
                     }
                 }
-                done = join_trim(&mut self.trim) => {
-                    if let Some(end) = Box::pin(self.on_trimmed(done)).await {
-                        return end;
+                answer = self.sends.next_answer() => self.reply(answer).await,
+                step = trim_step(&mut self.trim, trim_due) => match step {
+                    TrimStep::Due => self.start_trim(),
+                    TrimStep::Done(upto, done) => {
+                        if let Some(end) = Box::pin(self.on_trimmed(upto, done)).await {
+                            return end;
+                        }
                     }
-                }
+                },
                 _ = heartbeat.tick() => {
                     if self.last_activity.elapsed() > node.config.heartbeat * 2 {
                         return End::closing("heartbeat", close::NORMAL);
@@ -315,7 +334,7 @@ impl Session {
     async fn on_frame(&mut self, frame: ClientFrame) -> Option<End> {
         metrics::FRAMES_IN.with_label_values(&[frame.kind()]).inc();
         match frame {
-            ClientFrame::Send { id, to, body } => self.on_send(id, to, body).await,
+            ClientFrame::Send { id, to, body } => self.on_send(id, to, body),
             ClientFrame::Ack { seq } => self.on_ack(seq),
             ClientFrame::Ping => self.reply(ServerFrame::Pong).await,
             ClientFrame::Hello { .. } => {
@@ -327,38 +346,32 @@ impl Session {
         None
     }
 
-    async fn reply(&self, frame: ServerFrame) {
+    /// `&mut self` (not `&self`): the session holds futures that are `Send` but not `Sync`, so
+    /// it may not be shared across an await.
+    async fn reply(&mut self, frame: ServerFrame) {
         // A closed queue means the writer is gone; the loop sees that next.
         let _ = self.out.push(encode(self.codec, &frame, None)).await;
     }
 
-    async fn on_send(&mut self, id: String, to: String, body: Body) {
-        let answer = match self.accept_send(&id, &to, body).await {
-            Ok(frame) => frame,
-            Err((code, message, retry)) => {
-                metrics::SENDS.with_label_values(&[code.as_str()]).inc();
-                ServerFrame::Error {
-                    code,
-                    message,
-                    id: Some(id),
-                    retry_after_ms: retry,
-                }
+    /// Checks a `send` and issues it to the store; its answer goes out in its turn.
+    fn on_send(&mut self, id: String, to: String, body: Body) {
+        match self.check_send(&id, &to, body) {
+            Ok(msg) => {
+                let append = self.node.engine.append(&msg);
+                self.sends.issued(id, to, append);
             }
-        };
-        self.reply(answer).await;
+            Err(refused) => self.sends.refused(id, refused),
+        }
     }
 
-    /// Checks a `send` and appends it; the `sent` frame, or the error to answer.
-    async fn accept_send(
-        &mut self,
-        id: &str,
-        to: &str,
-        body: Body,
-    ) -> Result<ServerFrame, (ErrorCode, String, Option<u64>)> {
-        let invalid = |m: String| (ErrorCode::Invalid, m, None);
+    /// The message a `send` asks to store, or why it is refused.
+    fn check_send(&mut self, id: &str, to: &str, body: Body) -> Result<NewMessage, Refused> {
+        let invalid = |m: String| Refused::new(ErrorCode::Invalid, m);
         if let Err(retry_ms) = self.bucket.take() {
-            let message = "send rate exceeded".to_string();
-            return Err((ErrorCode::RateLimited, message, Some(retry_ms)));
+            return Err(Refused {
+                retry_after_ms: Some(retry_ms),
+                ..Refused::new(ErrorCode::RateLimited, "send rate exceeded")
+            });
         }
         let message_id = MessageId::parse(id).map_err(|e| invalid(e.to_string()))?;
         let recipient = UserId::parse(to).map_err(|e| invalid(format!("to: {e}")))?;
@@ -368,81 +381,53 @@ impl Session {
         let max = self.node.config.max_body_bytes;
         if body.0.len() > max {
             let message = format!("body of {} bytes is over {max}", body.0.len());
-            return Err((ErrorCode::TooLarge, message, None));
+            return Err(Refused::new(ErrorCode::TooLarge, message));
         }
-        let msg = NewMessage {
+        Ok(NewMessage {
             from: self.user.clone(),
             to: recipient,
             id: message_id,
             ts: now_ms(),
             body: body.0,
-        };
-        let outcome = self.node.engine.append(&msg).await;
-        let sent = |seq, duplicate| ServerFrame::Sent {
-            id: id.to_string(),
-            to: to.to_string(),
-            seq,
-            duplicate,
-        };
-        match outcome {
-            Ok(ferry_router::AppendOutcome::Stored { seq }) => {
-                metrics::SENDS.with_label_values(&["stored"]).inc();
-                Ok(sent(seq, false))
-            }
-            Ok(ferry_router::AppendOutcome::Duplicate { seq }) => {
-                metrics::SENDS.with_label_values(&["duplicate"]).inc();
-                Ok(sent(seq, true))
-            }
-            Ok(ferry_router::AppendOutcome::InboxFull) => {
-                Err((ErrorCode::InboxFull, format!("{to}'s inbox is full"), None))
-            }
-            Err(EngineError::Unavailable(e)) => {
-                // Per message, so at debug: an outage shows in the store metrics and the
-                // watchdog's log, not as one line per refused send.
-                tracing::debug!(error = %e, "append failed");
-                let message = "the store did not answer in time; retry with the same id";
-                Err((ErrorCode::Unavailable, message.into(), None))
-            }
-            Err(EngineError::Internal(e)) => {
-                tracing::error!(error = %e, "append failed");
-                Err((ErrorCode::Internal, "store fault".into(), None))
-            }
-        }
+        })
     }
 
     /// The position the store checks reads and trims against.
-    fn position(&self) -> Position {
+    fn position(&self) -> Position<'_> {
         Position {
-            epoch: self.epoch.clone(),
+            epoch: &self.epoch,
             delivered: self.delivered,
             stamp: self.stamp,
         }
     }
 
-    /// A cumulative ack, clamped to what this connection delivered (G6); at most one trim in
-    /// flight, the highest seq wins.
+    /// A cumulative ack, clamped to what this connection delivered (G6). The trim follows when
+    /// `trim_due` says so: at most one in flight and one per `TRIM_EVERY`, the highest seq wins.
     fn on_ack(&mut self, seq: u64) {
         self.ack_wanted = self.ack_wanted.max(seq.min(self.delivered));
-        if self.trim.is_none() && self.ack_wanted > self.ack_done {
-            let engine = self.node.engine.clone();
-            let user = self.user.clone();
-            let upto = self.ack_wanted;
-            let at = self.position();
-            self.trim = Some(tokio::spawn(async move {
-                let trimmed = engine.trim(&user, &at, upto).await?;
-                Ok(match trimmed {
-                    Checked::Valid(()) => Checked::Valid(upto),
-                    Checked::Void => Checked::Void,
-                })
-            }));
-        }
     }
 
-    async fn on_trimmed(&mut self, done: Result<Checked<u64>, EngineError>) -> Option<End> {
+    /// When a trim should start: none is in flight, an ack is not applied yet, and the interval
+    /// has passed (`None`: nothing to do).
+    fn trim_due(&self) -> Option<Instant> {
+        (self.trim.is_none() && self.ack_wanted > self.ack_done).then_some(self.next_trim_at)
+    }
+
+    fn start_trim(&mut self) {
+        let upto = self.ack_wanted;
+        let trim = self.node.engine.trim(&self.user, &self.position(), upto);
+        self.trim = Some((upto, trim));
+        self.next_trim_at = Instant::now() + TRIM_EVERY;
+    }
+
+    async fn on_trimmed(
+        &mut self,
+        upto: u64,
+        done: Result<Checked<()>, EngineError>,
+    ) -> Option<End> {
         match done {
-            Ok(Checked::Valid(upto)) => {
+            Ok(Checked::Valid(())) => {
                 self.ack_done = self.ack_done.max(upto);
-                self.on_ack(0);
                 None
             }
             Ok(Checked::Void) => Some(self.position_void().await),
@@ -468,7 +453,7 @@ impl Session {
         };
         let Live { epoch, entry } = &*live;
         let msg = match entry {
-            Stored::Message(msg) if **epoch == *self.epoch => msg,
+            Stored::Message(msg) if epoch.as_str() == self.epoch => msg,
             // Another incarnation's message: the catch-up's read checks the position (the
             // inbox's epoch changed, or this is a stale one from before the session's).
             Stored::Message(_) => {
@@ -550,8 +535,11 @@ impl Session {
             .min(self.out.free_slots())
             .max(1);
         metrics::CATCHUPS.with_label_values(&[reason]).inc();
-        let at = self.position();
-        match self.node.engine.read_after(&self.user, &at, page).await {
+        let read = self
+            .node
+            .engine
+            .read_after(&self.user, &self.position(), page);
+        match read.await {
             Ok(Checked::Valid(entries)) => {
                 self.catchup_retry_at = None;
                 let mut complete = entries.len() < page;
@@ -591,8 +579,11 @@ impl Session {
     /// The periodic position check against the inbox's head: a catch-up if something stored was
     /// not delivered (a lost live notification), a reconnect if the position is void.
     async fn check_position(&mut self) -> Option<End> {
-        let at = self.position();
-        match self.node.engine.check_position(&self.user, &at).await {
+        let check = self
+            .node
+            .engine
+            .check_position(&self.user, &self.position());
+        match check.await {
             Ok(Checked::Valid(head)) => {
                 if head > self.delivered {
                     self.start_catch_up("position");
@@ -611,7 +602,8 @@ impl Session {
     /// client away like any void position.
     async fn seq_reused(&mut self) -> End {
         // Leaving anyway on an error: the store checks of the other sessions still find it.
-        if let Err(e) = self.node.engine.end_epoch(&self.user, &self.epoch).await {
+        let end = self.node.engine.end_epoch(&self.user, &self.epoch);
+        if let Err(e) = end.await {
             tracing::warn!(error = %e, "ending the reused epoch failed");
         }
         self.position_void().await
@@ -628,6 +620,12 @@ impl Session {
     /// Asks the client to reconnect (to any node) within a second, spread so that a node's
     /// clients do not all arrive at once, then closes with `code`.
     async fn leave(&mut self, label: &'static str, code: u16) -> End {
+        // The sends in flight are answered first (each bounded by the store timeout), so a
+        // draining node loses no `sent`.
+        while !self.sends.is_empty() {
+            let answer = self.sends.next_answer().await;
+            self.reply(answer).await;
+        }
         let after_ms = rand::random_range(0..=1000);
         self.reply(ServerFrame::Reconnect { after_ms }).await;
         End::closing(label, code)
@@ -637,14 +635,16 @@ impl Session {
     /// while that trim ran; each bounded by the store timeout) and leaves the lag gauge right.
     async fn finish(&mut self) {
         let timeout = self.node.config.store_timeout;
-        if let Some(trim) = self.trim.take()
-            && let Ok(Ok(Ok(Checked::Valid(upto)))) = tokio::time::timeout(timeout, trim).await
+        if let Some((upto, trim)) = self.trim.take()
+            && let Ok(Ok(Checked::Valid(()))) = tokio::time::timeout(timeout, trim).await
         {
             self.ack_done = self.ack_done.max(upto);
         }
         if self.ack_wanted > self.ack_done {
-            let at = self.position();
-            let trim = self.node.engine.trim(&self.user, &at, self.ack_wanted);
+            let trim = self
+                .node
+                .engine
+                .trim(&self.user, &self.position(), self.ack_wanted);
             match tokio::time::timeout(timeout, trim).await {
                 Ok(Ok(_)) => {}
                 Ok(Err(e)) => {
@@ -671,16 +671,34 @@ async fn wait_catch_up(out: &Outbound, due: bool, retry_at: Option<Instant>) {
     out.wait_room().await;
 }
 
-/// Resolves with the trim's result when one is in flight.
-async fn join_trim(
-    trim: &mut Option<JoinHandle<Result<Checked<u64>, EngineError>>>,
-) -> Result<Checked<u64>, EngineError> {
-    let Some(handle) = trim.as_mut() else {
-        return std::future::pending().await;
-    };
-    let result = handle
-        .await
-        .unwrap_or_else(|e| Err(EngineError::Internal(format!("trim task: {e}"))));
-    *trim = None;
-    result
+/// A trim in flight: the seq it trims up to, and its answer.
+type Trim = (u64, BoxFuture<'static, Result<Checked<()>, EngineError>>);
+
+/// What the trim branch of the session's loop resolved with.
+enum TrimStep {
+    /// A trim should start now.
+    Due,
+    /// The trim up to this seq finished.
+    Done(u64, Result<Checked<()>, EngineError>),
+}
+
+/// Resolves when the trim in flight finishes, or when the next one is due (`due`, from
+/// `Session::trim_due`).
+async fn trim_step(
+    trim: &mut Option<Trim>,
+    due: Option<Instant>,
+) -> TrimStep {
+    if let Some((upto, running)) = trim.as_mut() {
+        let upto = *upto;
+        let done = running.await;
+        *trim = None;
+        return TrimStep::Done(upto, done);
+    }
+    match due {
+        Some(at) => {
+            tokio::time::sleep_until(at).await;
+            TrimStep::Due
+        }
+        None => std::future::pending().await,
+    }
 }

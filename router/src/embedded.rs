@@ -20,8 +20,8 @@ use tokio::sync::mpsc::{self, error::TrySendError};
 use tokio::time::Instant;
 
 use crate::engine::{
-    AppendOutcome, Checked, Engine, EngineError, EngineOptions, InboxMessage, InboxState, Live,
-    LiveEvent, NewMessage, Opened, Position, StoreReport, Stored,
+    AppendOutcome, Checked, Engine, EngineError, EngineOptions, EpochName, InboxMessage,
+    InboxState, Live, LiveEvent, LiveSink, NewMessage, Opened, Position, StoreReport, Stored,
 };
 use crate::epoch::new_epoch;
 use crate::metrics;
@@ -33,7 +33,7 @@ const SWEEP_INTERVAL: Duration = Duration::from_secs(60);
 pub struct EmbeddedEngine {
     options: EngineOptions,
     state: Arc<Mutex<State>>,
-    /// The live events until the hub takes them.
+    /// The live events until the hub sets its sink.
     live_events: Mutex<Option<mpsc::Receiver<LiveEvent>>>,
 }
 
@@ -121,7 +121,7 @@ impl EmbeddedEngine {
         inbox.seq += 1;
         inbox.expires = now + self.options.inbox_ttl;
         let seq = inbox.seq;
-        let epoch: Arc<str> = inbox.epoch.as_str().into();
+        let epoch = EpochName::new(&inbox.epoch);
         let stored = InboxMessage {
             seq,
             from: msg.from.clone(),
@@ -254,20 +254,16 @@ impl Engine for EmbeddedEngine {
         "embedded"
     }
 
-    fn append<'a>(
-        &'a self,
-        msg: &'a NewMessage,
-    ) -> BoxFuture<'a, Result<AppendOutcome, EngineError>> {
-        // A future, not an immediate answer, so the overflow task is spawned inside the runtime.
-        Box::pin(async move { Ok(self.append_now(msg)) })
+    fn append(&self, msg: &NewMessage) -> BoxFuture<'static, Result<AppendOutcome, EngineError>> {
+        Box::pin(future::ready(Ok(self.append_now(msg))))
     }
 
-    fn read_after<'a>(
-        &'a self,
-        user: &'a UserId,
-        at: &'a Position,
+    fn read_after(
+        &self,
+        user: &UserId,
+        at: &Position<'_>,
         limit: usize,
-    ) -> BoxFuture<'a, Result<Checked<Vec<Stored>>, EngineError>> {
+    ) -> BoxFuture<'static, Result<Checked<Vec<Stored>>, EngineError>> {
         let now = Instant::now();
         let mut state = self.lock();
         let answer = match state.verify(user, at, now) {
@@ -285,12 +281,12 @@ impl Engine for EmbeddedEngine {
         Box::pin(future::ready(Ok(answer)))
     }
 
-    fn trim<'a>(
-        &'a self,
-        user: &'a UserId,
-        at: &'a Position,
+    fn trim(
+        &self,
+        user: &UserId,
+        at: &Position<'_>,
         upto: u64,
-    ) -> BoxFuture<'a, Result<Checked<()>, EngineError>> {
+    ) -> BoxFuture<'static, Result<Checked<()>, EngineError>> {
         let now = Instant::now();
         let mut state = self.lock();
         let answer = match state.verify(user, at, now) {
@@ -309,11 +305,11 @@ impl Engine for EmbeddedEngine {
         Box::pin(future::ready(Ok(answer)))
     }
 
-    fn check_position<'a>(
-        &'a self,
-        user: &'a UserId,
-        at: &'a Position,
-    ) -> BoxFuture<'a, Result<Checked<u64>, EngineError>> {
+    fn check_position(
+        &self,
+        user: &UserId,
+        at: &Position<'_>,
+    ) -> BoxFuture<'static, Result<Checked<u64>, EngineError>> {
         let now = Instant::now();
         let mut state = self.lock();
         let answer = match state.verify(user, at, now) {
@@ -323,11 +319,11 @@ impl Engine for EmbeddedEngine {
         Box::pin(future::ready(Ok(answer)))
     }
 
-    fn open_inbox<'a>(
-        &'a self,
-        user: &'a UserId,
-        claim: Option<(&'a str, u64)>,
-    ) -> BoxFuture<'a, Result<Opened, EngineError>> {
+    fn open_inbox(
+        &self,
+        user: &UserId,
+        claim: Option<(&str, u64)>,
+    ) -> BoxFuture<'static, Result<Opened, EngineError>> {
         let now = Instant::now();
         let mut guard = self.lock();
         let state = &mut *guard;
@@ -357,10 +353,10 @@ impl Engine for EmbeddedEngine {
         Box::pin(future::ready(opened))
     }
 
-    fn inbox_state<'a>(
-        &'a self,
-        user: &'a UserId,
-    ) -> BoxFuture<'a, Result<Option<InboxState>, EngineError>> {
+    fn inbox_state(
+        &self,
+        user: &UserId,
+    ) -> BoxFuture<'static, Result<Option<InboxState>, EngineError>> {
         let mut state = self.lock();
         let answer = state
             .live_inbox(user, Instant::now())
@@ -371,11 +367,11 @@ impl Engine for EmbeddedEngine {
         Box::pin(future::ready(Ok(answer)))
     }
 
-    fn end_epoch<'a>(
-        &'a self,
-        user: &'a UserId,
-        epoch: &'a str,
-    ) -> BoxFuture<'a, Result<bool, EngineError>> {
+    fn end_epoch(
+        &self,
+        user: &UserId,
+        epoch: &str,
+    ) -> BoxFuture<'static, Result<bool, EngineError>> {
         let mut state = self.lock();
         let ended = match state.live_inbox(user, Instant::now()) {
             Some(inbox) if inbox.epoch == epoch => {
@@ -398,11 +394,24 @@ impl Engine for EmbeddedEngine {
         Box::pin(future::ready(Ok(())))
     }
 
-    fn take_live_events(&self) -> Option<mpsc::Receiver<LiveEvent>> {
-        self.live_events
+    fn set_live_sink(&self, sink: LiveSink) {
+        let taken = self
+            .live_events
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
-            .take()
+            .take();
+        let Some(mut events) = taken else {
+            tracing::error!("the engine's live sink was already set; the second one is ignored");
+            return;
+        };
+        // The appends hand events over under the engine's lock, in seq order, through a channel;
+        // this task calls the sink outside that lock (the hub's own lock is taken the other way
+        // round when a session joins).
+        tokio::spawn(async move {
+            while let Some(event) = events.recv().await {
+                sink(event);
+            }
+        });
     }
 
     fn ping(&self) -> BoxFuture<'_, Result<(), EngineError>> {
@@ -465,7 +474,7 @@ mod tests {
         tokio::time::advance(Duration::from_secs(1801)).await;
         assert_eq!(engine.inbox_state(&bob).await.unwrap(), None);
         let at = Position {
-            epoch: first.epoch.clone(),
+            epoch: &first.epoch,
             delivered: 0,
             stamp: first.stamp,
         };

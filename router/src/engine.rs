@@ -7,7 +7,6 @@ use std::time::Duration;
 use bytes::Bytes;
 use ferry_shared::{MessageId, UserId};
 use futures_util::future::BoxFuture;
-use tokio::sync::mpsc;
 
 /// One stored message, as read from an inbox or received live.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -53,19 +52,55 @@ impl Stored {
     }
 }
 
+/// An epoch's name, held inline so that a live message carries it without an allocation.
+/// Ferry's epochs are 12 characters; a longer name (written by something else) is held as empty,
+/// which equals no session's epoch, so such a message makes the session check with the store.
+#[derive(Clone, Copy, PartialEq, Eq, Hash)]
+pub struct EpochName {
+    len: u8,
+    bytes: [u8; EpochName::MAX],
+}
+
+impl EpochName {
+    const MAX: usize = 23;
+
+    pub fn new(name: &str) -> Self {
+        let mut bytes = [0; Self::MAX];
+        if name.len() > Self::MAX {
+            return Self { len: 0, bytes };
+        }
+        bytes[..name.len()].copy_from_slice(name.as_bytes());
+        Self {
+            len: name.len() as u8,
+            bytes,
+        }
+    }
+
+    pub fn as_str(&self) -> &str {
+        // Only ever built from a `&str` cut at its end.
+        std::str::from_utf8(&self.bytes[..usize::from(self.len)]).unwrap_or_default()
+    }
+}
+
+impl std::fmt::Debug for EpochName {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{:?}", self.as_str())
+    }
+}
+
 /// A live notification: an entry stored in the inbox incarnation `epoch`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Live {
-    pub epoch: Arc<str>,
+    pub epoch: EpochName,
     pub entry: Stored,
 }
 
 /// Where a session stands in an inbox, as the store checks it before every read and trim: the
 /// incarnation, the highest seq delivered, and a store time by which everything at or below
 /// that seq had been stored (a message's stamp, or the time the inbox was opened).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Position {
-    pub epoch: String,
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Position<'a> {
+    pub epoch: &'a str,
     pub delivered: u64,
     pub stamp: u64,
 }
@@ -131,6 +166,11 @@ pub struct StoreReport {
     pub may_evict: bool,
 }
 
+/// Where the engine hands its live events: the hub's dispatch, called from the engine's own task
+/// (the Redis engine's pub/sub task), so a live message takes no extra task hop. It must not
+/// block.
+pub type LiveSink = Arc<dyn Fn(LiveEvent) + Send + Sync>;
+
 /// Something the node's live bus tells the hub.
 #[derive(Debug, Clone)]
 pub enum LiveEvent {
@@ -154,7 +194,7 @@ pub struct EngineOptions {
     pub dedupe_window: Duration,
     /// A store command slower than this fails with `EngineError::Unavailable`.
     pub store_timeout: Duration,
-    /// Capacity of the channel from the live bus to the hub.
+    /// Capacity of the embedded engine's channel from its appends to the hub.
     pub live_buffer: usize,
     /// Replicas that must acknowledge an append before it is answered (`WAIT`); 0: none.
     pub min_replicas_ack: u32,
@@ -200,60 +240,58 @@ pub trait Engine: Send + Sync + 'static {
     fn name(&self) -> &'static str;
 
     /// Dedupe check, capacity check, epoch creation, seq allocation, store, TTL refresh and live
-    /// publish, atomically, checks before writes.
-    fn append<'a>(
-        &'a self,
-        msg: &'a NewMessage,
-    ) -> BoxFuture<'a, Result<AppendOutcome, EngineError>>;
+    /// publish, atomically, checks before writes. Issued when called: the appends of one sender
+    /// reach the store in the order of the calls, however many are in flight.
+    fn append(&self, msg: &NewMessage) -> BoxFuture<'static, Result<AppendOutcome, EngineError>>;
 
     /// Up to `limit` entries with seq above `at.delivered`, in seq order, once `at` is checked.
-    fn read_after<'a>(
-        &'a self,
-        user: &'a UserId,
-        at: &'a Position,
+    fn read_after(
+        &self,
+        user: &UserId,
+        at: &Position<'_>,
         limit: usize,
-    ) -> BoxFuture<'a, Result<Checked<Vec<Stored>>, EngineError>>;
+    ) -> BoxFuture<'static, Result<Checked<Vec<Stored>>, EngineError>>;
 
     /// Deletes every message with seq at or below `upto` (a cumulative ack, `upto` at most
     /// `at.delivered`), once `at` is checked.
-    fn trim<'a>(
-        &'a self,
-        user: &'a UserId,
-        at: &'a Position,
+    fn trim(
+        &self,
+        user: &UserId,
+        at: &Position<'_>,
         upto: u64,
-    ) -> BoxFuture<'a, Result<Checked<()>, EngineError>>;
+    ) -> BoxFuture<'static, Result<Checked<()>, EngineError>>;
 
     /// The inbox's head, once `at` is checked (the periodic position check).
-    fn check_position<'a>(
-        &'a self,
-        user: &'a UserId,
-        at: &'a Position,
-    ) -> BoxFuture<'a, Result<Checked<u64>, EngineError>>;
+    fn check_position(
+        &self,
+        user: &UserId,
+        at: &Position<'_>,
+    ) -> BoxFuture<'static, Result<Checked<u64>, EngineError>>;
 
     /// Opens the inbox at `hello`: creates and stores its epoch if absent and refreshes its TTL.
     /// `claim` is the client's resume point (epoch, last_seq): a `last_seq` beyond the head of
     /// that same epoch means the store went back in time, and the epoch is ended (replaced) in
     /// the same atomic step.
-    fn open_inbox<'a>(
-        &'a self,
-        user: &'a UserId,
-        claim: Option<(&'a str, u64)>,
-    ) -> BoxFuture<'a, Result<Opened, EngineError>>;
+    fn open_inbox(
+        &self,
+        user: &UserId,
+        claim: Option<(&str, u64)>,
+    ) -> BoxFuture<'static, Result<Opened, EngineError>>;
 
     /// The inbox's epoch and head without creating anything: `None` if the inbox has no epoch
     /// (never reported, expired or lost).
-    fn inbox_state<'a>(
-        &'a self,
-        user: &'a UserId,
-    ) -> BoxFuture<'a, Result<Option<InboxState>, EngineError>>;
+    fn inbox_state(
+        &self,
+        user: &UserId,
+    ) -> BoxFuture<'static, Result<Option<InboxState>, EngineError>>;
 
     /// Ends the inbox's incarnation `epoch` if it is still the current one (compare and set):
     /// a session saw a reused seq (counted as `seq_reused`). True if it was ended now.
-    fn end_epoch<'a>(
-        &'a self,
-        user: &'a UserId,
-        epoch: &'a str,
-    ) -> BoxFuture<'a, Result<bool, EngineError>>;
+    fn end_epoch(
+        &self,
+        user: &UserId,
+        epoch: &str,
+    ) -> BoxFuture<'static, Result<bool, EngineError>>;
 
     /// Starts live delivery of `user`'s messages to this node; resolves once it is in effect.
     /// An `Unavailable` error means it was not in effect within `store_timeout`; the request
@@ -263,14 +301,16 @@ pub trait Engine: Send + Sync + 'static {
     /// Stops live delivery of `user`'s messages to this node.
     fn unsubscribe(&self, user: &UserId) -> BoxFuture<'static, Result<(), EngineError>>;
 
-    /// The node's live events. The hub takes it once; later calls return `None`.
-    fn take_live_events(&self) -> Option<mpsc::Receiver<LiveEvent>>;
+    /// Where live events go from now on (the hub sets it once). Events before it are dropped,
+    /// which is safe: nobody is subscribed before there is a hub.
+    fn set_live_sink(&self, sink: LiveSink);
 
     /// Whether the store answers now (for `/readyz`).
     fn ping(&self) -> BoxFuture<'_, Result<(), EngineError>>;
 
-    /// The store watchdog's periodic check: answers like `ping`, reports the store's eviction
-    /// policy, and lets the engine notice a store that restarted or failed over (the Redis
-    /// engine then audits its recent appends).
+    /// The store watchdog's periodic check, on a connection of its own so a busy store path never
+    /// looks like an outage: answers like `ping`, reports the store's eviction policy, and lets
+    /// the engine notice a store that restarted or failed over (the Redis engine then audits its
+    /// recent appends).
     fn check(&self) -> BoxFuture<'_, Result<StoreReport, EngineError>>;
 }

@@ -1,7 +1,5 @@
 //! Epochs: short random names for one incarnation of an inbox.
 
-use rand::Rng;
-
 /// Characters of an epoch: lowercase base32 (Crockford-like, without look-alikes).
 const ALPHABET: &[u8; 32] = b"0123456789abcdefghjkmnpqrstvwxyz";
 
@@ -9,12 +7,20 @@ const ALPHABET: &[u8; 32] = b"0123456789abcdefghjkmnpqrstvwxyz";
 /// practically never share a name.
 const LEN: usize = 12;
 
-/// A fresh random epoch such as `k3v9q0x7mz2a`.
+/// A fresh random epoch such as `k3v9q0x7mz2a`, as bytes (one random draw, no allocation).
+pub(crate) fn new_epoch_bytes() -> [u8; LEN] {
+    let mut bits: u64 = rand::random();
+    let mut name = [0; LEN];
+    for c in &mut name {
+        *c = ALPHABET[(bits & 31) as usize];
+        bits >>= 5;
+    }
+    name
+}
+
+/// A fresh random epoch as a string.
 pub(crate) fn new_epoch() -> String {
-    let mut rng = rand::rng();
-    (0..LEN)
-        .map(|_| char::from(ALPHABET[rng.random_range(0..ALPHABET.len())]))
-        .collect()
+    String::from_utf8_lossy(&new_epoch_bytes()).into_owned()
 }
 
 #[cfg(test)]

@@ -1,6 +1,7 @@
 //! The node-local hub: which sessions of which users are on this node, the node's live
 //! subscriptions (the first session of a user subscribes, the last one to leave unsubscribes),
-//! and the dispatcher that hands live events to sessions without ever waiting for one.
+//! and the dispatch that hands live events to sessions without ever waiting for one (called by
+//! the engine's live task itself).
 //!
 //! A session whose live queue is full is not waited for: it is flagged *lagged* and catches up
 //! from the store. A `Resync` from the engine flags every session. Either way the inbox is the
@@ -8,7 +9,7 @@
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU8, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError, Weak};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
 use ferry_shared::UserId;
 use tokio::sync::mpsc::error::TrySendError;
@@ -104,12 +105,12 @@ impl Signal {
 }
 
 impl Hub {
-    /// Creates the hub and starts its dispatcher on the engine's live events (inside the current
-    /// Tokio runtime). If another hub already took the events, this one receives nothing.
+    /// Creates the hub and makes it the engine's live sink: the engine's own task hands each
+    /// live event to the sessions' queues (inside the current Tokio runtime). If another hub
+    /// already is the sink, this one receives nothing.
     pub fn new(engine: Arc<dyn Engine>, options: HubOptions) -> Arc<Hub> {
-        let events = engine.take_live_events();
         let hub = Arc::new(Hub {
-            engine,
+            engine: Arc::clone(&engine),
             options,
             state: Mutex::new(HubState {
                 users: HashMap::new(),
@@ -117,14 +118,12 @@ impl Hub {
                 next_session: 0,
             }),
         });
-        match events {
-            Some(events) => {
-                tokio::spawn(dispatch(Arc::downgrade(&hub), events));
+        let weak = Arc::downgrade(&hub);
+        engine.set_live_sink(Arc::new(move |event| {
+            if let Some(hub) = weak.upgrade() {
+                hub.deliver(event);
             }
-            None => {
-                tracing::error!("the engine's live events were already taken; no live delivery")
-            }
-        }
+        }));
         hub
     }
 
@@ -265,17 +264,6 @@ impl Hub {
         // Every critical section leaves the state consistent before anything can panic.
         self.state.lock().unwrap_or_else(PoisonError::into_inner)
     }
-}
-
-/// Hands the engine's live events to sessions until the engine or the hub is gone.
-async fn dispatch(hub: Weak<Hub>, mut events: mpsc::Receiver<LiveEvent>) {
-    while let Some(event) = events.recv().await {
-        let Some(hub) = hub.upgrade() else {
-            return;
-        };
-        hub.deliver(event);
-    }
-    tracing::debug!("the engine's live events ended; the hub's dispatcher stops");
 }
 
 /// One session's place in the hub; dropping it leaves (the last session of a user on the node

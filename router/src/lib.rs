@@ -8,6 +8,7 @@ mod embedded;
 mod engine;
 mod epoch;
 mod hub;
+mod lanes;
 pub mod metrics;
 mod pubsub;
 mod record;
@@ -19,8 +20,8 @@ pub mod testkit;
 
 pub use embedded::EmbeddedEngine;
 pub use engine::{
-    AppendOutcome, Checked, Engine, EngineError, EngineOptions, InboxMessage, InboxState, Live,
-    LiveEvent, NewMessage, Opened, Position, StoreReport, Stored,
+    AppendOutcome, Checked, Engine, EngineError, EngineOptions, EpochName, InboxMessage,
+    InboxState, Live, LiveEvent, LiveSink, NewMessage, Opened, Position, StoreReport, Stored,
 };
 pub use hub::{CatchUpReason, Hub, HubOptions, LiveSignal, Membership};
 pub use record::{RecordError, decode_member, decode_stored, encode_payload, split_live};

@@ -13,28 +13,29 @@
 //!   `PING` goes unanswered for `store_timeout` (a silent network). The task then reconnects with
 //!   jittered exponential backoff (50 ms doubling to 2 s), subscribes every desired user again,
 //!   and only then sends `LiveEvent::Resync`: anything published while it was away was missed.
-//! - Messages are forwarded with `try_send`, never awaited: the redis crate reads the socket into
-//!   an unbounded queue of its own, so awaiting a slow hub would grow that queue instead of pushing
-//!   back on Redis. When the hub's channel is full, the message is dropped and a `Resync` is owed;
-//!   until it is delivered (as soon as there is room) further messages are dropped too, which is
-//!   safe because each of them is already in the store the resync reads.
+//! - Messages go straight to the hub's sink (`Engine::set_live_sink`), called from this task: no
+//!   channel and no task hop between the pub/sub connection and the sessions' queues. The sink
+//!   never waits (a session whose queue is full is flagged to catch up instead).
 
 mod backoff;
 mod task;
 
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use ferry_shared::{Keys, UserId};
 use futures_util::future::BoxFuture;
 use tokio::sync::{mpsc, oneshot};
 
-use crate::engine::{EngineError, LiveEvent};
+use crate::engine::{EngineError, LiveSink};
 use task::LiveTask;
 
 /// Handle to the live task; the task stops when this is dropped.
 pub(crate) struct LiveBus {
     requests: mpsc::UnboundedSender<Request>,
     store_timeout: Duration,
+    /// Where the task hands live events, once the hub has set it.
+    sink: Arc<OnceLock<LiveSink>>,
 }
 
 struct Request {
@@ -45,22 +46,24 @@ struct Request {
 }
 
 impl LiveBus {
-    /// Starts the live task (inside the current Tokio runtime). Returns the handle and the
-    /// channel of live events for the hub.
-    pub fn start(
-        client: redis::Client,
-        keys: Keys,
-        store_timeout: Duration,
-        live_buffer: usize,
-    ) -> (LiveBus, mpsc::Receiver<LiveEvent>) {
+    /// Starts the live task (inside the current Tokio runtime).
+    pub fn start(client: redis::Client, keys: Keys, store_timeout: Duration) -> LiveBus {
         let (requests, requests_rx) = mpsc::unbounded_channel();
-        let (events, events_rx) = mpsc::channel(live_buffer.max(1));
-        tokio::spawn(LiveTask::new(client, keys, store_timeout, requests_rx, events).run());
-        let bus = LiveBus {
+        let sink = Arc::new(OnceLock::new());
+        let task = LiveTask::new(client, keys, store_timeout, requests_rx, Arc::clone(&sink));
+        tokio::spawn(task.run());
+        LiveBus {
             requests,
             store_timeout,
-        };
-        (bus, events_rx)
+            sink,
+        }
+    }
+
+    /// Sets where live events go (once; a second sink is ignored).
+    pub fn set_sink(&self, sink: LiveSink) {
+        if self.sink.set(sink).is_err() {
+            tracing::error!("the engine's live sink was already set; the second one is ignored");
+        }
     }
 
     pub fn subscribe(&self, user: &UserId) -> BoxFuture<'static, Result<(), EngineError>> {

@@ -1,33 +1,40 @@
-//! The Redis engine: the cluster's shared truth. Store commands go through a small
-//! `deadpool-redis` pool of multiplexed connections, each bounded by `store_timeout`; live
-//! delivery goes through one dedicated pub/sub connection (`pubsub.rs`).
+//! The Redis engine: the cluster's shared truth. Store commands go through a few shared,
+//! pipelined connections (`lanes.rs`), each bounded by `store_timeout`; live delivery goes
+//! through one dedicated pub/sub connection (`pubsub.rs`); the store watchdog's checks have a
+//! connection of their own.
 //!
 //! Every read, trim and position check is a script that first checks the session's `Position`
 //! against the inbox (`script.rs`), so nothing is read or trimmed on the strength of a position
 //! the store no longer backs. After the store restarts or fails over (its run id changes), the
 //! engine audits its recent appends (`audit.rs`).
+//!
+//! Every operation is issued when it is called (its command is queued on its lane at once), so
+//! its future is `'static` and the calls of one session keep their order.
 
+use std::hash::{Hash, Hasher};
+use std::io::Write;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
-use deadpool_redis::{Pool, PoolError, Runtime};
-use ferry_shared::{Keys, UserId};
+use ferry_shared::{KeyKind, Keys, UserId, UserKey};
 use futures_util::future::BoxFuture;
-use redis::{ErrorKind, RedisError, ServerErrorKind, Value};
-use tokio::sync::mpsc;
+use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use redis::{Cmd, RedisWrite, ToRedisArgs, Value};
+use tokio::sync::oneshot;
 use tokio::time::Instant;
 
 use crate::audit::{Appended, JOURNAL_CAP, Journal};
 use crate::engine::{
-    AppendOutcome, Checked, Engine, EngineError, EngineOptions, InboxState, LiveEvent, NewMessage,
+    AppendOutcome, Checked, Engine, EngineError, EngineOptions, InboxState, LiveSink, NewMessage,
     Opened, Position, StoreReport, Stored,
 };
-use crate::epoch::new_epoch;
+use crate::epoch::new_epoch_bytes;
+use crate::lanes::{Durability, Lanes, LuaScript, redis_error};
 use crate::metrics::{self, StoreOp};
 use crate::pubsub::LiveBus;
 use crate::record::{decode_stored, encode_payload};
 use crate::script::{
-    Scripts, VoidReason, int, parse_append, parse_checked, parse_open, parse_state, string,
+    SCRIPTS, VoidReason, int, parse_append, parse_checked, parse_open, parse_state, string,
 };
 
 /// Dedupe keys per audit script call, so one call never blocks Redis for long.
@@ -35,22 +42,22 @@ const AUDIT_KEYS_PER_CALL: usize = 512;
 
 /// An engine on a standalone Redis (7 or later).
 pub struct RedisEngine {
-    /// Connections for store commands.
-    pool: Pool,
-    /// What survives between the engine's handle and the audit task it spawns.
-    shared: Arc<Shared>,
-    /// Key and channel names under the configured prefix.
-    keys: Keys,
-    options: EngineOptions,
-    scripts: Scripts,
+    /// What the `'static` futures of its operations share.
+    core: Arc<Core>,
+    /// The store watchdog's own connection (`ping`, `check`).
+    watch: ConnectionManager,
     /// The pub/sub task's handle; dropping the engine stops the task.
     live: LiveBus,
-    /// The live events until the hub takes them.
-    live_events: Mutex<Option<mpsc::Receiver<LiveEvent>>>,
 }
 
-/// The store identity seen by the last check, and the appends to audit when it changes.
-struct Shared {
+/// The lanes, the names and the audit state.
+struct Core {
+    lanes: Lanes,
+    /// Lanes `0..append_lanes` carry appends (by sender), the rest everything else (by
+    /// recipient), so catch-up reads and acks never queue behind a flood of appends.
+    append_lanes: usize,
+    keys: Keys,
+    options: EngineOptions,
     journal: Mutex<Journal>,
     store: Mutex<StoreIdentity>,
 }
@@ -64,12 +71,32 @@ struct StoreIdentity {
     audit_running: bool,
 }
 
+/// A user's key as a command argument, written straight into the command's buffer.
+struct Key<'a>(UserKey<'a>);
+
+impl ToRedisArgs for Key<'_> {
+    fn write_redis_args<W: ?Sized + RedisWrite>(&self, out: &mut W) {
+        // Writing into the command's own buffer cannot fail.
+        let _ = write!(out.writer_for_next_arg(), "{}", self.0);
+    }
+}
+
+/// A fresh epoch name as a command argument.
+struct NewEpoch;
+
+impl ToRedisArgs for NewEpoch {
+    fn write_redis_args<W: ?Sized + RedisWrite>(&self, out: &mut W) {
+        out.write_arg(&new_epoch_bytes());
+    }
+}
+
 impl RedisEngine {
-    /// Prepares the engine on `url` with up to `pool_size` store
-    /// connections. Nothing is connected yet (no I/O happens here): a Redis that is down now makes
-    /// commands fail with `Unavailable` until it is back, and the pub/sub task keeps retrying with
-    /// backoff. Fails only on a malformed URL (`Internal`), or outside a Tokio runtime.
-    /// `rediss://` is refused as malformed until a TLS feature of the redis crate is enabled.
+    /// Prepares the engine on `url` with `connections` pipelined store connections (at least 2:
+    /// appends and the rest have their own). Nothing is connected yet (no I/O happens here): a
+    /// Redis that is down now makes commands fail with `Unavailable` until it is back, and the
+    /// pub/sub task keeps retrying with backoff. Fails only on a malformed URL (`Internal`), or
+    /// outside a Tokio runtime. `rediss://` is refused as malformed until a TLS feature of the
+    /// redis crate is enabled.
     ///
     /// Live subscriptions: `subscribe` resolves once Redis confirmed it, which after a pub/sub drop
     /// is after the reconnect; if that takes longer than `store_timeout` it fails with
@@ -79,7 +106,7 @@ impl RedisEngine {
     pub async fn connect(
         url: &str,
         options: EngineOptions,
-        pool_size: usize,
+        connections: usize,
     ) -> Result<RedisEngine, EngineError> {
         // The URL may carry a password: errors name the problem, never the URL.
         let client = redis::Client::open(url)
@@ -89,70 +116,213 @@ impl RedisEngine {
                 "RedisEngine::connect must be called inside a Tokio runtime".into(),
             ));
         }
-        let pool = deadpool_redis::Config::from_url(url)
-            .builder()
-            .map_err(|e| EngineError::Internal(format!("invalid Redis URL: {e}")))?
-            .max_size(pool_size.max(1))
-            .runtime(Runtime::Tokio1)
-            .build()
-            .map_err(|e| EngineError::Internal(format!("cannot build the Redis pool: {e}")))?;
+        let connections = connections.max(2);
+        let lanes = Lanes::start(&client, connections, options.store_timeout)?;
+        let watch_config = ConnectionManagerConfig::new()
+            .set_connection_timeout(Some(options.store_timeout))
+            .set_response_timeout(Some(options.store_timeout))
+            .set_number_of_retries(1)
+            .set_max_delay(Duration::from_secs(1));
+        let watch = ConnectionManager::new_lazy_with_config(client.clone(), watch_config)
+            .map_err(|e| EngineError::Internal(format!("cannot set up a connection: {e}")))?;
         let keys = Keys::new(options.key_prefix.clone());
-        let (live, live_events) = LiveBus::start(
-            client,
-            keys.clone(),
-            options.store_timeout,
-            options.live_buffer,
-        );
+        let live = LiveBus::start(client, keys.clone(), options.store_timeout);
         metrics::init();
-        let shared = Arc::new(Shared {
+        let core = Arc::new(Core {
+            lanes,
+            append_lanes: connections / 2,
+            keys,
             journal: Mutex::new(Journal::new(options.audit_window, JOURNAL_CAP)),
             store: Mutex::new(StoreIdentity::default()),
-        });
-        Ok(RedisEngine {
-            pool,
-            shared,
-            keys,
             options,
-            scripts: Scripts::new(),
-            live,
-            live_events: Mutex::new(Some(live_events)),
-        })
+        });
+        Ok(RedisEngine { core, watch, live })
     }
 
-    /// Runs one store operation within `store_timeout`, recording its duration and errors.
-    async fn timed<T>(
-        &self,
-        op: StoreOp,
-        work: impl Future<Output = Result<T, EngineError>>,
-    ) -> Result<T, EngineError> {
-        let started = Instant::now();
-        let timeout = self.options.store_timeout;
-        let result = match tokio::time::timeout(timeout, work).await {
-            Ok(result) => result,
-            Err(_) => Err(EngineError::Unavailable(format!(
-                "{} took longer than {timeout:?}",
-                op.as_str()
-            ))),
+    /// Reads the store's run id and eviction policy (`INFO server memory`).
+    async fn info(&self) -> Result<(String, StoreReport), EngineError> {
+        let mut cmd = redis::cmd("INFO");
+        cmd.arg("server").arg("memory");
+        let mut conn = self.watch.clone();
+        let value = conn.send_packed_command(&cmd).await.map_err(redis_error)?;
+        let info = string(&value)
+            .ok_or_else(|| EngineError::Internal("INFO answered a non-string".into()))?;
+        let field = |name: &str| {
+            info.lines()
+                .find_map(|l| l.strip_prefix(name)?.strip_prefix(':'))
+                .map(|v| v.trim().to_string())
         };
-        metrics::STORE_COMMAND_DURATION
-            .with_label_values(&[op.as_str()])
-            .observe(started.elapsed().as_secs_f64());
-        if let Err(e) = &result {
-            metrics::STORE_ERRORS
-                .with_label_values(&[op.as_str()])
-                .inc();
-            tracing::debug!(op = op.as_str(), error = %e, "store command failed");
+        let run_id = field("run_id").unwrap_or_default();
+        let policy = field("maxmemory_policy");
+        let may_evict = policy.as_deref().is_some_and(|p| p != "noeviction");
+        Ok((
+            run_id,
+            StoreReport {
+                eviction_policy: policy,
+                may_evict,
+            },
+        ))
+    }
+
+    /// Notes the store's run id; when it changed, starts the audit of recent appends.
+    fn observe_run_id(&self, run_id: String) {
+        let start = {
+            let mut store = lock(&self.core.store);
+            match &store.run_id {
+                Some(seen) if *seen != run_id => {
+                    tracing::warn!(
+                        "the store restarted or failed over (new run id); auditing this node's \
+                         recent appends"
+                    );
+                    store.audit_due = true;
+                }
+                _ => {}
+            }
+            store.run_id = Some(run_id);
+            let start = store.audit_due && !store.audit_running;
+            store.audit_running |= start;
+            start
+        };
+        if start {
+            tokio::spawn(audit(Arc::clone(&self.core)));
         }
-        result
+    }
+}
+
+impl Core {
+    fn key<'a>(&'a self, user: &'a UserId, kind: KeyKind<'a>) -> Key<'a> {
+        Key(self.keys.key(user, kind))
     }
 
-    async fn connection(&self) -> Result<deadpool_redis::Connection, EngineError> {
-        self.pool.get().await.map_err(pool_error)
+    /// The append lane of `sender`: all its appends in one FIFO.
+    fn append_lane(&self, sender: &UserId) -> usize {
+        spread(sender) % self.append_lanes
     }
 
-    async fn query(&self, cmd: &redis::Cmd) -> Result<Value, EngineError> {
-        let mut conn = self.connection().await?;
-        cmd.query_async(&mut conn).await.map_err(redis_error)
+    /// The lane of everything else about `user`'s inbox.
+    fn inbox_lane(&self, user: &UserId) -> usize {
+        self.append_lanes + spread(user) % (self.lanes.count() - self.append_lanes)
+    }
+
+    /// A position-checked script call: KEYS inbox, meta; ARGV epoch, delivered, stamp, a new
+    /// epoch, then `extra`.
+    fn checked_call(
+        &self,
+        script: &'static LuaScript,
+        user: &UserId,
+        at: &Position<'_>,
+        extra: Option<u64>,
+    ) -> oneshot::Receiver<Result<Value, EngineError>> {
+        let mut cmd = script.call(2);
+        cmd.arg(self.key(user, KeyKind::Inbox))
+            .arg(self.key(user, KeyKind::Meta))
+            .arg(at.epoch)
+            .arg(at.delivered)
+            .arg(at.stamp)
+            .arg(NewEpoch);
+        if let Some(extra) = extra {
+            cmd.arg(extra);
+        }
+        self.submit(self.inbox_lane(user), cmd, script)
+    }
+
+    fn submit(
+        &self,
+        lane: usize,
+        cmd: Cmd,
+        script: &'static LuaScript,
+    ) -> oneshot::Receiver<Result<Value, EngineError>> {
+        self.lanes
+            .submit(lane, cmd, Some(script), Durability::Primary)
+    }
+
+    /// Moves an undecodable member out of `user`'s inbox into its quarantine set.
+    async fn quarantine(&self, user: &UserId, seq: u64, member: Vec<u8>) {
+        let script = &SCRIPTS.quarantine;
+        let mut cmd = script.call(2);
+        cmd.arg(self.key(user, KeyKind::Inbox))
+            .arg(self.key(user, KeyKind::Quarantine))
+            .arg(member)
+            .arg(seq)
+            .arg(millis(self.options.inbox_ttl));
+        let answer = self.submit(self.inbox_lane(user), cmd, script);
+        let moved = timed(StoreOp::Repair, self.options.store_timeout, async {
+            Ok(int(&received(answer).await?) == Some(1))
+        })
+        .await;
+        match moved {
+            Ok(true) => {
+                metrics::UNDECODABLE.inc();
+                tracing::warn!(
+                    %user,
+                    seq,
+                    key = self.keys.quarantine(user),
+                    "undecodable inbox member moved to quarantine"
+                );
+            }
+            // Moved by another session already.
+            Ok(false) => {}
+            // Still in the inbox; the next read steps over it and tries again.
+            Err(e) => tracing::debug!(%user, seq, error = %e, "quarantine failed"),
+        }
+    }
+}
+
+/// A stable spread of users over lanes.
+fn spread(user: &UserId) -> usize {
+    let mut hasher = std::collections::hash_map::DefaultHasher::new();
+    user.hash(&mut hasher);
+    hasher.finish() as usize
+}
+
+/// The answer of a queued command (the lane dropped it only if it stopped).
+async fn received(
+    answer: oneshot::Receiver<Result<Value, EngineError>>,
+) -> Result<Value, EngineError> {
+    answer.await.unwrap_or_else(|_| {
+        Err(EngineError::Unavailable(
+            "the store lane has stopped".into(),
+        ))
+    })
+}
+
+/// Runs one store operation within `timeout`, recording its duration and errors.
+async fn timed<T>(
+    op: StoreOp,
+    timeout: Duration,
+    work: impl Future<Output = Result<T, EngineError>>,
+) -> Result<T, EngineError> {
+    let started = Instant::now();
+    let result = match tokio::time::timeout(timeout, work).await {
+        Ok(result) => result,
+        Err(_) => Err(EngineError::Unavailable(format!(
+            "{} took longer than {timeout:?}",
+            op.as_str()
+        ))),
+    };
+    metrics::STORE_COMMAND_DURATION
+        .with_label_values(&[op.as_str()])
+        .observe(started.elapsed().as_secs_f64());
+    if let Err(e) = &result {
+        metrics::STORE_ERRORS
+            .with_label_values(&[op.as_str()])
+            .inc();
+        tracing::debug!(op = op.as_str(), error = %e, "store command failed");
+    }
+    result
+}
+
+/// Reads a checked script's answer, counting an epoch the script ended: the items after `ok`,
+/// or `None` when the position was void.
+fn checked_answer(user: &UserId, value: &Value) -> Result<Option<Vec<Value>>, EngineError> {
+    match parse_checked(value)? {
+        Ok(rest) => Ok(Some(rest.to_vec())),
+        Err(reason) => {
+            if let VoidReason::Ended(why) = reason {
+                metrics::epoch_replaced(user, why);
+            }
+            Ok(None)
+        }
     }
 }
 
@@ -195,220 +365,81 @@ fn decode_page(items: &[Value]) -> Result<Vec<ReadEntry>, EngineError> {
         .collect()
 }
 
-impl RedisEngine {
-    /// Invokes one of the position-checked scripts for `user` at `at` with `extra` arguments.
-    async fn checked(
-        &self,
-        script: &redis::Script,
-        user: &UserId,
-        at: &Position,
-        extra: Option<u64>,
-    ) -> Result<Result<Vec<Value>, VoidReason>, EngineError> {
-        let mut invocation = script.prepare_invoke();
-        invocation
-            .key(self.keys.inbox(user))
-            .key(self.keys.meta(user))
-            .arg(&at.epoch)
-            .arg(at.delivered)
-            .arg(at.stamp)
-            .arg(new_epoch());
-        if let Some(extra) = extra {
-            invocation.arg(extra);
-        }
-        let mut conn = self.connection().await?;
-        let value: Value = invocation
-            .invoke_async(&mut conn)
-            .await
-            .map_err(redis_error)?;
-        Ok(match parse_checked(&value)? {
-            Ok(rest) => Ok(rest.to_vec()),
-            Err(reason) => {
-                if let VoidReason::Ended(why) = reason {
-                    metrics::epoch_replaced(user, why);
-                }
-                Err(reason)
-            }
-        })
-    }
-
-    /// Moves an undecodable member out of `user`'s inbox into its quarantine set.
-    async fn quarantine(&self, user: &UserId, seq: u64, member: Vec<u8>) {
-        let moved = self
-            .timed(StoreOp::Repair, async {
-                let mut invocation = self.scripts.quarantine.prepare_invoke();
-                invocation
-                    .key(self.keys.inbox(user))
-                    .key(self.keys.quarantine(user))
-                    .arg(member)
-                    .arg(seq)
-                    .arg(millis(self.options.inbox_ttl));
-                let mut conn = self.connection().await?;
-                let moved: i64 = invocation
-                    .invoke_async(&mut conn)
-                    .await
-                    .map_err(redis_error)?;
-                Ok(moved == 1)
-            })
-            .await;
-        match moved {
-            Ok(true) => {
-                metrics::UNDECODABLE.inc();
-                tracing::warn!(
-                    %user,
-                    seq,
-                    key = self.keys.quarantine(user),
-                    "undecodable inbox member moved to quarantine"
-                );
-            }
-            // Moved by another session already.
-            Ok(false) => {}
-            // Still in the inbox; the next read steps over it and tries again.
-            Err(e) => tracing::debug!(%user, seq, error = %e, "quarantine failed"),
-        }
-    }
-
-    /// Reads the store's run id and eviction policy (`INFO server memory`).
-    async fn info(&self) -> Result<(String, StoreReport), EngineError> {
-        let mut cmd = redis::cmd("INFO");
-        cmd.arg("server").arg("memory");
-        let info = string(&self.query(&cmd).await?)
-            .ok_or_else(|| EngineError::Internal("INFO answered a non-string".into()))?;
-        let field = |name: &str| {
-            info.lines()
-                .find_map(|l| l.strip_prefix(name)?.strip_prefix(':'))
-                .map(|v| v.trim().to_string())
-        };
-        let run_id = field("run_id").unwrap_or_default();
-        let policy = field("maxmemory_policy");
-        let may_evict = policy.as_deref().is_some_and(|p| p != "noeviction");
-        Ok((
-            run_id,
-            StoreReport {
-                eviction_policy: policy,
-                may_evict,
-            },
-        ))
-    }
-
-    /// Notes the store's run id; when it changed, starts the audit of recent appends.
-    fn observe_run_id(&self, run_id: String) {
-        let start = {
-            let mut store = lock(&self.shared.store);
-            match &store.run_id {
-                Some(seen) if *seen != run_id => {
-                    tracing::warn!(
-                        "the store restarted or failed over (new run id); auditing this node's \
-                         recent appends"
-                    );
-                    store.audit_due = true;
-                }
-                _ => {}
-            }
-            store.run_id = Some(run_id);
-            let start = store.audit_due && !store.audit_running;
-            store.audit_running |= start;
-            start
-        };
-        if start {
-            let engine = self.audit_handle();
-            tokio::spawn(async move { engine.audit().await });
-        }
-    }
-
-    /// What the audit task needs, without the engine itself (the task must not keep it alive).
-    fn audit_handle(&self) -> Auditor {
-        Auditor {
-            pool: self.pool.clone(),
-            keys: self.keys.clone(),
-            audit: self.scripts.audit.clone(),
-            shared: Arc::clone(&self.shared),
-            store_timeout: self.options.store_timeout,
-        }
-    }
-}
-
 /// The audit after a store restart or failover, run by its own task.
-struct Auditor {
-    pool: Pool,
-    keys: Keys,
-    audit: redis::Script,
-    shared: Arc<Shared>,
-    store_timeout: Duration,
+async fn audit(core: Arc<Core>) {
+    metrics::STORE_AUDITS.inc();
+    let groups = lock(&core.journal).recent_by_inbox(Instant::now());
+    let appends: usize = groups.values().map(Vec::len).sum();
+    let (mut ended, mut lost) = (0, 0);
+    let mut failed = None;
+    for ((user, epoch), entries) in &groups {
+        for chunk in entries.chunks(AUDIT_KEYS_PER_CALL) {
+            match audit_chunk(&core, user, epoch, chunk).await {
+                Ok((found, ended_now)) => {
+                    lost += found;
+                    metrics::STORE_LOST_APPENDS.inc_by(found);
+                    if ended_now {
+                        ended += 1;
+                        metrics::epoch_replaced(user, "append_lost");
+                        break;
+                    }
+                }
+                Err(e) => failed = Some(e),
+            }
+        }
+    }
+    let mut store = lock(&core.store);
+    store.audit_running = false;
+    match failed {
+        // Due again: the next store check starts another.
+        Some(e) => tracing::warn!(error = %e, "audit incomplete; retried at the next check"),
+        None => {
+            store.audit_due = false;
+            let message = "audit of recent appends done";
+            if lost > 0 {
+                tracing::warn!(
+                    appends,
+                    inboxes = groups.len(),
+                    lost,
+                    epochs_ended = ended,
+                    "{message}: the store lost appends answered `sent`"
+                );
+            } else {
+                tracing::info!(appends, inboxes = groups.len(), "{message}");
+            }
+        }
+    }
 }
 
-impl Auditor {
-    async fn audit(self) {
-        metrics::STORE_AUDITS.inc();
-        let groups = lock(&self.shared.journal).recent_by_inbox(Instant::now());
-        let appends: usize = groups.values().map(Vec::len).sum();
-        let (mut ended, mut lost) = (0, 0);
-        let mut failed = None;
-        for ((user, epoch), entries) in &groups {
-            for chunk in entries.chunks(AUDIT_KEYS_PER_CALL) {
-                match self.audit_chunk(user, epoch, chunk).await {
-                    Ok((found, ended_now)) => {
-                        lost += found;
-                        metrics::STORE_LOST_APPENDS.inc_by(found);
-                        if ended_now {
-                            ended += 1;
-                            metrics::epoch_replaced(user, "append_lost");
-                            break;
-                        }
-                    }
-                    Err(e) => failed = Some(e),
-                }
-            }
-        }
-        let mut store = lock(&self.shared.store);
-        store.audit_running = false;
-        match failed {
-            // Due again: the next store check starts another.
-            Some(e) => tracing::warn!(error = %e, "audit incomplete; retried at the next check"),
-            None => {
-                store.audit_due = false;
-                let message = "audit of recent appends done";
-                if lost > 0 {
-                    tracing::warn!(
-                        appends,
-                        inboxes = groups.len(),
-                        lost,
-                        epochs_ended = ended,
-                        "{message}: the store lost appends answered `sent`"
-                    );
-                } else {
-                    tracing::info!(appends, inboxes = groups.len(), "{message}");
-                }
-            }
-        }
+async fn audit_chunk(
+    core: &Core,
+    user: &UserId,
+    epoch: &str,
+    chunk: &[Appended],
+) -> Result<(u64, bool), EngineError> {
+    let script = &SCRIPTS.audit;
+    let mut cmd = script.call(chunk.len() + 1);
+    cmd.arg(core.key(user, KeyKind::Meta));
+    for entry in chunk {
+        cmd.arg(core.key(user, KeyKind::Dedupe(&entry.from, &entry.id)));
     }
-
-    async fn audit_chunk(
-        &self,
-        user: &UserId,
-        epoch: &str,
-        chunk: &[Appended],
-    ) -> Result<(u64, bool), EngineError> {
-        let mut invocation = self.audit.prepare_invoke();
-        invocation.key(self.keys.meta(user));
-        for entry in chunk {
-            invocation.key(self.keys.dedupe(user, &entry.from, &entry.id));
-        }
-        invocation.arg(epoch).arg(new_epoch());
-        for entry in chunk {
-            invocation.arg(entry.seq);
-        }
-        let work = async {
-            let mut conn = self.pool.get().await.map_err(pool_error)?;
-            let (lost, ended): (u64, i64) = invocation
-                .invoke_async(&mut conn)
-                .await
-                .map_err(redis_error)?;
-            Ok((lost, ended == 1))
-        };
-        tokio::time::timeout(self.store_timeout, work)
-            .await
-            .unwrap_or_else(|_| Err(EngineError::Unavailable("audit timed out".into())))
+    cmd.arg(epoch).arg(NewEpoch);
+    for entry in chunk {
+        cmd.arg(entry.seq);
     }
+    let answer = core.submit(core.inbox_lane(user), cmd, script);
+    timed(StoreOp::Repair, core.options.store_timeout, async {
+        match received(answer).await? {
+            Value::Array(items) => match items.as_slice() {
+                [lost, ended] => Ok((int(lost).unwrap_or(0), int(ended) == Some(1))),
+                _ => Err(EngineError::Internal("unexpected audit answer".into())),
+            },
+            other => Err(EngineError::Internal(format!(
+                "unexpected audit answer: {other:?}"
+            ))),
+        }
+    })
+    .await
 }
 
 fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -421,76 +452,70 @@ impl Engine for RedisEngine {
         "redis"
     }
 
-    fn append<'a>(
-        &'a self,
-        msg: &'a NewMessage,
-    ) -> BoxFuture<'a, Result<AppendOutcome, EngineError>> {
-        Box::pin(self.timed(StoreOp::Append, async move {
-            let payload = encode_payload(&msg.from, &msg.id, msg.ts, &msg.body);
-            let replicas = self.options.min_replicas_ack;
-            let mut invocation = self.scripts.append.prepare_invoke();
-            invocation
-                .key(self.keys.inbox(&msg.to))
-                .key(self.keys.meta(&msg.to))
-                .key(self.keys.dedupe(&msg.to, &msg.from, &msg.id))
-                .arg(payload)
-                .arg(self.options.max_inbox)
-                .arg(new_epoch())
-                .arg(millis(self.options.dedupe_window))
-                .arg(millis(self.options.inbox_ttl))
-                .arg(self.keys.live(&msg.to))
-                .arg(if replicas > 0 { "1" } else { "0" });
-            let mut conn = self.connection().await?;
-            let value: Value = invocation
-                .invoke_async(&mut conn)
-                .await
-                .map_err(redis_error)?;
-            let (outcome, detail) = parse_append(&value)?;
-            if replicas > 0 && outcome != AppendOutcome::InboxFull {
-                // On the same connection: WAIT covers the writes this connection made.
-                let timeout = millis(self.options.store_timeout.mul_f64(0.75));
-                let mut wait = redis::cmd("WAIT");
-                wait.arg(replicas).arg(timeout);
-                let acked: i64 = wait.query_async(&mut conn).await.map_err(redis_error)?;
-                if acked < i64::from(replicas) {
-                    return Err(EngineError::Unavailable(format!(
-                        "{acked} of {replicas} replicas acknowledged the append in time"
-                    )));
+    fn append(&self, msg: &NewMessage) -> BoxFuture<'static, Result<AppendOutcome, EngineError>> {
+        let core = &self.core;
+        let script = &SCRIPTS.append;
+        let replicas = core.options.min_replicas_ack;
+        let mut cmd = script.call(3);
+        cmd.arg(core.key(&msg.to, KeyKind::Inbox))
+            .arg(core.key(&msg.to, KeyKind::Meta))
+            .arg(core.key(&msg.to, KeyKind::Dedupe(&msg.from, &msg.id)))
+            .arg(encode_payload(&msg.from, &msg.id, msg.ts, &msg.body))
+            .arg(core.options.max_inbox)
+            .arg(NewEpoch)
+            .arg(millis(core.options.dedupe_window))
+            .arg(millis(core.options.inbox_ttl))
+            .arg(core.key(&msg.to, KeyKind::Live))
+            .arg(if replicas > 0 { "1" } else { "0" });
+        let durability = if replicas > 0 {
+            Durability::Replicas(replicas)
+        } else {
+            Durability::Primary
+        };
+        let answer = core
+            .lanes
+            .submit(core.append_lane(&msg.from), cmd, Some(script), durability);
+        let core = Arc::clone(core);
+        let (to, from, id) = (msg.to.clone(), msg.from.clone(), msg.id.clone());
+        Box::pin(async move {
+            let timeout = core.options.store_timeout;
+            timed(StoreOp::Append, timeout, async {
+                let (outcome, detail) = parse_append(&received(answer).await?)?;
+                if let (AppendOutcome::Stored { seq }, Some(detail)) = (outcome, detail) {
+                    if detail.adopted {
+                        metrics::epoch_replaced(&to, "meta_lost");
+                    }
+                    lock(&core.journal).record(Appended {
+                        at: Instant::now(),
+                        to,
+                        from,
+                        id,
+                        epoch: detail.epoch,
+                        seq,
+                    });
                 }
-            }
-            if let (AppendOutcome::Stored { seq }, Some(detail)) = (outcome, detail) {
-                if detail.adopted {
-                    metrics::epoch_replaced(&msg.to, "meta_lost");
-                }
-                lock(&self.shared.journal).record(Appended {
-                    at: Instant::now(),
-                    to: msg.to.clone(),
-                    from: msg.from.clone(),
-                    id: msg.id.clone(),
-                    epoch: detail.epoch,
-                    seq,
-                });
-            }
-            Ok(outcome)
-        }))
+                Ok(outcome)
+            })
+            .await
+        })
     }
 
-    fn read_after<'a>(
-        &'a self,
-        user: &'a UserId,
-        at: &'a Position,
+    fn read_after(
+        &self,
+        user: &UserId,
+        at: &Position<'_>,
         limit: usize,
-    ) -> BoxFuture<'a, Result<Checked<Vec<Stored>>, EngineError>> {
+    ) -> BoxFuture<'static, Result<Checked<Vec<Stored>>, EngineError>> {
+        let core = Arc::clone(&self.core);
+        let user = user.clone();
+        // Redis reads the count as a signed 64-bit integer.
+        let limit = limit.min(i64::MAX as usize) as u64;
+        let answer = core.checked_call(&SCRIPTS.read, &user, at, Some(limit));
         Box::pin(async move {
-            let read = self.timed(StoreOp::Read, async {
-                // Redis reads the count as a signed 64-bit integer.
-                let limit = limit.min(i64::MAX as usize) as u64;
-                match self
-                    .checked(&self.scripts.read, user, at, Some(limit))
-                    .await?
-                {
-                    Ok(items) => decode_page(&items).map(Some),
-                    Err(_) => Ok(None),
+            let read = timed(StoreOp::Read, core.options.store_timeout, async {
+                match checked_answer(&user, &received(answer).await?)? {
+                    Some(items) => decode_page(&items).map(Some),
+                    None => Ok(None),
                 }
             });
             let Some(page) = read.await? else {
@@ -499,7 +524,7 @@ impl Engine for RedisEngine {
             let mut entries = Vec::with_capacity(page.len());
             for (stored, raw) in page {
                 if let Some(member) = raw {
-                    self.quarantine(user, stored.seq(), member).await;
+                    core.quarantine(&user, stored.seq(), member).await;
                 }
                 entries.push(stored);
             }
@@ -507,33 +532,32 @@ impl Engine for RedisEngine {
         })
     }
 
-    fn trim<'a>(
-        &'a self,
-        user: &'a UserId,
-        at: &'a Position,
+    fn trim(
+        &self,
+        user: &UserId,
+        at: &Position<'_>,
         upto: u64,
-    ) -> BoxFuture<'a, Result<Checked<()>, EngineError>> {
-        Box::pin(self.timed(StoreOp::Trim, async move {
-            Ok(
-                match self
-                    .checked(&self.scripts.trim, user, at, Some(upto))
-                    .await?
-                {
-                    Ok(_) => Checked::Valid(()),
-                    Err(_) => Checked::Void,
-                },
-            )
+    ) -> BoxFuture<'static, Result<Checked<()>, EngineError>> {
+        let answer = self.core.checked_call(&SCRIPTS.trim, user, at, Some(upto));
+        let (user, timeout) = (user.clone(), self.core.options.store_timeout);
+        Box::pin(timed(StoreOp::Trim, timeout, async move {
+            Ok(match checked_answer(&user, &received(answer).await?)? {
+                Some(_) => Checked::Valid(()),
+                None => Checked::Void,
+            })
         }))
     }
 
-    fn check_position<'a>(
-        &'a self,
-        user: &'a UserId,
-        at: &'a Position,
-    ) -> BoxFuture<'a, Result<Checked<u64>, EngineError>> {
-        Box::pin(self.timed(StoreOp::Position, async move {
-            match self.checked(&self.scripts.position, user, at, None).await? {
-                Ok(items) => match items.as_slice() {
+    fn check_position(
+        &self,
+        user: &UserId,
+        at: &Position<'_>,
+    ) -> BoxFuture<'static, Result<Checked<u64>, EngineError>> {
+        let answer = self.core.checked_call(&SCRIPTS.position, user, at, None);
+        let (user, timeout) = (user.clone(), self.core.options.store_timeout);
+        Box::pin(timed(StoreOp::Position, timeout, async move {
+            match checked_answer(&user, &received(answer).await?)? {
+                Some(items) => match items.as_slice() {
                     [head] => int(head).map(Checked::Valid).ok_or_else(|| {
                         EngineError::Internal(format!("position script answered {head:?}"))
                     }),
@@ -541,37 +565,35 @@ impl Engine for RedisEngine {
                         "position script answered {other:?}"
                     ))),
                 },
-                Err(_) => Ok(Checked::Void),
+                None => Ok(Checked::Void),
             }
         }))
     }
 
-    fn open_inbox<'a>(
-        &'a self,
-        user: &'a UserId,
-        claim: Option<(&'a str, u64)>,
-    ) -> BoxFuture<'a, Result<Opened, EngineError>> {
-        Box::pin(self.timed(StoreOp::Open, async move {
-            let (claimed_epoch, last_seq) = claim.unwrap_or(("", 0));
-            let mut invocation = self.scripts.open.prepare_invoke();
-            invocation
-                .key(self.keys.meta(user))
-                .key(self.keys.inbox(user))
-                .arg(new_epoch())
-                .arg(millis(self.options.inbox_ttl))
-                .arg(claimed_epoch)
-                .arg(last_seq);
-            let mut conn = self.connection().await?;
-            let value: Value = invocation
-                .invoke_async(&mut conn)
-                .await
-                .map_err(redis_error)?;
-            let (state, stamp, ended, adopted) = parse_open(&value)?;
+    fn open_inbox(
+        &self,
+        user: &UserId,
+        claim: Option<(&str, u64)>,
+    ) -> BoxFuture<'static, Result<Opened, EngineError>> {
+        let core = &self.core;
+        let script = &SCRIPTS.open;
+        let (claimed_epoch, last_seq) = claim.unwrap_or(("", 0));
+        let mut cmd = script.call(2);
+        cmd.arg(core.key(user, KeyKind::Meta))
+            .arg(core.key(user, KeyKind::Inbox))
+            .arg(NewEpoch)
+            .arg(millis(core.options.inbox_ttl))
+            .arg(claimed_epoch)
+            .arg(last_seq);
+        let answer = core.submit(core.inbox_lane(user), cmd, script);
+        let (user, timeout) = (user.clone(), core.options.store_timeout);
+        Box::pin(timed(StoreOp::Open, timeout, async move {
+            let (state, stamp, ended, adopted) = parse_open(&received(answer).await?)?;
             if ended {
-                metrics::epoch_replaced(user, "resume_beyond_head");
+                metrics::epoch_replaced(&user, "resume_beyond_head");
             }
             if adopted {
-                metrics::epoch_replaced(user, "meta_lost");
+                metrics::epoch_replaced(&user, "meta_lost");
             }
             Ok(Opened {
                 epoch: state.epoch,
@@ -581,37 +603,44 @@ impl Engine for RedisEngine {
         }))
     }
 
-    fn inbox_state<'a>(
-        &'a self,
-        user: &'a UserId,
-    ) -> BoxFuture<'a, Result<Option<InboxState>, EngineError>> {
-        Box::pin(self.timed(StoreOp::State, async move {
-            let mut cmd = redis::cmd("HMGET");
-            cmd.arg(self.keys.meta(user)).arg("epoch").arg("seq");
-            parse_state(&self.query(&cmd).await?)
-        }))
+    fn inbox_state(
+        &self,
+        user: &UserId,
+    ) -> BoxFuture<'static, Result<Option<InboxState>, EngineError>> {
+        let core = &self.core;
+        let mut cmd = redis::cmd("HMGET");
+        cmd.arg(core.key(user, KeyKind::Meta))
+            .arg("epoch")
+            .arg("seq");
+        let answer = core
+            .lanes
+            .submit(core.inbox_lane(user), cmd, None, Durability::Primary);
+        Box::pin(timed(
+            StoreOp::State,
+            core.options.store_timeout,
+            async move { parse_state(&received(answer).await?) },
+        ))
     }
 
-    fn end_epoch<'a>(
-        &'a self,
-        user: &'a UserId,
-        epoch: &'a str,
-    ) -> BoxFuture<'a, Result<bool, EngineError>> {
-        Box::pin(self.timed(StoreOp::Position, async move {
-            let mut invocation = self.scripts.end_epoch.prepare_invoke();
-            invocation
-                .key(self.keys.meta(user))
-                .arg(epoch)
-                .arg(new_epoch());
-            let mut conn = self.connection().await?;
-            let ended: i64 = invocation
-                .invoke_async(&mut conn)
-                .await
-                .map_err(redis_error)?;
-            if ended == 1 {
-                metrics::epoch_replaced(user, "seq_reused");
+    fn end_epoch(
+        &self,
+        user: &UserId,
+        epoch: &str,
+    ) -> BoxFuture<'static, Result<bool, EngineError>> {
+        let core = &self.core;
+        let script = &SCRIPTS.end_epoch;
+        let mut cmd = script.call(1);
+        cmd.arg(core.key(user, KeyKind::Meta))
+            .arg(epoch)
+            .arg(NewEpoch);
+        let answer = core.submit(core.inbox_lane(user), cmd, script);
+        let (user, timeout) = (user.clone(), core.options.store_timeout);
+        Box::pin(timed(StoreOp::Position, timeout, async move {
+            let ended = int(&received(answer).await?) == Some(1);
+            if ended {
+                metrics::epoch_replaced(&user, "seq_reused");
             }
-            Ok(ended == 1)
+            Ok(ended)
         }))
     }
 
@@ -623,58 +652,33 @@ impl Engine for RedisEngine {
         self.live.unsubscribe(user)
     }
 
-    fn take_live_events(&self) -> Option<mpsc::Receiver<LiveEvent>> {
-        lock(&self.live_events).take()
+    fn set_live_sink(&self, sink: LiveSink) {
+        self.live.set_sink(sink);
     }
 
     fn ping(&self) -> BoxFuture<'_, Result<(), EngineError>> {
-        Box::pin(self.timed(StoreOp::Ping, async move {
-            self.query(&redis::cmd("PING")).await.map(|_| ())
-        }))
+        Box::pin(timed(
+            StoreOp::Ping,
+            self.core.options.store_timeout,
+            async move {
+                let mut conn = self.watch.clone();
+                conn.send_packed_command(&redis::cmd("PING"))
+                    .await
+                    .map(|_| ())
+                    .map_err(redis_error)
+            },
+        ))
     }
 
     fn check(&self) -> BoxFuture<'_, Result<StoreReport, EngineError>> {
         Box::pin(async move {
-            let (run_id, report) = self.timed(StoreOp::Check, self.info()).await?;
+            let (run_id, report) =
+                timed(StoreOp::Check, self.core.options.store_timeout, self.info()).await?;
             metrics::STORE_MAY_EVICT.set(i64::from(report.may_evict));
             if !run_id.is_empty() {
                 self.observe_run_id(run_id);
             }
             Ok(report)
         })
-    }
-}
-
-/// No pooled connection could be had: Redis is down, refusing, or the pool is closed.
-fn pool_error(e: PoolError) -> EngineError {
-    match e {
-        PoolError::Backend(e) => match redis_error(e) {
-            EngineError::Internal(m) | EngineError::Unavailable(m) => {
-                EngineError::Unavailable(format!("no store connection: {m}"))
-            }
-        },
-        other => EngineError::Unavailable(format!("no store connection: {other}")),
-    }
-}
-
-/// Transient failures (the network, a Redis loading, failing over, out of memory, unable to
-/// persist or busy) are `Unavailable`, which the client may retry; anything else is `Internal`.
-fn redis_error(e: RedisError) -> EngineError {
-    let transient = match e.kind() {
-        ErrorKind::Io | ErrorKind::ClusterConnectionNotFound => true,
-        ErrorKind::Server(
-            ServerErrorKind::BusyLoading
-            | ServerErrorKind::TryAgain
-            | ServerErrorKind::ClusterDown
-            | ServerErrorKind::MasterDown
-            | ServerErrorKind::ReadOnly,
-        ) => true,
-        ErrorKind::Extension => matches!(e.code(), Some("OOM" | "MISCONF" | "BUSY")),
-        _ => e.is_connection_dropped() || e.is_connection_refusal() || e.is_timeout(),
-    };
-    if transient {
-        EngineError::Unavailable(e.to_string())
-    } else {
-        EngineError::Internal(e.to_string())
     }
 }

@@ -2,13 +2,15 @@
 //!
 //! Each script touches only one user's keys (all with the hash tag `{u:<user>}`) and, for append,
 //! publishes on that user's channel, so it is atomic and valid on Redis Cluster. Redis scripts do
-//! not roll back, so every check comes before the first write. Scripts are loaded once and called
-//! by SHA; `redis::Script` reloads them when Redis answers NOSCRIPT (after a restart or
-//! `SCRIPT FLUSH`).
+//! not roll back, so every check comes before the first write. Scripts are called by SHA; the
+//! lanes (`lanes.rs`) load them when Redis answers NOSCRIPT (after a restart or `SCRIPT FLUSH`).
 
-use redis::{Script, Value};
+use std::sync::LazyLock;
+
+use redis::Value;
 
 use crate::engine::{AppendOutcome, EngineError, InboxState};
+use crate::lanes::LuaScript;
 
 /// Lua that checks a session's position before a read, trim or position check. KEYS: inbox,
 /// meta. ARGV: epoch, delivered, stamp, a new epoch. It returns `{why}` when the position is void:
@@ -198,32 +200,28 @@ end
 return {lost, 0}
 "#;
 
-/// The engine's scripts, hashed once.
+/// The engine's scripts, hashed once, called by SHA through the lanes.
 pub(crate) struct Scripts {
-    pub append: Script,
-    pub open: Script,
-    pub read: Script,
-    pub trim: Script,
-    pub position: Script,
-    pub end_epoch: Script,
-    pub quarantine: Script,
-    pub audit: Script,
+    pub append: LuaScript,
+    pub open: LuaScript,
+    pub read: LuaScript,
+    pub trim: LuaScript,
+    pub position: LuaScript,
+    pub end_epoch: LuaScript,
+    pub quarantine: LuaScript,
+    pub audit: LuaScript,
 }
 
-impl Scripts {
-    pub fn new() -> Self {
-        Self {
-            append: Script::new(APPEND),
-            open: Script::new(OPEN),
-            read: Script::new(READ),
-            trim: Script::new(TRIM),
-            position: Script::new(POSITION),
-            end_epoch: Script::new(END_EPOCH),
-            quarantine: Script::new(QUARANTINE),
-            audit: Script::new(AUDIT),
-        }
-    }
-}
+pub(crate) static SCRIPTS: LazyLock<Scripts> = LazyLock::new(|| Scripts {
+    append: LuaScript::new(APPEND),
+    open: LuaScript::new(OPEN),
+    read: LuaScript::new(READ),
+    trim: LuaScript::new(TRIM),
+    position: LuaScript::new(POSITION),
+    end_epoch: LuaScript::new(END_EPOCH),
+    quarantine: LuaScript::new(QUARANTINE),
+    audit: LuaScript::new(AUDIT),
+});
 
 /// Why a checked script found a session's position void: the epoch had changed already, or the
 /// script ended it now for the reason given (a `ferry_epochs_replaced_total` reason).

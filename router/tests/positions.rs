@@ -12,9 +12,9 @@ use common::*;
 use ferry_router::testkit::RedisServer;
 use ferry_router::{Checked, Engine, Position, RedisEngine, Stored};
 
-fn position(epoch: &str, delivered: u64, stamp: u64) -> Position {
+fn position(epoch: &str, delivered: u64, stamp: u64) -> Position<'_> {
     Position {
-        epoch: epoch.into(),
+        epoch,
         delivered,
         stamp,
     }
@@ -198,8 +198,8 @@ async fn an_undecodable_member_is_read_once_and_quarantined() {
     server.cmd(&["HINCRBY", "ferry:{u:bob}:meta", "seq", "1"]);
     server.cmd(&["ZADD", "ferry:{u:bob}:inbox", "2", "2:77:garbage"]);
     fill(&*engine, "bob", "n", 1).await;
-    let at = at(&*engine, "bob", 0).await;
-    let Checked::Valid(entries) = engine.read_after(&bob, &at, 10).await.unwrap() else {
+    let epoch = epoch(&*engine, "bob").await;
+    let Checked::Valid(entries) = engine.read_after(&bob, &at(&epoch, 0), 10).await.unwrap() else {
         panic!("void");
     };
     assert!(matches!(entries[0], Stored::Message(ref m) if m.seq == 1));

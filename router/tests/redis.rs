@@ -10,7 +10,7 @@ use common::*;
 use ferry_router::testkit::{RedisOptions, RedisServer};
 use ferry_router::{
     CatchUpReason, Engine, EngineError, EngineOptions, Hub, HubOptions, LiveSignal, Membership,
-    Position, RedisEngine, decode_member,
+    RedisEngine, decode_member,
 };
 use redis::Value;
 use tokio::time::Instant;
@@ -220,11 +220,7 @@ async fn a_stopped_redis_fails_fast_and_recovers_on_restart() {
         "append",
         engine.append(&message("a", "bob", "m", b"x")).await,
     );
-    let position = Position {
-        epoch: "e".into(),
-        delivered: 0,
-        stamp: 0,
-    };
+    let position = at("e", 0);
     assert_unavailable("read", engine.read_after(&bob_id, &position, 10).await);
     assert_unavailable("trim", engine.trim(&bob_id, &position, 1).await);
     assert_unavailable("position", engine.check_position(&bob_id, &position).await);
@@ -274,11 +270,7 @@ async fn a_frozen_redis_times_out_instead_of_hanging() {
         );
     }
     let started = Instant::now();
-    let position = Position {
-        epoch: "e".into(),
-        delivered: 0,
-        stamp: 0,
-    };
+    let position = at("e", 0);
     assert_unavailable("read", engine.read_after(&user("bob"), &position, 1).await);
     assert!(started.elapsed() < SHORT_TIMEOUT * 3);
     server.resume();
@@ -340,7 +332,7 @@ async fn connecting_needs_no_redis_but_a_valid_url() {
     assert_unavailable("subscribe", engine.subscribe(&user("bob")).await);
     server.restart();
     eventually("the store", async || engine.ping().await.is_ok()).await;
-    let mut events = engine.take_live_events().unwrap();
+    let mut events = live_events(&*engine);
     eventually("the subscription", async || {
         engine.subscribe(&user("bob")).await.is_ok()
     })

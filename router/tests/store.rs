@@ -167,7 +167,7 @@ on_both_engines!(
         assert_eq!(engine.inbox_state(&bob).await.unwrap(), None);
         // Reads and trims of an inbox without an epoch find their position void, and create
         // nothing.
-        let nowhere = at(&*engine, "bob", 0).await;
+        let nowhere = at("", 0);
         assert_eq!(
             engine.read_after(&bob, &nowhere, 1).await.unwrap(),
             Checked::Void
@@ -211,9 +211,5 @@ on_both_engines!(
 on_both_engines!(ping_and_name, options(), |engine| async move {
     engine.ping().await.unwrap();
     assert!(["redis", "embedded"].contains(&engine.name()));
-    assert!(engine.take_live_events().is_some());
-    assert!(
-        engine.take_live_events().is_none(),
-        "the live events are taken once"
-    );
+    let _events = live_events(&*engine);
 });

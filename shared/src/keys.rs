@@ -1,6 +1,8 @@
 //! Names of one user's Redis keys and live channel. All of them carry the hash tag `{u:<user>}`,
 //! so they share one Redis Cluster slot and one script may touch them together.
 
+use std::fmt;
+
 use crate::ids::{MessageId, UserId};
 
 /// Key naming under a configurable prefix (`ferry` by default), so deployments can share a Redis.
@@ -26,36 +28,40 @@ impl Keys {
         &self.prefix
     }
 
-    fn user_key(&self, user: &UserId, suffix: &str) -> String {
-        format!("{}:{{u:{}}}:{}", self.prefix, user, suffix)
+    /// One of `user`'s keys, formatted where it is written (a command buffer) rather than into
+    /// a `String` of its own. `to_string()` gives the name.
+    pub fn key<'a>(&'a self, user: &'a UserId, kind: KeyKind<'a>) -> UserKey<'a> {
+        UserKey {
+            prefix: &self.prefix,
+            user,
+            kind,
+        }
     }
 
     /// Sorted set of unacknowledged messages; score = seq.
     pub fn inbox(&self, user: &UserId) -> String {
-        self.user_key(user, "inbox")
+        self.key(user, KeyKind::Inbox).to_string()
     }
 
     /// Hash with `seq` (last allocated) and `epoch`.
     pub fn meta(&self, user: &UserId) -> String {
-        self.user_key(user, "meta")
+        self.key(user, KeyKind::Meta).to_string()
     }
 
-    /// String holding the seq a `send` got, for the dedupe window. Sender and id are joined by
-    /// `/`, which neither alphabet contains (both may contain `:`), so two different
-    /// (sender, id) pairs never name one key.
+    /// String holding the seq a `send` got, for the dedupe window (see `KeyKind::Dedupe`).
     pub fn dedupe(&self, user: &UserId, sender: &UserId, id: &MessageId) -> String {
-        self.user_key(user, &format!("dedupe:{sender}/{id}"))
+        self.key(user, KeyKind::Dedupe(sender, id)).to_string()
     }
 
     /// Sorted set of inbox members that could not be decoded, moved out of the inbox (score =
     /// seq) and kept for a look until the inbox's TTL.
     pub fn quarantine(&self, user: &UserId) -> String {
-        self.user_key(user, "quarantine")
+        self.key(user, KeyKind::Quarantine).to_string()
     }
 
     /// Pub/sub channel carrying live notifications for `user`.
     pub fn live(&self, user: &UserId) -> String {
-        self.user_key(user, "live")
+        self.key(user, KeyKind::Live).to_string()
     }
 
     /// The user a live channel name belongs to, if it is one of ours.
@@ -63,6 +69,39 @@ impl Keys {
         let rest = channel.strip_prefix(&self.prefix)?.strip_prefix(":{u:")?;
         let user = rest.strip_suffix("}:live")?;
         UserId::parse(user).ok()
+    }
+}
+
+/// Which of a user's keys.
+#[derive(Debug, Clone, Copy)]
+pub enum KeyKind<'a> {
+    Inbox,
+    Meta,
+    Quarantine,
+    Live,
+    /// The dedupe key of (sender, id). They are joined by `/`, which neither alphabet contains
+    /// (both may contain `:`), so two different (sender, id) pairs never name one key.
+    Dedupe(&'a UserId, &'a MessageId),
+}
+
+/// A user's key, as `Display`: `<prefix>:{u:<user>}:<suffix>`.
+#[derive(Debug, Clone, Copy)]
+pub struct UserKey<'a> {
+    prefix: &'a str,
+    user: &'a UserId,
+    kind: KeyKind<'a>,
+}
+
+impl fmt::Display for UserKey<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}:{{u:{}}}:", self.prefix, self.user)?;
+        match self.kind {
+            KeyKind::Inbox => f.write_str("inbox"),
+            KeyKind::Meta => f.write_str("meta"),
+            KeyKind::Quarantine => f.write_str("quarantine"),
+            KeyKind::Live => f.write_str("live"),
+            KeyKind::Dedupe(sender, id) => write!(f, "dedupe:{sender}/{id}"),
+        }
     }
 }
 

@@ -12,4 +12,4 @@ pub mod client;
 pub use codec::{Codec, DecodeError, EncodeError, Wire};
 pub use frame::{Body, ClientFrame, ErrorCode, ServerFrame};
 pub use ids::{IdError, MessageId, UserId};
-pub use keys::Keys;
+pub use keys::{KeyKind, Keys, UserKey};

@@ -2,19 +2,18 @@
 //! desired set of users, forwards messages to the hub, and reconnects after a drop.
 
 use std::collections::HashSet;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use ferry_shared::{Keys, UserId};
 use futures_util::StreamExt;
 use redis::aio::{PubSubSink, PubSubStream};
-use tokio::sync::mpsc::error::TrySendError;
 use tokio::sync::{mpsc, oneshot};
 use tokio::time::{Instant, MissedTickBehavior};
 
 use super::Request;
 use super::backoff::Backoff;
-use crate::engine::{Live, LiveEvent, Stored};
+use crate::engine::{EpochName, Live, LiveEvent, LiveSink, Stored};
 use crate::metrics;
 use crate::record::{decode_stored, split_live};
 
@@ -37,21 +36,18 @@ pub(super) struct LiveTask {
     /// Limit on connecting and on each command's confirmation.
     store_timeout: Duration,
     requests: mpsc::UnboundedReceiver<Request>,
-    events: mpsc::Sender<LiveEvent>,
+    /// Where live events go, once the hub has set it.
+    sink: Arc<OnceLock<LiveSink>>,
     /// Users this node wants live messages for; every connection is brought to this set.
     desired: HashSet<UserId>,
     /// Subscribe requests waiting for a connection.
     waiting: Vec<oneshot::Sender<()>>,
-    /// A `Resync` must reach the hub before further messages: live messages were lost.
-    resync_owed: bool,
 }
 
 /// What woke the connected task.
 enum Step {
     Request(Option<Request>),
     Message(Option<redis::Msg>),
-    /// The hub's channel has room for an owed `Resync`.
-    Room,
     /// Time to check that the connection still answers.
     Health,
 }
@@ -70,17 +66,16 @@ impl LiveTask {
         keys: Keys,
         store_timeout: Duration,
         requests: mpsc::UnboundedReceiver<Request>,
-        events: mpsc::Sender<LiveEvent>,
+        sink: Arc<OnceLock<LiveSink>>,
     ) -> Self {
         Self {
             client,
             keys,
             store_timeout,
             requests,
-            events,
+            sink,
             desired: HashSet::new(),
             waiting: Vec::new(),
-            resync_owed: false,
         }
     }
 
@@ -120,7 +115,9 @@ impl LiveTask {
                     users = subscribed.len(),
                     "pub/sub reconnected and resubscribed"
                 );
-                self.resync_owed = true;
+                // Anything published while it was away was missed.
+                self.emit(LiveEvent::Resync);
+                metrics::LIVE_RESYNCS.inc();
             }
             had_connection = true;
             let up_since = Instant::now();
@@ -192,15 +189,10 @@ impl LiveTask {
         let mut health = tokio::time::interval_at(start, HEALTH_INTERVAL);
         health.set_missed_tick_behavior(MissedTickBehavior::Delay);
         loop {
-            if self.resync_owed {
-                self.try_resync();
-            }
             let step = tokio::select! {
                 biased;
                 request = self.requests.recv() => Step::Request(request),
                 message = stream.next() => Step::Message(message),
-                // The permit is dropped at once: the task is the only sender, so the room stays.
-                _ = self.events.reserve(), if self.resync_owed => Step::Room,
                 _ = health.tick() => Step::Health,
             };
             match step {
@@ -213,7 +205,6 @@ impl LiveTask {
                 }
                 Step::Message(Some(message)) => self.forward(&message),
                 Step::Message(None) => return Ended::Dropped,
-                Step::Room => self.try_resync(),
                 Step::Health => {
                     let ping =
                         tokio::time::timeout(self.store_timeout, sink.ping::<redis::Value>());
@@ -313,11 +304,8 @@ impl LiveTask {
         }
     }
 
-    /// Hands one received message to the hub, or owes it a resync.
+    /// Hands one received message to the hub.
     fn forward(&mut self, message: &redis::Msg) {
-        if self.resync_owed {
-            return;
-        }
         let Some(user) = self.keys.user_of_live(message.get_channel_name()) else {
             return;
         };
@@ -333,39 +321,28 @@ impl LiveTask {
                     tracing::debug!(error = %e, "undecodable live message");
                 }
                 Live {
-                    epoch: epoch.into(),
+                    epoch: EpochName::new(epoch),
                     entry,
                 }
             }
             Err(e) => {
                 tracing::debug!(error = %e, "undecodable live message");
                 Live {
-                    epoch: "".into(),
+                    epoch: EpochName::new(""),
                     entry: Stored::Undecodable { seq: 0, stamp: 0 },
                 }
             }
         };
-        let event = LiveEvent::Message {
+        self.emit(LiveEvent::Message {
             user,
             live: Arc::new(live),
-        };
-        match self.events.try_send(event) {
-            Ok(()) | Err(TrySendError::Closed(_)) => {}
-            Err(TrySendError::Full(_)) => {
-                tracing::warn!("live buffer full; sessions will catch up from the store");
-                self.resync_owed = true;
-            }
-        }
+        });
     }
 
-    fn try_resync(&mut self) {
-        match self.events.try_send(LiveEvent::Resync) {
-            Ok(()) => {
-                metrics::LIVE_RESYNCS.inc();
-                self.resync_owed = false;
-            }
-            Err(TrySendError::Closed(_)) => self.resync_owed = false,
-            Err(TrySendError::Full(_)) => {}
+    /// Calls the hub's sink (nothing is subscribed before there is one).
+    fn emit(&self, event: LiveEvent) {
+        if let Some(sink) = self.sink.get() {
+            sink(event);
         }
     }
 }

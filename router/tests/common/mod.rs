@@ -10,7 +10,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use ferry_router::{
     AppendOutcome, Checked, Engine, EngineError, EngineOptions, InboxMessage, InboxState,
-    LiveEvent, NewMessage, Opened, Position, StoreReport, Stored,
+    LiveEvent, LiveSink, NewMessage, Opened, Position, StoreReport, Stored,
 };
 use ferry_shared::{MessageId, UserId};
 use futures_util::future::BoxFuture;
@@ -115,14 +115,18 @@ pub async fn inbox_state(engine: &dyn Engine, name: &str) -> InboxState {
         .expect("the inbox has an epoch")
 }
 
-/// A position at `delivered` in `name`'s current epoch (empty if it has none), without a stamp.
-pub async fn at(engine: &dyn Engine, name: &str, delivered: u64) -> Position {
-    let epoch = engine
+/// `name`'s current epoch (empty if it has none).
+pub async fn epoch(engine: &dyn Engine, name: &str) -> String {
+    engine
         .inbox_state(&user(name))
         .await
         .expect("inbox_state")
         .map(|s| s.epoch)
-        .unwrap_or_default();
+        .unwrap_or_default()
+}
+
+/// A position at `delivered` in `epoch`, without a stamp.
+pub fn at(epoch: &str, delivered: u64) -> Position<'_> {
     Position {
         epoch,
         delivered,
@@ -132,8 +136,11 @@ pub async fn at(engine: &dyn Engine, name: &str, delivered: u64) -> Position {
 
 /// Up to `limit` messages of `name`'s inbox after `after`, read in its current epoch.
 pub async fn read(engine: &dyn Engine, name: &str, after: u64, limit: usize) -> Vec<InboxMessage> {
-    let position = at(engine, name, after).await;
-    match engine.read_after(&user(name), &position, limit).await {
+    let epoch = epoch(engine, name).await;
+    match engine
+        .read_after(&user(name), &at(&epoch, after), limit)
+        .await
+    {
         Ok(Checked::Valid(entries)) => entries
             .into_iter()
             .map(|entry| match entry {
@@ -147,10 +154,21 @@ pub async fn read(engine: &dyn Engine, name: &str, after: u64, limit: usize) -> 
 
 /// Trims `name`'s inbox up to `upto`, from a valid position in its current epoch.
 pub async fn trim(engine: &dyn Engine, name: &str, upto: u64) {
-    let head = inbox_state(engine, name).await.head;
-    let position = at(engine, name, head).await;
-    let trimmed = engine.trim(&user(name), &position, upto).await;
+    let state = inbox_state(engine, name).await;
+    let trimmed = engine
+        .trim(&user(name), &at(&state.epoch, state.head), upto)
+        .await;
     assert_eq!(trimmed.expect("trim"), Checked::Valid(()), "trim of {name}");
+}
+
+/// The engine's live events, from now on.
+pub fn live_events(engine: &dyn Engine) -> mpsc::UnboundedReceiver<LiveEvent> {
+    let (tx, rx) = mpsc::unbounded_channel();
+    let sink: LiveSink = Arc::new(move |event| {
+        let _ = tx.send(event);
+    });
+    engine.set_live_sink(sink);
+    rx
 }
 
 /// Opens `name`'s inbox without a claim: its (epoch, head).
@@ -167,14 +185,14 @@ pub fn seqs(messages: &[InboxMessage]) -> Vec<u64> {
 }
 
 /// The next live event, within `WAIT`.
-pub async fn next_event(events: &mut mpsc::Receiver<LiveEvent>) -> LiveEvent {
+pub async fn next_event(events: &mut mpsc::UnboundedReceiver<LiveEvent>) -> LiveEvent {
     within("a live event", events.recv())
         .await
         .expect("the live channel is open")
 }
 
 /// The next live event, which must be a message for `to`; returns its seq.
-pub async fn next_message(events: &mut mpsc::Receiver<LiveEvent>, to: &str) -> u64 {
+pub async fn next_message(events: &mut mpsc::UnboundedReceiver<LiveEvent>, to: &str) -> u64 {
     match next_event(events).await {
         LiveEvent::Message { user: u, live } if u == user(to) => live.entry.seq(),
         other => panic!("expected a message for {to}, got {other:?}"),
@@ -206,59 +224,56 @@ impl Engine for Recorder {
         self.inner.name()
     }
 
-    fn append<'a>(
-        &'a self,
-        msg: &'a NewMessage,
-    ) -> BoxFuture<'a, Result<AppendOutcome, EngineError>> {
+    fn append(&self, msg: &NewMessage) -> BoxFuture<'static, Result<AppendOutcome, EngineError>> {
         self.inner.append(msg)
     }
 
-    fn read_after<'a>(
-        &'a self,
-        user: &'a UserId,
-        at: &'a Position,
+    fn read_after(
+        &self,
+        user: &UserId,
+        at: &Position<'_>,
         limit: usize,
-    ) -> BoxFuture<'a, Result<Checked<Vec<Stored>>, EngineError>> {
+    ) -> BoxFuture<'static, Result<Checked<Vec<Stored>>, EngineError>> {
         self.inner.read_after(user, at, limit)
     }
 
-    fn trim<'a>(
-        &'a self,
-        user: &'a UserId,
-        at: &'a Position,
+    fn trim(
+        &self,
+        user: &UserId,
+        at: &Position<'_>,
         upto: u64,
-    ) -> BoxFuture<'a, Result<Checked<()>, EngineError>> {
+    ) -> BoxFuture<'static, Result<Checked<()>, EngineError>> {
         self.inner.trim(user, at, upto)
     }
 
-    fn check_position<'a>(
-        &'a self,
-        user: &'a UserId,
-        at: &'a Position,
-    ) -> BoxFuture<'a, Result<Checked<u64>, EngineError>> {
+    fn check_position(
+        &self,
+        user: &UserId,
+        at: &Position<'_>,
+    ) -> BoxFuture<'static, Result<Checked<u64>, EngineError>> {
         self.inner.check_position(user, at)
     }
 
-    fn open_inbox<'a>(
-        &'a self,
-        user: &'a UserId,
-        claim: Option<(&'a str, u64)>,
-    ) -> BoxFuture<'a, Result<Opened, EngineError>> {
+    fn open_inbox(
+        &self,
+        user: &UserId,
+        claim: Option<(&str, u64)>,
+    ) -> BoxFuture<'static, Result<Opened, EngineError>> {
         self.inner.open_inbox(user, claim)
     }
 
-    fn inbox_state<'a>(
-        &'a self,
-        user: &'a UserId,
-    ) -> BoxFuture<'a, Result<Option<InboxState>, EngineError>> {
+    fn inbox_state(
+        &self,
+        user: &UserId,
+    ) -> BoxFuture<'static, Result<Option<InboxState>, EngineError>> {
         self.inner.inbox_state(user)
     }
 
-    fn end_epoch<'a>(
-        &'a self,
-        user: &'a UserId,
-        epoch: &'a str,
-    ) -> BoxFuture<'a, Result<bool, EngineError>> {
+    fn end_epoch(
+        &self,
+        user: &UserId,
+        epoch: &str,
+    ) -> BoxFuture<'static, Result<bool, EngineError>> {
         self.inner.end_epoch(user, epoch)
     }
 
@@ -272,8 +287,8 @@ impl Engine for Recorder {
         self.inner.unsubscribe(user)
     }
 
-    fn take_live_events(&self) -> Option<mpsc::Receiver<LiveEvent>> {
-        self.inner.take_live_events()
+    fn set_live_sink(&self, sink: LiveSink) {
+        self.inner.set_live_sink(sink);
     }
 
     fn ping(&self) -> BoxFuture<'_, Result<(), EngineError>> {

@@ -1,18 +1,21 @@
-//! A connection's outbound queue and the task that writes it to the socket. The queue is bounded
-//! in messages and bytes; live messages are offered only when there is room (else the session
-//! lags and catches up from the inbox later), and a socket that takes nothing for the write
-//! timeout is closed. Memory per connection stays bounded whatever the client does.
+//! A connection's outbound queue, written to the socket by the session's own task (no writer
+//! task: a message wakes one task, not two). The queue is bounded in messages and bytes; live
+//! messages are offered only when there is room (else the session lags and catches up from the
+//! inbox later), and the session stops reading the client while the queue is full, so answers
+//! never pile up either. Frames ready together go out in one socket write, and a socket that
+//! takes nothing for the write timeout is closed. Memory per connection stays bounded whatever
+//! the client does, and an idle connection holds no buffer here.
 
-use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::collections::VecDeque;
+use std::pin::Pin;
+use std::task::{Context, Poll};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use futures_util::{Sink, SinkExt};
-use tokio::sync::{Notify, mpsc};
+use futures_util::Sink;
+use tokio::time::Instant;
 use tokio_tungstenite::tungstenite::protocol::CloseFrame;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_tungstenite::tungstenite::{Error as WsError, Message};
-use tokio_util::sync::CancellationToken;
 
 use crate::metrics;
 
@@ -32,14 +35,13 @@ impl Path {
     }
 }
 
-/// One thing to write. Small (the frame is boxed), so the queue's slots cost little on the
-/// many connections that are idle.
+/// One thing to write.
 #[derive(Debug)]
 pub enum Item {
-    Frame(Box<Frame>),
+    Frame(Frame),
     Ping,
-    /// A close code and reason (boxed, rare: keeps the item two words).
-    Close(Box<(u16, &'static str)>),
+    /// A close code and reason.
+    Close(u16, &'static str),
 }
 
 /// An encoded frame and what the metrics need to know of it.
@@ -56,228 +58,252 @@ impl Item {
     fn bytes(&self) -> usize {
         match self {
             Item::Frame(frame) => frame.message.len(),
-            Item::Ping | Item::Close(_) => 0,
+            Item::Ping | Item::Close(..) => 0,
         }
     }
 }
 
-/// The session's end of the queue.
-pub struct Outbound {
-    tx: mpsc::Sender<Item>,
-    /// Bytes queued and not yet written.
-    bytes: Arc<AtomicUsize>,
-    max_bytes: usize,
-    /// Woken whenever the writer has written a batch.
-    room: Arc<Notify>,
-    /// Cancelled when the writer stops (socket error, write timeout, close written).
-    writer_done: CancellationToken,
+/// Most frames handed to the socket before a flush, so one busy connection cannot hold its
+/// task (and the others on the same worker) for long.
+const BATCH: usize = 64;
+
+/// Answers queued beyond the bounds at most (see `Outbound::takes_answers`).
+const ANSWER_SLACK: usize = 64;
+const ANSWER_SLACK_BYTES: usize = 64 * 1024;
+
+/// The socket's write half.
+pub type Socket = Pin<Box<dyn Sink<Message, Error = WsError> + Send>>;
+
+/// Why writing stopped for good.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WriteFailed {
+    /// The close frame went out: nothing more may be written.
+    Closed,
+    /// The socket failed.
+    Broken,
+    /// The socket took nothing for the write timeout.
+    Stalled,
 }
 
-/// The queue was closed: the writer has stopped.
-#[derive(Debug)]
-pub struct Closed;
+/// A connection's outbound queue and the socket it is written to.
+pub struct Outbound {
+    socket: Socket,
+    queue: VecDeque<Item>,
+    /// Bytes queued and not yet handed to the socket.
+    bytes: usize,
+    max_items: usize,
+    max_bytes: usize,
+    write_timeout: Duration,
+    /// Frames handed to the socket and not flushed yet.
+    unflushed: bool,
+    /// Since when the socket has taken nothing while there was something to write.
+    stalled_since: Option<Instant>,
+    /// Set once writing failed or the close frame went out.
+    failed: Option<WriteFailed>,
+}
+
+/// What one poll of the socket achieved.
+enum Step {
+    /// Frames were handed over; more may follow.
+    Progress,
+    /// Everything queued is written and flushed.
+    Flushed,
+}
 
 impl Outbound {
-    /// Creates the queue and spawns its writer on `sink`.
-    pub fn spawn<S>(sink: S, max_items: usize, max_bytes: usize, write_timeout: Duration) -> Self
-    where
-        S: Sink<Message, Error = WsError> + Unpin + Send + 'static,
-    {
-        let (tx, rx) = mpsc::channel(max_items.max(1));
-        let bytes = Arc::new(AtomicUsize::new(0));
-        let room = Arc::new(Notify::new());
-        let writer_done = CancellationToken::new();
-        let writer = Writer {
-            sink,
-            rx,
-            bytes: bytes.clone(),
-            room: room.clone(),
-            write_timeout,
-        };
-        let done = writer_done.clone();
-        tokio::spawn(async move {
-            writer.run().await;
-            done.cancel();
-        });
+    pub fn new(
+        socket: Socket,
+        max_items: usize,
+        max_bytes: usize,
+        write_timeout: Duration,
+    ) -> Self {
         Self {
-            tx,
-            bytes,
+            socket,
+            queue: VecDeque::new(),
+            bytes: 0,
+            max_items: max_items.max(1),
             max_bytes,
-            room,
-            writer_done,
+            write_timeout,
+            unflushed: false,
+            stalled_since: None,
+            failed: None,
         }
     }
 
     /// Free message slots.
     pub fn free_slots(&self) -> usize {
-        self.tx.capacity()
+        self.max_items.saturating_sub(self.queue.len())
+    }
+
+    /// Free bytes.
+    pub fn free_bytes(&self) -> usize {
+        self.max_bytes.saturating_sub(self.bytes)
     }
 
     /// Whether one more message may be queued without passing either bound.
     pub fn has_room(&self) -> bool {
-        self.tx.capacity() > 0 && self.bytes.load(Ordering::Relaxed) < self.max_bytes
+        self.queue.len() < self.max_items && self.bytes < self.max_bytes
     }
 
-    /// Waits until `has_room`.
-    pub async fn wait_room(&self) {
+    /// Whether answers (to sends, pings) may still be queued: the bounds plus a margin for them,
+    /// so that a client whose queue is full of messages it does not read still has its acks
+    /// read, but one that sends without reading is stopped.
+    pub fn takes_answers(&self) -> bool {
+        self.queue.len() < self.max_items + ANSWER_SLACK
+            && self.bytes < self.max_bytes + ANSWER_SLACK_BYTES
+    }
+
+    /// Whether there is something to write or flush.
+    pub fn has_pending(&self) -> bool {
+        self.failed.is_none() && (!self.queue.is_empty() || self.unflushed)
+    }
+
+    /// Whether writing has stopped for good (and why).
+    pub fn failed(&self) -> Option<WriteFailed> {
+        self.failed
+    }
+
+    /// Queues a message if both bounds allow it; gives it back otherwise.
+    pub fn try_push(&mut self, item: Item) -> Result<(), Item> {
+        if !self.has_room() || self.failed.is_some() {
+            return Err(item);
+        }
+        self.push(item);
+        Ok(())
+    }
+
+    /// Queues an answer or a control frame whatever the bounds: the session stops reading the
+    /// client while `takes_answers` is false, so at most a margin passes the bounds.
+    pub fn push(&mut self, item: Item) {
+        if self.failed.is_some() {
+            return;
+        }
+        self.bytes += item.bytes();
+        self.queue.push_back(item);
+    }
+
+    /// Writes what is queued: frames go to the socket while it takes them, then one flush.
+    /// Resolves once everything is flushed, or with why writing stopped for good. Cancel-safe:
+    /// a frame leaves the queue only when the socket has taken it.
+    pub async fn write(&mut self) -> Result<(), WriteFailed> {
+        if let Some(failed) = self.failed {
+            return Err(failed);
+        }
         loop {
-            let notified = self.room.notified();
-            tokio::pin!(notified);
-            notified.as_mut().enable();
-            if self.has_room() || self.writer_done.is_cancelled() {
-                return;
-            }
-            notified.await;
-        }
-    }
-
-    /// Queues without waiting; gives the item back when the queue is full or closed.
-    pub fn try_push(&self, item: Item) -> Result<(), Item> {
-        let size = item.bytes();
-        self.bytes.fetch_add(size, Ordering::Relaxed);
-        self.tx.try_send(item).map_err(|e| {
-            self.bytes.fetch_sub(size, Ordering::Relaxed);
-            match e {
-                mpsc::error::TrySendError::Full(item) | mpsc::error::TrySendError::Closed(item) => {
-                    item
+            let since = *self.stalled_since.get_or_insert_with(Instant::now);
+            let deadline = since + self.write_timeout;
+            let step = std::future::poll_fn(|cx| self.poll_step(cx));
+            match tokio::time::timeout_at(deadline, step).await {
+                Ok(Ok(Step::Progress)) => self.stalled_since = None,
+                Ok(Ok(Step::Flushed)) => {
+                    self.stalled_since = None;
+                    return Ok(());
+                }
+                Ok(Err(failed)) => return Err(self.fail(failed)),
+                Err(_) => {
+                    tracing::info!("socket took nothing for the write timeout; closing");
+                    metrics::SESSION_CLOSES
+                        .with_label_values(&["write_timeout"])
+                        .inc();
+                    return Err(self.fail(WriteFailed::Stalled));
                 }
             }
-        })
-    }
-
-    /// Queues, waiting for a slot (used for answers, which must not be dropped; the write
-    /// timeout bounds the wait).
-    pub async fn push(&self, item: Item) -> Result<(), Closed> {
-        let size = item.bytes();
-        self.bytes.fetch_add(size, Ordering::Relaxed);
-        self.tx.send(item).await.map_err(|_| {
-            self.bytes.fetch_sub(size, Ordering::Relaxed);
-            Closed
-        })
-    }
-
-    /// Resolves when the writer has stopped.
-    pub async fn closed(&self) {
-        self.writer_done.cancelled().await
-    }
-
-    /// Queues a close frame and waits (bounded) for the writer to write it and stop.
-    pub async fn close(&self, code: u16, reason: &'static str, within: Duration) {
-        if self
-            .push(Item::Close(Box::new((code, reason))))
-            .await
-            .is_ok()
-        {
-            let _ = tokio::time::timeout(within, self.closed()).await;
         }
     }
-}
 
-struct Writer<S> {
-    sink: S,
-    rx: mpsc::Receiver<Item>,
-    bytes: Arc<AtomicUsize>,
-    room: Arc<Notify>,
-    write_timeout: Duration,
-}
+    /// Queues a close frame and writes until it is out (or `within` passes).
+    pub async fn close(&mut self, code: u16, reason: &'static str, within: Duration) {
+        self.push(Item::Close(code, reason));
+        let _ = tokio::time::timeout(within, self.write()).await;
+    }
 
-/// Most items written before one flush.
-const BATCH: usize = 64;
+    fn fail(&mut self, failed: WriteFailed) -> WriteFailed {
+        self.failed = Some(failed);
+        self.queue.clear();
+        self.bytes = 0;
+        failed
+    }
 
-/// Why the writer stopped.
-enum Stop {
-    /// The close frame is written.
-    Closed,
-    /// The socket failed, or took nothing for the write timeout.
-    Failed,
-}
-
-impl<S> Writer<S>
-where
-    S: Sink<Message, Error = WsError> + Unpin,
-{
-    async fn run(mut self) {
-        loop {
-            let Some(first) = self.rx.recv().await else {
-                let _ = tokio::time::timeout(self.write_timeout, self.sink.close()).await;
-                return;
+    fn poll_step(&mut self, cx: &mut Context<'_>) -> Poll<Result<Step, WriteFailed>> {
+        let mut progress = false;
+        let mut handed = 0;
+        while handed < BATCH && !self.queue.is_empty() {
+            match self.socket.as_mut().poll_ready(cx) {
+                Poll::Pending => break,
+                Poll::Ready(Err(e)) => return Poll::Ready(Err(broken(e))),
+                Poll::Ready(Ok(())) => {}
+            }
+            let Some(item) = self.queue.pop_front() else {
+                break;
             };
-            let (written, result) = self.write_batch(first).await;
-            self.bytes.fetch_sub(written, Ordering::Relaxed);
-            self.room.notify_waiters();
-            if result.is_err() {
-                return;
+            self.bytes -= item.bytes();
+            let (message, closing) = into_message(item);
+            if let Err(e) = self.socket.as_mut().start_send(message) {
+                return Poll::Ready(Err(broken(e)));
             }
-        }
-    }
-
-    /// Writes `first` and whatever else is queued (up to `BATCH` items), then flushes. Each
-    /// write has its own timeout, so a slow socket that keeps taking data stays open and one
-    /// that takes nothing is closed. Nothing is allocated for the batch: an idle connection
-    /// holds no buffer here. Returns the bytes taken off the queue.
-    async fn write_batch(&mut self, first: Item) -> (usize, Result<(), Stop>) {
-        let mut next = Some(first);
-        let mut written = 0;
-        let mut count = 0;
-        while let Some(item) = next.take() {
-            written += item.bytes();
-            count += 1;
-            let (message, closing) = match item {
-                Item::Frame(frame) => {
-                    let Frame {
-                        message,
-                        kind,
-                        delivery,
-                    } = *frame;
-                    metrics::FRAMES_OUT.with_label_values(&[kind]).inc();
-                    if let Some((path, stored_ms)) = delivery {
-                        record_delivery(path, stored_ms);
-                    }
-                    (message, false)
-                }
-                Item::Ping => (Message::Ping(Default::default()), false),
-                Item::Close(close) => {
-                    let (code, reason) = *close;
-                    let frame = CloseFrame {
-                        code: CloseCode::from(code),
-                        reason: reason.into(),
-                    };
-                    (Message::Close(Some(frame)), true)
-                }
-            };
-            if let Err(stop) = self.step(|sink| sink.feed(message)).await {
-                return (written, Err(stop));
-            }
+            self.unflushed = true;
+            progress = true;
+            handed += 1;
             if closing {
-                let flushed = self.step(|sink| sink.flush()).await;
-                return (written, flushed.and(Err(Stop::Closed)));
-            }
-            if count < BATCH {
-                next = self.rx.try_recv().ok();
+                // Nothing may follow a close frame.
+                self.queue.clear();
+                self.bytes = 0;
+                return match self.socket.as_mut().poll_flush(cx) {
+                    Poll::Ready(_) => Poll::Ready(Err(WriteFailed::Closed)),
+                    Poll::Pending => Poll::Pending,
+                };
             }
         }
-        (written, self.step(|sink| sink.flush()).await)
+        match self.socket.as_mut().poll_flush(cx) {
+            Poll::Ready(Ok(())) => {
+                self.unflushed = false;
+                if !self.queue.is_empty() {
+                    return Poll::Ready(Ok(Step::Progress));
+                }
+                // A burst grew the queue: give the memory back once it is written.
+                if self.queue.capacity() > 32 {
+                    self.queue = VecDeque::new();
+                }
+                Poll::Ready(Ok(Step::Flushed))
+            }
+            Poll::Ready(Err(e)) => Poll::Ready(Err(broken(e))),
+            Poll::Pending if progress => Poll::Ready(Ok(Step::Progress)),
+            Poll::Pending => Poll::Pending,
+        }
     }
+}
 
-    /// One socket operation, bounded by the write timeout.
-    async fn step<'a, F, Fut>(&'a mut self, op: F) -> Result<(), Stop>
-    where
-        F: FnOnce(&'a mut S) -> Fut,
-        Fut: std::future::Future<Output = Result<(), WsError>> + 'a,
-    {
-        match tokio::time::timeout(self.write_timeout, op(&mut self.sink)).await {
-            Ok(Ok(())) => Ok(()),
-            Ok(Err(e)) => {
-                tracing::debug!(error = %e, "socket write failed");
-                Err(Stop::Failed)
+fn broken(e: WsError) -> WriteFailed {
+    match e {
+        WsError::ConnectionClosed | WsError::AlreadyClosed => WriteFailed::Closed,
+        e => {
+            tracing::debug!(error = %e, "socket write failed");
+            WriteFailed::Broken
+        }
+    }
+}
+
+/// The message for `item` (counting it in the metrics), and whether it is the close frame.
+fn into_message(item: Item) -> (Message, bool) {
+    match item {
+        Item::Frame(Frame {
+            message,
+            kind,
+            delivery,
+        }) => {
+            metrics::FRAMES_OUT.with_label_values(&[kind]).inc();
+            if let Some((path, stored_ms)) = delivery {
+                record_delivery(path, stored_ms);
             }
-            Err(_) => {
-                tracing::info!("socket took nothing for the write timeout; closing");
-                metrics::SESSION_CLOSES
-                    .with_label_values(&["write_timeout"])
-                    .inc();
-                Err(Stop::Failed)
-            }
+            (message, false)
+        }
+        Item::Ping => (Message::Ping(Default::default()), false),
+        Item::Close(code, reason) => {
+            let frame = CloseFrame {
+                code: CloseCode::from(code),
+                reason: reason.into(),
+            };
+            (Message::Close(Some(frame)), true)
         }
     }
 }

@@ -27,6 +27,8 @@ const DEMO_HTML: &str = include_str!("../static/demo.html");
 const JS_TYPE: &str = "text/javascript; charset=utf-8";
 const TS_TYPE: &str = "application/typescript; charset=utf-8";
 const HTML_TYPE: &str = "text/html; charset=utf-8";
+/// Bytes of frames gathered before tungstenite writes them without waiting for the flush.
+const WRITE_GATHER: usize = 16 * 1024;
 
 /// Accepts until the node drains; every connection task is tracked so drain can wait for them.
 pub async fn accept_loop(listener: TcpListener, node: Arc<Node>, tracker: TaskTracker) {
@@ -142,8 +144,8 @@ async fn upgrade(mut stream: TcpStream, request: Request, node: Arc<Node>) {
             .await;
     let (sink, reader) = futures_util::StreamExt::split(ws);
     let config = &node.config;
-    let out = Outbound::spawn(
-        sink,
+    let out = Outbound::new(
+        Box::pin(sink),
         config.outbound_queue,
         config.outbound_queue_bytes,
         config.write_timeout,
@@ -192,12 +194,14 @@ async fn handshake(
 
 /// Buffers sized for many idle connections rather than one fast one: tungstenite allocates its
 /// read buffer eagerly (128 KiB by default); `--ws-read-buffer` (1 KiB) holds a `hello` and a
-/// burst of small frames, the buffer grows for a larger frame, and frames are written through.
+/// burst of small frames, the buffer grows for a larger frame. Frames handed over together are
+/// gathered (up to `WRITE_GATHER` bytes) and go out in one write at the flush; the write buffer
+/// is only allocated once something is written.
 fn ws_config(node: &Node) -> WebSocketConfig {
     let max = node.config.max_frame_bytes;
     WebSocketConfig::default()
         .read_buffer_size(node.config.ws_read_buffer)
-        .write_buffer_size(0)
+        .write_buffer_size(WRITE_GATHER)
         .max_write_buffer_size(max.saturating_mul(2).max(64 * 1024))
         .max_message_size(Some(max))
         .max_frame_size(Some(max))

@@ -38,7 +38,7 @@ use crate::hello::{self, Opened};
 use crate::limits::TokenBucket;
 use crate::metrics;
 use crate::node::Node;
-use crate::outbound::{Frame, Item, Outbound, Path, now_ms};
+use crate::outbound::{Frame, Item, Outbound, Path, WriteFailed, now_ms};
 use crate::sends::{Refused, Sends};
 
 /// How long a closing session waits for its close frame to be written and answered.
@@ -101,17 +101,17 @@ pub fn encode(codec: Codec, frame: &ServerFrame, delivery: Option<(Path, u64)>) 
             return encode(codec, &fallback, None);
         }
     };
-    Item::Frame(Box::new(Frame {
+    Item::Frame(Frame {
         message,
         kind: frame.kind(),
         delivery,
-    }))
+    })
 }
 
 /// Runs a connection from just after the upgrade to its close.
 pub async fn run<St>(
     mut stream: St,
-    out: Outbound,
+    mut out: Outbound,
     node: Arc<Node>,
     codec: Codec,
     token: Option<String>,
@@ -123,9 +123,7 @@ pub async fn run<St>(
         Err(refusal) => {
             metrics::HELLOS.with_label_values(&[refusal.outcome]).inc();
             if let Some((code, message)) = refusal.error {
-                let _ = out
-                    .push(encode(codec, &ServerFrame::error(code, message), None))
-                    .await;
+                out.push(encode(codec, &ServerFrame::error(code, message), None));
             }
             out.close(refusal.close, refusal.reason, CLOSE_GRACE).await;
             drain_reads(&mut stream).await;
@@ -133,10 +131,7 @@ pub async fn run<St>(
         }
     };
     let span = tracing::info_span!("session", user = %opened.user);
-    let welcome = encode(codec, &opened.welcome, None);
-    if out.push(welcome).await.is_err() {
-        return;
-    }
+    out.push(encode(codec, &opened.welcome, None));
     let mut session = Session::new(node, codec, out, opened);
     let lifetime = async {
         let reason = session.run(&mut stream).await;
@@ -267,8 +262,19 @@ impl Session {
                 () = &mut store_outage => {
                     return Box::pin(self.leave("store_outage", close::TRY_AGAIN_LATER)).await;
                 }
-                () = self.out.closed() => return End { label: "write_timeout", close: None },
-                next = stream.next(), if self.sends.len() < SENDS_IN_FLIGHT => {
+                written = self.out.write(), if self.out.has_pending() => {
+                    if let Err(failed) = written {
+                        let label = match failed {
+                            WriteFailed::Stalled => "write_timeout",
+                            WriteFailed::Closed | WriteFailed::Broken => "client",
+                        };
+                        return End { label, close: None };
+                    }
+                }
+                // The client is read while its answers have room and its sends are few enough.
+                next = stream.next(),
+                    if self.sends.len() < SENDS_IN_FLIGHT && self.out.takes_answers() =>
+                {
                     self.last_activity = Instant::now();
                     match classify(next, self.codec) {
                         // Handlers are boxed: their state exists while they run, not for the
@@ -280,7 +286,7 @@ impl Session {
                         }
                         Incoming::Control => {}
                         Incoming::Bad(message) => {
-                            self.reply(ServerFrame::error(ErrorCode::BadFrame, message)).await;
+                            self.reply(ServerFrame::error(ErrorCode::BadFrame, message));
                             return End::closing("protocol", close::POLICY);
                         }
                         Incoming::TooBig => {
@@ -288,7 +294,7 @@ impl Session {
                                 ErrorCode::TooLarge,
                                 "message over max_frame_bytes",
                             );
-                            self.reply(error).await;
+                            self.reply(error);
                             return End::closing("protocol", close::TOO_BIG);
                         }
                         Incoming::Gone => return End { label: "client", close: None },
@@ -299,12 +305,14 @@ impl Session {
                         return end;
                     }
                 }
-                () = wait_catch_up(&self.out, self.catching_up.is_some(), self.catchup_retry_at) => {
+                () = wait_catch_up(self.catchup_retry_at),
+                    if self.catching_up.is_some() && self.out.has_room() =>
+                {
                     if let Some(end) = Box::pin(self.catch_up_page()).await {
                         return end;
                     }
                 }
-                answer = self.sends.next_answer() => self.reply(answer).await,
+                answer = self.sends.next_answer(), if self.out.takes_answers() => self.reply(answer),
                 step = trim_step(&mut self.trim, trim_due) => match step {
                     TrimStep::Due => self.start_trim(),
                     TrimStep::Done(upto, done) => {
@@ -317,7 +325,7 @@ impl Session {
                     if self.last_activity.elapsed() > node.config.heartbeat * 2 {
                         return End::closing("heartbeat", close::NORMAL);
                     }
-                    let _ = self.out.try_push(Item::Ping);
+                    self.out.push(Item::Ping);
                 }
                 () = &mut position_check => {
                     if let Some(end) = Box::pin(self.check_position()).await {
@@ -336,21 +344,20 @@ impl Session {
         match frame {
             ClientFrame::Send { id, to, body } => self.on_send(id, to, body),
             ClientFrame::Ack { seq } => self.on_ack(seq),
-            ClientFrame::Ping => self.reply(ServerFrame::Pong).await,
+            ClientFrame::Ping => self.reply(ServerFrame::Pong),
             ClientFrame::Hello { .. } => {
                 let error = ServerFrame::error(ErrorCode::BadFrame, "hello was already said");
-                self.reply(error).await;
+                self.reply(error);
                 return Some(End::closing("protocol", close::POLICY));
             }
         }
         None
     }
 
-    /// `&mut self` (not `&self`): the session holds futures that are `Send` but not `Sync`, so
-    /// it may not be shared across an await.
-    async fn reply(&mut self, frame: ServerFrame) {
-        // A closed queue means the writer is gone; the loop sees that next.
-        let _ = self.out.push(encode(self.codec, &frame, None)).await;
+    /// Queues an answer (the loop writes it; while the queue is full, nothing more is read from
+    /// the client).
+    fn reply(&mut self, frame: ServerFrame) {
+        self.out.push(encode(self.codec, &frame, None));
     }
 
     /// Checks a `send` and issues it to the store; its answer goes out in its turn.
@@ -613,7 +620,7 @@ impl Session {
     /// and was ended): the client reconnects at once and learns `reset` at its next `hello`.
     async fn position_void(&mut self) -> End {
         tracing::warn!("the inbox's epoch changed under the session; asking for a reconnect");
-        self.reply(ServerFrame::Reconnect { after_ms: 0 }).await;
+        self.reply(ServerFrame::Reconnect { after_ms: 0 });
         End::closing("epoch_changed", close::SERVICE_RESTART)
     }
 
@@ -624,10 +631,10 @@ impl Session {
         // draining node loses no `sent`.
         while !self.sends.is_empty() {
             let answer = self.sends.next_answer().await;
-            self.reply(answer).await;
+            self.reply(answer);
         }
         let after_ms = rand::random_range(0..=1000);
-        self.reply(ServerFrame::Reconnect { after_ms }).await;
+        self.reply(ServerFrame::Reconnect { after_ms });
         End::closing(label, code)
     }
 
@@ -659,16 +666,12 @@ impl Session {
     }
 }
 
-/// Resolves when a catch-up page should be read: one is due, the retry pause is over, and the
-/// queue has room.
-async fn wait_catch_up(out: &Outbound, due: bool, retry_at: Option<Instant>) {
-    if !due {
-        return std::future::pending().await;
-    }
+/// Resolves when a due catch-up page may be read: at once, or after the pause that follows a
+/// failed read.
+async fn wait_catch_up(retry_at: Option<Instant>) {
     if let Some(at) = retry_at {
         tokio::time::sleep_until(at).await;
     }
-    out.wait_room().await;
 }
 
 /// A trim in flight: the seq it trims up to, and its answer.
@@ -684,10 +687,7 @@ enum TrimStep {
 
 /// Resolves when the trim in flight finishes, or when the next one is due (`due`, from
 /// `Session::trim_due`).
-async fn trim_step(
-    trim: &mut Option<Trim>,
-    due: Option<Instant>,
-) -> TrimStep {
+async fn trim_step(trim: &mut Option<Trim>, due: Option<Instant>) -> TrimStep {
     if let Some((upto, running)) = trim.as_mut() {
         let upto = *upto;
         let done = running.await;

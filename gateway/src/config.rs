@@ -172,6 +172,11 @@ pub struct Config {
     #[arg(long, env = "FERRY_ALLOW_REDIS_EVICTION", action = ArgAction::SetTrue, value_parser = BoolishValueParser::new())]
     pub allow_redis_eviction: bool,
 
+    /// Catch-up reads running at once on this node, at most; further sessions wait their turn,
+    /// so a storm of catch-ups cannot crowd out the store for live traffic.
+    #[arg(long, env = "FERRY_MAX_CATCHUP_READS", default_value_t = 64)]
+    pub max_catchup_reads: usize,
+
     /// How long each node remembers its appends, to check them after Redis restarts or fails
     /// over (a lost one ends its inbox's epoch, so the recipient learns `reset`). Below
     /// --dedupe-window; 0 turns the audit off.
@@ -388,6 +393,7 @@ impl Config {
             ("catchup-page", self.catchup_page),
             ("ws-read-buffer", self.ws_read_buffer),
             ("redis-pool-size", self.redis_pool_size),
+            ("max-catchup-reads", self.max_catchup_reads),
         ];
         if let Some((flag, _)) = counts.iter().find(|(_, v)| *v == 0) {
             return Err(ConfigError::Zero { flag });
@@ -522,10 +528,11 @@ mod tests {
         assert_eq!(c.min_replicas_ack, 0);
         assert!(!c.allow_redis_eviction);
         assert_eq!(c.append_audit_window, secs(10));
+        assert_eq!(c.max_catchup_reads, 64);
     }
 
     /// The flag names are an interface (DESIGN.md's table, then the additions).
-    const FLAGS: [&str; 37] = [
+    const FLAGS: [&str; 38] = [
         "listen",
         "admin-listen",
         "redis-url",
@@ -562,6 +569,7 @@ mod tests {
         "dev-token-ttl",
         "min-replicas-ack",
         "allow-redis-eviction",
+        "max-catchup-reads",
         "append-audit-window",
     ];
 
@@ -693,6 +701,7 @@ mod tests {
             "catchup-page",
             "ws-read-buffer",
             "redis-pool-size",
+            "max-catchup-reads",
             "send-rate",
         ] {
             assert_eq!(flag_of(&[format!("--{flag}").as_str(), "0"]), Some(flag));

@@ -3,6 +3,7 @@
 //! drained. `main.rs` only parses flags, sets up logging, binds and calls it.
 
 pub mod admin;
+pub mod admission;
 pub mod auth;
 pub mod close;
 pub mod config;
@@ -107,6 +108,7 @@ pub async fn run(
             session_queue: config.outbound_queue,
         },
     );
+    let catchups = Arc::new(tokio::sync::Semaphore::new(config.max_catchup_reads));
     let node = Arc::new(node::Node {
         node_id: config.node_id(),
         config,
@@ -115,6 +117,8 @@ pub async fn run(
         auth,
         draining: shutdown.clone(),
         store: tokio::sync::watch::Sender::new(store_watch::StoreHealth::default()),
+        admission: Arc::default(),
+        catchups,
     });
     tracing::info!(
         node = %node.node_id,
@@ -139,6 +143,7 @@ pub async fn run(
         store_watch::run(node.clone(), after_drain.clone()),
         span.clone(),
     ));
+    let admission = tokio::spawn(admission::run(node.admission.clone(), after_drain.clone()));
     metrics::NODE_INFO
         .with_label_values(&[&node.node_id])
         .set(1);
@@ -164,6 +169,7 @@ pub async fn run(
     after_drain.cancel();
     let _ = admin.await;
     let _ = watchdog.await;
+    let _ = admission.await;
     tracing::info!("drained");
     Ok(())
 }

@@ -116,6 +116,23 @@ pub static LAGGING: LazyLock<IntGauge> = LazyLock::new(|| {
     .expect(REGISTERED)
 });
 
+pub static ADMISSION_RATE: LazyLock<IntGauge> = LazyLock::new(|| {
+    register_int_gauge!(
+        "ferry_admission_rate",
+        "Sends per second the node accepts while it is behind on delivery (admission control); \
+         0 while sends are not limited"
+    )
+    .expect(REGISTERED)
+});
+
+pub static CATCHUP_WAITING: LazyLock<IntGauge> = LazyLock::new(|| {
+    register_int_gauge!(
+        "ferry_catchup_reads_waiting",
+        "Sessions waiting for one of the node's --max-catchup-reads slots"
+    )
+    .expect(REGISTERED)
+});
+
 pub static DRAINS: LazyLock<IntCounter> = LazyLock::new(|| {
     register_int_counter!("ferry_drains_total", "Times this node started draining")
         .expect(REGISTERED)
@@ -161,6 +178,8 @@ pub fn init() {
     CONNECTIONS_OPEN.get();
     CONNECTIONS_MAX.get();
     LAGGING.get();
+    ADMISSION_RATE.get();
+    CATCHUP_WAITING.get();
     DRAINS.get();
     STORE_OUTAGES.get();
     STORE_UP.get();

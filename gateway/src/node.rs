@@ -7,9 +7,10 @@ use std::time::Duration;
 
 use ferry_router::{Engine, Hub};
 use rand::Rng;
-use tokio::sync::watch;
+use tokio::sync::{Semaphore, watch};
 use tokio_util::sync::CancellationToken;
 
+use crate::admission::Admission;
 use crate::auth::Authenticator;
 use crate::config::Config;
 use crate::store_watch::StoreHealth;
@@ -24,6 +25,10 @@ pub struct Node {
     pub draining: CancellationToken,
     /// The store watchdog's verdict: readiness reads it, sessions wait for the next outage.
     pub store: watch::Sender<StoreHealth>,
+    /// Pushes senders back when the node is behind on delivery.
+    pub admission: Arc<Admission>,
+    /// Catch-up reads running at once on this node, at most `--max-catchup-reads`.
+    pub catchups: Arc<Semaphore>,
 }
 
 impl Node {

@@ -24,11 +24,12 @@ use std::time::Duration;
 
 use ferry_router::{
     CatchUpReason, Checked, EngineError, InboxMessage, Live, LiveSignal, Membership, NewMessage,
-    Position, Stored,
+    Page, Position, Stored,
 };
 use ferry_shared::{Body, ClientFrame, Codec, ErrorCode, MessageId, ServerFrame, UserId, Wire};
 use futures_util::future::BoxFuture;
 use futures_util::{Stream, StreamExt};
+use tokio::sync::OwnedSemaphorePermit;
 use tokio::time::Instant;
 use tokio_tungstenite::tungstenite::error::CapacityError;
 use tokio_tungstenite::tungstenite::{Error as WsError, Message};
@@ -305,10 +306,10 @@ impl Session {
                         return end;
                     }
                 }
-                () = wait_catch_up(self.catchup_retry_at),
+                slot = wait_catch_up(&node, self.catchup_retry_at),
                     if self.catching_up.is_some() && self.out.has_room() =>
                 {
-                    if let Some(end) = Box::pin(self.catch_up_page()).await {
+                    if let Some(end) = Box::pin(self.catch_up_page(slot)).await {
                         return end;
                     }
                 }
@@ -378,6 +379,15 @@ impl Session {
             return Err(Refused {
                 retry_after_ms: Some(retry_ms),
                 ..Refused::new(ErrorCode::RateLimited, "send rate exceeded")
+            });
+        }
+        if let Err(retry_ms) = self.node.admission.admit() {
+            return Err(Refused {
+                retry_after_ms: Some(retry_ms),
+                ..Refused::new(
+                    ErrorCode::RateLimited,
+                    "the node is behind on delivery; retry with the same id",
+                )
             });
         }
         let message_id = MessageId::parse(id).map_err(|e| invalid(e.to_string()))?;
@@ -497,6 +507,11 @@ impl Session {
     }
 
     fn deliver(&mut self, msg: &InboxMessage, path: Path) {
+        if path == Path::Live {
+            self.node
+                .admission
+                .delivered(now_ms().saturating_sub(msg.ts));
+        }
         let frame = ServerFrame::Msg {
             seq: msg.seq,
             from: msg.from.to_string(),
@@ -533,7 +548,8 @@ impl Session {
 
     /// Reads one page after `delivered` into the queue's free slots; `Some` ends the session
     /// (the position is void).
-    async fn catch_up_page(&mut self) -> Option<End> {
+    /// `_slot` is one of the node's `--max-catchup-reads`, held until the page is read.
+    async fn catch_up_page(&mut self, _slot: Option<OwnedSemaphorePermit>) -> Option<End> {
         let reason = self.catching_up?;
         let page = self
             .node
@@ -542,14 +558,14 @@ impl Session {
             .min(self.out.free_slots())
             .max(1);
         metrics::CATCHUPS.with_label_values(&[reason]).inc();
-        let read = self
-            .node
-            .engine
-            .read_after(&self.user, &self.position(), page);
+        let read =
+            self.node
+                .engine
+                .read_after(&self.user, &self.position(), page, self.out.free_bytes());
         match read.await {
-            Ok(Checked::Valid(entries)) => {
+            Ok(Checked::Valid(Page { entries, cut })) => {
                 self.catchup_retry_at = None;
-                let mut complete = entries.len() < page;
+                let mut complete = entries.len() < page && !cut;
                 for entry in &entries {
                     if entry.seq() <= self.delivered {
                         continue;
@@ -666,12 +682,25 @@ impl Session {
     }
 }
 
-/// Resolves when a due catch-up page may be read: at once, or after the pause that follows a
-/// failed read.
-async fn wait_catch_up(retry_at: Option<Instant>) {
+/// Resolves when a due catch-up page may be read: after the pause that follows a failed read,
+/// with one of the node's catch-up slots (`None` only if the node's semaphore was closed).
+async fn wait_catch_up(node: &Node, retry_at: Option<Instant>) -> Option<OwnedSemaphorePermit> {
     if let Some(at) = retry_at {
         tokio::time::sleep_until(at).await;
     }
+    if let Ok(slot) = node.catchups.clone().try_acquire_owned() {
+        return Some(slot);
+    }
+    // Counted while waiting, also when the wait is cancelled (another branch of the loop won).
+    struct Waiting;
+    impl Drop for Waiting {
+        fn drop(&mut self) {
+            metrics::CATCHUP_WAITING.dec();
+        }
+    }
+    metrics::CATCHUP_WAITING.inc();
+    let _waiting = Waiting;
+    node.catchups.clone().acquire_owned().await.ok()
 }
 
 /// A trim in flight: the seq it trims up to, and its answer.

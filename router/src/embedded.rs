@@ -21,7 +21,7 @@ use tokio::time::Instant;
 
 use crate::engine::{
     AppendOutcome, Checked, Engine, EngineError, EngineOptions, EpochName, InboxMessage,
-    InboxState, Live, LiveEvent, LiveSink, NewMessage, Opened, Position, StoreReport, Stored,
+    InboxState, Live, LiveEvent, LiveSink, NewMessage, Opened, Page, Position, StoreReport, Stored,
 };
 use crate::epoch::new_epoch;
 use crate::metrics;
@@ -263,19 +263,34 @@ impl Engine for EmbeddedEngine {
         user: &UserId,
         at: &Position<'_>,
         limit: usize,
-    ) -> BoxFuture<'static, Result<Checked<Vec<Stored>>, EngineError>> {
+        max_bytes: usize,
+    ) -> BoxFuture<'static, Result<Checked<Page>, EngineError>> {
         let now = Instant::now();
         let mut state = self.lock();
         let answer = match state.verify(user, at, now) {
             Some(Void) => Checked::Void,
             None => Checked::Valid(match state.live_inbox(user, now) {
-                Some(inbox) if at.delivered < u64::MAX => inbox
-                    .messages
-                    .range(at.delivered + 1..)
-                    .take(limit)
-                    .map(|(_, msg)| Stored::Message(msg.clone()))
-                    .collect(),
-                _ => Vec::new(),
+                Some(inbox) if at.delivered < u64::MAX => {
+                    let mut page = Page::default();
+                    let mut bytes = 0;
+                    for msg in inbox
+                        .messages
+                        .range(at.delivered + 1..)
+                        .take(limit)
+                        .map(|(_, m)| m)
+                    {
+                        // The same bound as the Redis engine's, on what a stored member weighs.
+                        bytes +=
+                            msg.body.len() + msg.from.as_str().len() + msg.id.as_str().len() + 32;
+                        if bytes > max_bytes && !page.entries.is_empty() {
+                            page.cut = true;
+                            break;
+                        }
+                        page.entries.push(Stored::Message(msg.clone()));
+                    }
+                    page
+                }
+                _ => Page::default(),
             }),
         };
         Box::pin(future::ready(Ok(answer)))
@@ -479,7 +494,7 @@ mod tests {
             stamp: first.stamp,
         };
         assert_eq!(
-            engine.read_after(&bob, &at, 10).await.unwrap(),
+            engine.read_after(&bob, &at, 10, usize::MAX).await.unwrap(),
             Checked::Void,
             "the expired epoch is gone"
         );

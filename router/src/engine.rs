@@ -52,6 +52,14 @@ impl Stored {
     }
 }
 
+/// A page of an inbox read: its entries in seq order, and whether the byte bound cut it short
+/// (then more may follow even though fewer than the limit came).
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Page {
+    pub entries: Vec<Stored>,
+    pub cut: bool,
+}
+
 /// An epoch's name, held inline so that a live message carries it without an allocation.
 /// Ferry's epochs are 12 characters; a longer name (written by something else) is held as empty,
 /// which equals no session's epoch, so such a message makes the session check with the store.
@@ -244,13 +252,15 @@ pub trait Engine: Send + Sync + 'static {
     /// reach the store in the order of the calls, however many are in flight.
     fn append(&self, msg: &NewMessage) -> BoxFuture<'static, Result<AppendOutcome, EngineError>>;
 
-    /// Up to `limit` entries with seq above `at.delivered`, in seq order, once `at` is checked.
+    /// Up to `limit` entries with seq above `at.delivered`, in seq order, once `at` is checked;
+    /// fewer when they would pass `max_bytes` (but at least one, whatever its size).
     fn read_after(
         &self,
         user: &UserId,
         at: &Position<'_>,
         limit: usize,
-    ) -> BoxFuture<'static, Result<Checked<Vec<Stored>>, EngineError>>;
+        max_bytes: usize,
+    ) -> BoxFuture<'static, Result<Checked<Page>, EngineError>>;
 
     /// Deletes every message with seq at or below `upto` (a cumulative ack, `upto` at most
     /// `at.delivered`), once `at` is checked.

@@ -21,7 +21,7 @@ pub mod testkit;
 pub use embedded::EmbeddedEngine;
 pub use engine::{
     AppendOutcome, Checked, Engine, EngineError, EngineOptions, EpochName, InboxMessage,
-    InboxState, Live, LiveEvent, LiveSink, NewMessage, Opened, Position, StoreReport, Stored,
+    InboxState, Live, LiveEvent, LiveSink, NewMessage, Opened, Page, Position, StoreReport, Stored,
 };
 pub use hub::{CatchUpReason, Hub, HubOptions, LiveSignal, Membership};
 pub use record::{RecordError, decode_member, decode_stored, encode_payload, split_live};

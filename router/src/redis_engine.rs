@@ -26,7 +26,7 @@ use tokio::time::Instant;
 use crate::audit::{Appended, JOURNAL_CAP, Journal};
 use crate::engine::{
     AppendOutcome, Checked, Engine, EngineError, EngineOptions, InboxState, LiveSink, NewMessage,
-    Opened, Position, StoreReport, Stored,
+    Opened, Page, Position, StoreReport, Stored,
 };
 use crate::epoch::new_epoch_bytes;
 use crate::lanes::{Durability, Lanes, LuaScript, redis_error};
@@ -211,7 +211,7 @@ impl Core {
         script: &'static LuaScript,
         user: &UserId,
         at: &Position<'_>,
-        extra: Option<u64>,
+        extra: &[u64],
     ) -> oneshot::Receiver<Result<Value, EngineError>> {
         let mut cmd = script.call(2);
         cmd.arg(self.key(user, KeyKind::Inbox))
@@ -220,8 +220,8 @@ impl Core {
             .arg(at.delivered)
             .arg(at.stamp)
             .arg(NewEpoch);
-        if let Some(extra) = extra {
-            cmd.arg(extra);
+        for arg in extra {
+            cmd.arg(*arg);
         }
         self.submit(self.inbox_lane(user), cmd, script)
     }
@@ -334,13 +334,13 @@ fn millis(d: Duration) -> u64 {
 /// A read entry and, when it could not be decoded, its raw member (to move out of the inbox).
 type ReadEntry = (Stored, Option<Vec<u8>>);
 
-/// The `ZRANGE … WITHSCORES` pairs of a read, decoded.
-fn decode_page(items: &[Value]) -> Result<Vec<ReadEntry>, EngineError> {
+/// The `ZRANGE … WITHSCORES` pairs of a read, decoded, and whether the byte bound cut the page.
+fn decode_page(items: &[Value]) -> Result<(Vec<ReadEntry>, bool), EngineError> {
     let bad = || EngineError::Internal("the read script answered a malformed page".into());
-    let [Value::Array(pairs)] = items else {
+    let [Value::Array(pairs), cut] = items else {
         return Err(bad());
     };
-    pairs
+    let entries = pairs
         .chunks(2)
         .map(|pair| {
             let [Value::BulkString(member), score] = pair else {
@@ -362,7 +362,8 @@ fn decode_page(items: &[Value]) -> Result<Vec<ReadEntry>, EngineError> {
                 }
             })
         })
-        .collect()
+        .collect::<Result<_, _>>()?;
+    Ok((entries, int(cut) == Some(1)))
 }
 
 /// The audit after a store restart or failover, run by its own task.
@@ -505,12 +506,14 @@ impl Engine for RedisEngine {
         user: &UserId,
         at: &Position<'_>,
         limit: usize,
-    ) -> BoxFuture<'static, Result<Checked<Vec<Stored>>, EngineError>> {
+        max_bytes: usize,
+    ) -> BoxFuture<'static, Result<Checked<Page>, EngineError>> {
         let core = Arc::clone(&self.core);
         let user = user.clone();
-        // Redis reads the count as a signed 64-bit integer.
+        // Redis reads numbers as signed 64-bit integers.
         let limit = limit.min(i64::MAX as usize) as u64;
-        let answer = core.checked_call(&SCRIPTS.read, &user, at, Some(limit));
+        let max_bytes = max_bytes.min(i64::MAX as usize) as u64;
+        let answer = core.checked_call(&SCRIPTS.read, &user, at, &[limit, max_bytes]);
         Box::pin(async move {
             let read = timed(StoreOp::Read, core.options.store_timeout, async {
                 match checked_answer(&user, &received(answer).await?)? {
@@ -518,7 +521,7 @@ impl Engine for RedisEngine {
                     None => Ok(None),
                 }
             });
-            let Some(page) = read.await? else {
+            let Some((page, cut)) = read.await? else {
                 return Ok(Checked::Void);
             };
             let mut entries = Vec::with_capacity(page.len());
@@ -528,7 +531,7 @@ impl Engine for RedisEngine {
                 }
                 entries.push(stored);
             }
-            Ok(Checked::Valid(entries))
+            Ok(Checked::Valid(Page { entries, cut }))
         })
     }
 
@@ -538,7 +541,7 @@ impl Engine for RedisEngine {
         at: &Position<'_>,
         upto: u64,
     ) -> BoxFuture<'static, Result<Checked<()>, EngineError>> {
-        let answer = self.core.checked_call(&SCRIPTS.trim, user, at, Some(upto));
+        let answer = self.core.checked_call(&SCRIPTS.trim, user, at, &[upto]);
         let (user, timeout) = (user.clone(), self.core.options.store_timeout);
         Box::pin(timed(StoreOp::Trim, timeout, async move {
             Ok(match checked_answer(&user, &received(answer).await?)? {
@@ -553,7 +556,7 @@ impl Engine for RedisEngine {
         user: &UserId,
         at: &Position<'_>,
     ) -> BoxFuture<'static, Result<Checked<u64>, EngineError>> {
-        let answer = self.core.checked_call(&SCRIPTS.position, user, at, None);
+        let answer = self.core.checked_call(&SCRIPTS.position, user, at, &[]);
         let (user, timeout) = (user.clone(), self.core.options.store_timeout);
         Box::pin(timed(StoreOp::Position, timeout, async move {
             match checked_answer(&user, &received(answer).await?)? {

@@ -130,12 +130,28 @@ local now = redis.call('TIME')
 return {state[1], string.format('%d', head), now[1] .. string.format('%06d', tonumber(now[2])), ended, adopted}
 "#;
 
-/// KEYS: inbox, meta. ARGV: epoch, delivered, stamp, new epoch, limit.
-/// Returns `{'ok', {member, score, ...}}`, or `{why}` (see `verify_position!`).
+/// KEYS: inbox, meta. ARGV: epoch, delivered, stamp, new epoch, limit, max bytes.
+/// Returns `{'ok', {member, score, ...}, cut}`, or `{why}` (see `verify_position!`). The page
+/// stops before the member that would pass the byte bound (the first is always returned), so a
+/// read never brings more than the session's queue can take; `cut` is 1 when it did.
 const READ: &str = concat!(
     verify_position!(),
     r#"
-return {'ok', redis.call('ZRANGE', KEYS[1], '(' .. ARGV[2], '+inf', 'BYSCORE', 'LIMIT', 0, ARGV[5], 'WITHSCORES')}
+local page = redis.call('ZRANGE', KEYS[1], '(' .. ARGV[2], '+inf', 'BYSCORE', 'LIMIT', 0, ARGV[5], 'WITHSCORES')
+local max = tonumber(ARGV[6])
+local bytes = 0
+local cut = 0
+for i = 1, #page, 2 do
+  bytes = bytes + #page[i]
+  if bytes > max and i > 1 then
+    for j = #page, i, -1 do
+      page[j] = nil
+    end
+    cut = 1
+    break
+  end
+end
+return {'ok', page, cut}
 "#
 );
 

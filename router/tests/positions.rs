@@ -10,7 +10,7 @@ use std::sync::Arc;
 
 use common::*;
 use ferry_router::testkit::RedisServer;
-use ferry_router::{Checked, Engine, Position, RedisEngine, Stored};
+use ferry_router::{Checked, Engine, Page, Position, RedisEngine, Stored};
 
 fn position(epoch: &str, delivered: u64, stamp: u64) -> Position<'_> {
     Position {
@@ -28,7 +28,10 @@ on_both_engines!(
         let bob = user("bob");
         let stale = position("not-this-one", 3, 0);
         assert_eq!(
-            engine.read_after(&bob, &stale, 10).await.unwrap(),
+            engine
+                .read_after(&bob, &stale, 10, usize::MAX)
+                .await
+                .unwrap(),
             Checked::Void
         );
         assert_eq!(engine.trim(&bob, &stale, 3).await.unwrap(), Checked::Void);
@@ -64,7 +67,10 @@ on_both_engines!(
         // Every other session of the old epoch is void from now on.
         let behind = position(&before.epoch, 1, 0);
         assert_eq!(
-            engine.read_after(&bob, &behind, 10).await.unwrap(),
+            engine
+                .read_after(&bob, &behind, 10, usize::MAX)
+                .await
+                .unwrap(),
             Checked::Void
         );
     }
@@ -125,8 +131,8 @@ on_both_engines!(
         // A position whose stamp covers what it delivered is valid.
         let at = position(&opened.epoch, 3, stamps[2]);
         assert!(matches!(
-            engine.read_after(&bob, &at, 10).await.unwrap(),
-            Checked::Valid(page) if page.is_empty()
+            engine.read_after(&bob, &at, 10, usize::MAX).await.unwrap(),
+            Checked::Valid(page) if page.entries.is_empty()
         ));
     }
 );
@@ -199,7 +205,11 @@ async fn an_undecodable_member_is_read_once_and_quarantined() {
     server.cmd(&["ZADD", "ferry:{u:bob}:inbox", "2", "2:77:garbage"]);
     fill(&*engine, "bob", "n", 1).await;
     let epoch = epoch(&*engine, "bob").await;
-    let Checked::Valid(entries) = engine.read_after(&bob, &at(&epoch, 0), 10).await.unwrap() else {
+    let Checked::Valid(Page { entries, .. }) = engine
+        .read_after(&bob, &at(&epoch, 0), 10, usize::MAX)
+        .await
+        .unwrap()
+    else {
         panic!("void");
     };
     assert!(matches!(entries[0], Stored::Message(ref m) if m.seq == 1));

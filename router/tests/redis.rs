@@ -221,7 +221,10 @@ async fn a_stopped_redis_fails_fast_and_recovers_on_restart() {
         engine.append(&message("a", "bob", "m", b"x")).await,
     );
     let position = at("e", 0);
-    assert_unavailable("read", engine.read_after(&bob_id, &position, 10).await);
+    assert_unavailable(
+        "read",
+        engine.read_after(&bob_id, &position, 10, usize::MAX).await,
+    );
     assert_unavailable("trim", engine.trim(&bob_id, &position, 1).await);
     assert_unavailable("position", engine.check_position(&bob_id, &position).await);
     assert_unavailable("open", engine.open_inbox(&bob_id, None).await);
@@ -271,7 +274,12 @@ async fn a_frozen_redis_times_out_instead_of_hanging() {
     }
     let started = Instant::now();
     let position = at("e", 0);
-    assert_unavailable("read", engine.read_after(&user("bob"), &position, 1).await);
+    assert_unavailable(
+        "read",
+        engine
+            .read_after(&user("bob"), &position, 1, usize::MAX)
+            .await,
+    );
     assert!(started.elapsed() < SHORT_TIMEOUT * 3);
     server.resume();
     eventually("the store", async || engine.ping().await.is_ok()).await;

@@ -169,7 +169,10 @@ on_both_engines!(
         // nothing.
         let nowhere = at("", 0);
         assert_eq!(
-            engine.read_after(&bob, &nowhere, 1).await.unwrap(),
+            engine
+                .read_after(&bob, &nowhere, 1, usize::MAX)
+                .await
+                .unwrap(),
             Checked::Void
         );
         assert_eq!(engine.trim(&bob, &nowhere, 1).await.unwrap(), Checked::Void);
@@ -213,3 +216,40 @@ on_both_engines!(ping_and_name, options(), |engine| async move {
     assert!(["redis", "embedded"].contains(&engine.name()));
     let _events = live_events(&*engine);
 });
+
+on_both_engines!(
+    a_read_stops_at_its_byte_bound,
+    options(),
+    |engine| async move {
+        let bob = user("bob");
+        for i in 0..5 {
+            let body = vec![b'x'; 100];
+            stored(&*engine, &message("alice", "bob", &format!("m{i}"), &body)).await;
+        }
+        let epoch = epoch(&*engine, "bob").await;
+        let page = |limit, max_bytes| {
+            let engine = engine.clone();
+            let (bob, epoch) = (bob.clone(), epoch.clone());
+            async move {
+                match engine
+                    .read_after(&bob, &at(&epoch, 0), limit, max_bytes)
+                    .await
+                    .unwrap()
+                {
+                    Checked::Valid(page) => (page.entries.len(), page.cut),
+                    Checked::Void => panic!("void"),
+                }
+            }
+        };
+        assert_eq!(page(10, usize::MAX).await, (5, false));
+        assert_eq!(
+            page(3, usize::MAX).await,
+            (3, false),
+            "the count bound is no cut"
+        );
+        // Room for two members of about 130 bytes, not three.
+        assert_eq!(page(10, 300).await, (2, true));
+        // The first member always comes, however small the bound.
+        assert_eq!(page(10, 1).await, (1, true));
+    }
+);

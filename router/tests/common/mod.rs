@@ -10,7 +10,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use ferry_router::{
     AppendOutcome, Checked, Engine, EngineError, EngineOptions, InboxMessage, InboxState,
-    LiveEvent, LiveSink, NewMessage, Opened, Position, StoreReport, Stored,
+    LiveEvent, LiveSink, NewMessage, Opened, Page, Position, StoreReport, Stored,
 };
 use ferry_shared::{MessageId, UserId};
 use futures_util::future::BoxFuture;
@@ -138,10 +138,11 @@ pub fn at(epoch: &str, delivered: u64) -> Position<'_> {
 pub async fn read(engine: &dyn Engine, name: &str, after: u64, limit: usize) -> Vec<InboxMessage> {
     let epoch = epoch(engine, name).await;
     match engine
-        .read_after(&user(name), &at(&epoch, after), limit)
+        .read_after(&user(name), &at(&epoch, after), limit, usize::MAX)
         .await
     {
-        Ok(Checked::Valid(entries)) => entries
+        Ok(Checked::Valid(page)) => page
+            .entries
             .into_iter()
             .map(|entry| match entry {
                 Stored::Message(msg) => msg,
@@ -233,8 +234,9 @@ impl Engine for Recorder {
         user: &UserId,
         at: &Position<'_>,
         limit: usize,
-    ) -> BoxFuture<'static, Result<Checked<Vec<Stored>>, EngineError>> {
-        self.inner.read_after(user, at, limit)
+        max_bytes: usize,
+    ) -> BoxFuture<'static, Result<Checked<Page>, EngineError>> {
+        self.inner.read_after(user, at, limit, max_bytes)
     }
 
     fn trim(

@@ -174,7 +174,10 @@ mod tests {
             window(&admission, 1, 10, 0, 0);
             rates.push(admission.lock().rate);
         }
-        assert!(rates.windows(2).all(|w| w[1].is_none() || w[1] > w[0]), "{rates:?}");
+        assert!(
+            rates.windows(2).all(|w| w[1].is_none() || w[1] > w[0]),
+            "{rates:?}"
+        );
         assert_eq!(admission.lock().rate, None, "{rates:?}");
     }
 }

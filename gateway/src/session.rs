@@ -19,9 +19,10 @@
 //! A session leaves with `reconnect` when the node drains (1012) or when the store watchdog
 //! declares an outage (1013): a node that cannot reach the store can neither store nor deliver.
 
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
+use bytes::Bytes;
 use ferry_router::{
     CatchUpReason, Checked, EngineError, InboxMessage, Live, LiveSignal, Membership, NewMessage,
     Page, Position, Stored,
@@ -32,7 +33,7 @@ use futures_util::{Stream, StreamExt};
 use tokio::sync::OwnedSemaphorePermit;
 use tokio::time::Instant;
 use tokio_tungstenite::tungstenite::error::CapacityError;
-use tokio_tungstenite::tungstenite::{Error as WsError, Message};
+use tokio_tungstenite::tungstenite::{Error as WsError, Message, Utf8Bytes};
 
 use crate::close;
 use crate::hello::{self, Opened};
@@ -107,6 +108,42 @@ pub fn encode(codec: Codec, frame: &ServerFrame, delivery: Option<(Path, u64)>) 
         kind: frame.kind(),
         delivery,
     })
+}
+
+/// The `msg` frame of `msg` for `codec`.
+fn msg_message(codec: Codec, msg: &InboxMessage) -> Message {
+    let frame = ServerFrame::Msg {
+        seq: msg.seq,
+        from: msg.from.to_string(),
+        id: msg.id.to_string(),
+        ts: msg.ts,
+        body: Body(msg.body.clone()),
+    };
+    match encode(codec, &frame, None) {
+        Item::Frame(frame) => frame.message,
+        // `encode` makes a frame of every server frame.
+        Item::Ping | Item::Close(..) => Message::Binary(Bytes::new()),
+    }
+}
+
+/// The `msg` frame of a live message for `codec`: encoded once, by the first of the user's
+/// sessions on the node, then shared (the bytes are reference-counted).
+fn shared_msg(codec: Codec, msg: &InboxMessage, frames: &[OnceLock<Bytes>; 2]) -> Message {
+    let slot = match codec {
+        Codec::MsgPack => &frames[0],
+        Codec::Json => &frames[1],
+    };
+    let bytes = slot.get_or_init(|| match msg_message(codec, msg) {
+        Message::Text(text) => Bytes::from(text),
+        message => message.into_data(),
+    });
+    match codec {
+        Codec::MsgPack => Message::Binary(bytes.clone()),
+        // Made from a `String` above, so it is UTF-8.
+        Codec::Json => Utf8Bytes::try_from(bytes.clone())
+            .map(Message::Text)
+            .unwrap_or_else(|_| msg_message(codec, msg)),
+    }
 }
 
 /// Runs a connection from just after the upgrade to its close.
@@ -468,7 +505,11 @@ impl Session {
                 return None;
             }
         };
-        let Live { epoch, entry } = &*live;
+        let Live {
+            epoch,
+            entry,
+            frames,
+        } = &*live;
         let msg = match entry {
             Stored::Message(msg) if epoch.as_str() == self.epoch => msg,
             // Another incarnation's message: the catch-up's read checks the position (the
@@ -502,27 +543,27 @@ impl Session {
             self.lag();
             return None;
         }
-        self.deliver(msg, Path::Live);
+        self.deliver(msg, Path::Live, Some(frames));
         None
     }
 
-    fn deliver(&mut self, msg: &InboxMessage, path: Path) {
+    /// Queues `msg` (live: with the encodings `frames` shared by the user's sessions).
+    fn deliver(&mut self, msg: &InboxMessage, path: Path, frames: Option<&[OnceLock<Bytes>; 2]>) {
         if path == Path::Live {
             self.node
                 .admission
                 .delivered(now_ms().saturating_sub(msg.ts));
         }
-        let frame = ServerFrame::Msg {
-            seq: msg.seq,
-            from: msg.from.to_string(),
-            id: msg.id.to_string(),
-            ts: msg.ts,
-            body: Body(msg.body.clone()),
+        let message = match frames {
+            Some(frames) => shared_msg(self.codec, msg, frames),
+            None => msg_message(self.codec, msg),
         };
-        match self
-            .out
-            .try_push(encode(self.codec, &frame, Some((path, msg.ts))))
-        {
+        let item = Item::Frame(Frame {
+            message,
+            kind: "msg",
+            delivery: Some((path, msg.ts)),
+        });
+        match self.out.try_push(item) {
             Ok(()) => self.step_to(msg.seq, msg.stamp),
             Err(_) => self.lag(),
         }
@@ -576,7 +617,7 @@ impl Session {
                         break;
                     }
                     match entry {
-                        Stored::Message(msg) => self.deliver(msg, Path::CatchUp),
+                        Stored::Message(msg) => self.deliver(msg, Path::CatchUp, None),
                         // Logged, counted and moved out of the inbox by the read.
                         Stored::Undecodable { seq, stamp } => self.step_to(*seq, *stamp),
                     }

@@ -5,7 +5,7 @@ mod common;
 use std::time::Duration;
 
 use common::*;
-use ferry_shared::client::RawEvent;
+use ferry_shared::client::{RawConnection, RawEvent};
 use ferry_shared::{ClientFrame, ServerFrame};
 
 both_engines! {
@@ -44,6 +44,36 @@ both_engines! {
         let (mut bob3, _) = gw.raw("bob").await;
         let got = raw_messages(&mut bob3, 2).await;
         assert_eq!(got, [(1, "live-1".to_string()), (2, "offline-2".to_string())]);
+    }
+
+    // A live message is encoded once per wire format on a node and shared by the recipient's
+    // connections: one user's MessagePack and JSON connections each get it whole, in their own
+    // format, and so does a second connection in the same format.
+    async fn one_live_message_reaches_every_format(kind: EngineKind) {
+        let gw = TestGateway::start(kind).await;
+        let (mut alice, _) = gw.raw("alice").await;
+        let (mut packed, _) = gw.raw("bob").await;
+        let (mut packed_too, _) = gw.raw("bob").await;
+        let mut json = RawConnection::connect(&gw.url(), &["ferry.v1.json"], &[])
+            .await
+            .expect("connects");
+        let hello = ClientFrame::Hello {
+            token: Some(gw.token("bob")),
+            last_seq: 0,
+            epoch: None,
+        };
+        json.send_frame(&hello).await.expect("hello");
+        assert!(matches!(next_frame(&mut json).await, ServerFrame::Welcome { .. }));
+        raw_send(&mut alice, "m1", "bob", "héllo, bob").await;
+        for conn in [&mut packed, &mut packed_too, &mut json] {
+            match next_frame(conn).await {
+                ServerFrame::Msg { seq, from, id, body, .. } => {
+                    assert_eq!((seq, from.as_str(), id.as_str()), (1, "alice", "m1"));
+                    assert_eq!(&body.0[..], "héllo, bob".as_bytes());
+                }
+                other => panic!("expected the message, got {other:?}"),
+            }
+        }
     }
 
     // G3: with several senders at once, one connection sees strictly increasing seqs, and each

@@ -137,10 +137,7 @@ impl EmbeddedEngine {
             .insert(key.clone(), Remembered { seq, expires });
         state.dedupe_expiry.push_back((key, expires));
         if state.subscribed.contains(&msg.to) {
-            let live = Live {
-                epoch,
-                entry: Stored::Message(stored),
-            };
+            let live = Live::new(epoch, Stored::Message(stored));
             self.publish(state, msg.to.clone(), live);
         }
         AppendOutcome::Stored { seq }

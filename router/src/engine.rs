@@ -1,7 +1,7 @@
 //! The `Engine` trait: the store and live bus Ferry runs on, and the types that cross it.
 //! Two implementations: `RedisEngine` (a cluster's shared truth) and `EmbeddedEngine` (one node).
 
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -101,6 +101,19 @@ impl std::fmt::Debug for EpochName {
 pub struct Live {
     pub epoch: EpochName,
     pub entry: Stored,
+    /// The edge's encodings of this entry, one slot per wire format, made by the first session
+    /// that writes it and shared by the user's other sessions on the node.
+    pub frames: [OnceLock<Bytes>; 2],
+}
+
+impl Live {
+    pub fn new(epoch: EpochName, entry: Stored) -> Self {
+        Self {
+            epoch,
+            entry,
+            frames: Default::default(),
+        }
+    }
 }
 
 /// Where a session stands in an inbox, as the store checks it before every read and trim: the

@@ -320,17 +320,11 @@ impl LiveTask {
                 if let Some(e) = error {
                     tracing::debug!(error = %e, "undecodable live message");
                 }
-                Live {
-                    epoch: EpochName::new(epoch),
-                    entry,
-                }
+                Live::new(EpochName::new(epoch), entry)
             }
             Err(e) => {
                 tracing::debug!(error = %e, "undecodable live message");
-                Live {
-                    epoch: EpochName::new(""),
-                    entry: Stored::Undecodable { seq: 0, stamp: 0 },
-                }
+                Live::new(EpochName::new(""), Stored::Undecodable { seq: 0, stamp: 0 })
             }
         };
         self.emit(LiveEvent::Message {

@@ -7,13 +7,12 @@
 //! from the store. A `Resync` from the engine flags every session. Either way the inbox is the
 //! truth and the live queue only a hint, so nothing is lost and no queue grows without bound.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
 use ferry_shared::UserId;
-use tokio::sync::mpsc::error::TrySendError;
-use tokio::sync::{Notify, mpsc, watch};
+use tokio::sync::{Notify, watch};
 
 use crate::engine::{Engine, EngineError, Live, LiveEvent};
 
@@ -74,21 +73,50 @@ struct UserSessions {
 
 /// The hub's side of one session.
 struct SessionHandle {
-    messages: mpsc::Sender<Arc<Live>>,
     signal: Arc<Signal>,
 }
 
-/// Catch-up flags raised by the dispatcher, and the wake-up that goes with them.
+/// One session's live queue and catch-up flags, filled by the hub's dispatch, with the wake-up
+/// that goes with them. The queue is a plain `VecDeque`: it holds no memory while empty, which
+/// is what an idle connection's is.
 #[derive(Default)]
 struct Signal {
     flags: AtomicU8,
     notify: Notify,
+    queue: Mutex<VecDeque<Arc<Live>>>,
 }
 
 impl Signal {
     fn raise(&self, flag: u8) {
         self.flags.fetch_or(flag, Ordering::SeqCst);
         self.notify.notify_one();
+    }
+
+    /// Queues a live message, or raises `LAGGED` when `cap` are queued already.
+    fn offer(&self, live: &Arc<Live>, cap: usize) {
+        let mut queue = lock(&self.queue);
+        if queue.len() >= cap {
+            drop(queue);
+            self.raise(LAGGED);
+            return;
+        }
+        queue.push_back(Arc::clone(live));
+        drop(queue);
+        self.notify.notify_one();
+    }
+
+    fn pop(&self) -> Option<Arc<Live>> {
+        let mut queue = lock(&self.queue);
+        let live = queue.pop_front();
+        // A queue that grew in a burst gives its memory back once drained.
+        if queue.is_empty() && queue.capacity() > 32 {
+            *queue = VecDeque::new();
+        }
+        live
+    }
+
+    fn clear(&self) {
+        *lock(&self.queue) = VecDeque::new();
     }
 
     /// Clears the flags and says which catch-up they ask for (a resync covers a lag).
@@ -146,7 +174,6 @@ impl Hub {
     /// confirmed, so every message stored from then on reaches the session live (or as a catch-up).
     /// On failure, or if this future is dropped, the registration is undone.
     pub async fn join(self: &Arc<Self>, user: &UserId) -> Result<Membership, EngineError> {
-        let (messages_tx, messages) = mpsc::channel(self.options.session_queue.max(1));
         let signal = Arc::new(Signal::default());
         let (id, mut subscription) = {
             let mut guard = self.lock();
@@ -155,7 +182,6 @@ impl Hub {
             state.next_session += 1;
             state.sessions += 1;
             let handle = SessionHandle {
-                messages: messages_tx,
                 signal: Arc::clone(&signal),
             };
             let subscription = match state.users.get_mut(user) {
@@ -185,7 +211,6 @@ impl Hub {
             user: user.clone(),
             id,
             signal,
-            messages,
         };
         let outcome = match subscription.wait_for(Option::is_some).await {
             Ok(outcome) => outcome.clone().unwrap_or(Ok(())),
@@ -243,11 +268,9 @@ impl Hub {
                 let Some(entry) = state.users.get(&user) else {
                     return;
                 };
+                let cap = self.options.session_queue.max(1);
                 for session in entry.sessions.values() {
-                    match session.messages.try_send(Arc::clone(&live)) {
-                        Ok(()) | Err(TrySendError::Closed(_)) => {}
-                        Err(TrySendError::Full(_)) => session.signal.raise(LAGGED),
-                    }
+                    session.signal.offer(&live, cap);
                 }
             }
             LiveEvent::Resync => {
@@ -261,9 +284,13 @@ impl Hub {
     }
 
     fn lock(&self) -> MutexGuard<'_, HubState> {
-        // Every critical section leaves the state consistent before anything can panic.
-        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+        lock(&self.state)
     }
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    // Every critical section leaves its state consistent before anything can panic.
+    mutex.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
 /// One session's place in the hub; dropping it leaves (the last session of a user on the node
@@ -273,7 +300,6 @@ pub struct Membership {
     user: UserId,
     id: u64,
     signal: Arc<Signal>,
-    messages: mpsc::Receiver<Arc<Live>>,
 }
 
 impl Membership {
@@ -295,18 +321,13 @@ impl Membership {
             // Registered before the flags are read, so a flag raised after the read still wakes us.
             notified.as_mut().enable();
             if let Some(reason) = signal.take() {
-                while self.messages.try_recv().is_ok() {}
+                signal.clear();
                 return LiveSignal::CatchUp(reason);
             }
-            tokio::select! {
-                biased;
-                () = &mut notified => {}
-                message = self.messages.recv() => match message {
-                    Some(message) => return LiveSignal::Message(message),
-                    // The hub holds the sender until this membership is dropped.
-                    None => return std::future::pending().await,
-                },
+            if let Some(live) = signal.pop() {
+                return LiveSignal::Message(live);
             }
+            notified.await;
         }
     }
 }

@@ -5,9 +5,12 @@
 //! messages that reached their socket later than `TARGET` after they were accepted, and how many
 //! sessions are lagging (too slow to take live messages, catching up from the store). While
 //! either says the node is behind, the node-wide rate of accepted sends is cut to three quarters
-//! of what was accepted in the last window; while delivery is healthy it grows back by 5% a
+//! of what was accepted in the last window (then not again for a few windows, while the
+//! messages accepted before the cut drain); while delivery is healthy it grows back by 5% a
 //! window, and the limit is lifted once it is twice what senders ask for. One slow client
-//! cannot trigger it: lagging counts only when a tenth of the sessions lag.
+//! cannot trigger it: lagging counts only when a tenth of the sessions lag. A refused sender is
+//! told to wait in proportion to the demand over what is admitted, so refusals do not come back
+//! as a storm of retries.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
@@ -21,7 +24,10 @@ use crate::metrics;
 /// How often the controller decides.
 const WINDOW: Duration = Duration::from_millis(100);
 /// A live message delivered later than this after it was accepted counts as late.
-const TARGET_MS: u64 = 250;
+const TARGET_MS: u64 = 400;
+/// Windows after a cut in which the node is not cut again: messages accepted before the cut
+/// still arrive late for a while, and cutting on them would take the rate to its floor.
+const COOLDOWN_WINDOWS: u32 = 3;
 /// The node is behind when more than this share of live deliveries were late...
 const LATE_SHARE: f64 = 0.1;
 /// ...or when more than this share of its sessions lag (and at least `LAGGING_MIN` do).
@@ -31,6 +37,9 @@ const LAGGING_MIN: i64 = 10;
 const MIN_RATE: f64 = 100.0;
 /// Seconds of the rate that may be taken at once.
 const BURST_SECS: f64 = 0.1;
+/// `retry_after_ms` of a refused send, before it is scaled by the pressure (see `retry_ms`).
+const RETRY_BASE_MS: f64 = 250.0;
+const RETRY_MAX_MS: f64 = 10_000.0;
 
 /// The node's admission controller.
 #[derive(Default)]
@@ -47,8 +56,13 @@ struct Bucket {
     rate: Option<f64>,
     tokens: f64,
     refilled: Option<Instant>,
-    /// Sends admitted in this window.
+    /// Sends admitted and refused in this window.
     admitted: u64,
+    refused: u64,
+    /// Demand over admissions in the last window (1: everything asked for was admitted).
+    pressure: f64,
+    /// Windows left before the next cut may come.
+    cooldown: u32,
 }
 
 impl Admission {
@@ -78,9 +92,8 @@ impl Admission {
             bucket.admitted += 1;
             return Ok(());
         }
-        let wait_ms = ((1.0 - bucket.tokens) / rate * 1000.0).ceil();
-        // Bounded by the rate floor: at least 1 ms, at most 1 / MIN_RATE s.
-        Err(wait_ms.clamp(1.0, 1000.0 / MIN_RATE) as u64)
+        bucket.refused += 1;
+        Err(retry_ms(bucket.pressure))
     }
 
     /// One decision, from this window's figures.
@@ -96,10 +109,16 @@ impl Admission {
         let behind = late_share > LATE_SHARE || lagging > lagging_limit;
         let mut bucket = self.lock();
         let admitted_rate = bucket.admitted as f64 / WINDOW.as_secs_f64();
+        bucket.pressure = (bucket.admitted + bucket.refused) as f64 / bucket.admitted.max(1) as f64;
         bucket.admitted = 0;
+        bucket.refused = 0;
+        let cooling = bucket.cooldown > 0;
+        bucket.cooldown = bucket.cooldown.saturating_sub(1);
         bucket.rate = match (bucket.rate, behind) {
             (None, false) => None,
+            (Some(rate), true) if cooling => Some(rate),
             (current, true) => {
+                bucket.cooldown = COOLDOWN_WINDOWS;
                 let base = current
                     .unwrap_or(admitted_rate)
                     .min(admitted_rate.max(MIN_RATE));
@@ -118,6 +137,15 @@ impl Admission {
         // Nothing under the lock can panic.
         self.bucket.lock().unwrap_or_else(PoisonError::into_inner)
     }
+}
+
+/// How long a refused sender should wait: long enough that what was refused can be admitted at
+/// the allowed rate by then, so retries spread out instead of coming back as a storm (a retry
+/// costs the node a read and an answer). `pressure` is demand over admissions: 4 means a
+/// quarter was admitted, so a refused send waits about a second. Jittered ±50%.
+fn retry_ms(pressure: f64) -> u64 {
+    let jitter = rand::random_range(0.5..1.5);
+    (RETRY_BASE_MS * pressure.max(1.0) * jitter).clamp(1.0, RETRY_MAX_MS) as u64
 }
 
 /// Decides every `WINDOW` until `stop`.
@@ -163,8 +191,15 @@ mod tests {
         tokio::time::advance(Duration::from_millis(10)).await;
         let refused = (0..1000).filter(|_| admission.admit().is_err()).count();
         assert!(refused > 900, "{refused}");
-        assert!(matches!(admission.admit(), Err(ms) if (1..=10).contains(&ms)));
-        // Still behind (lagging): cut again.
+        // The refused wait long enough for the rate to take them: here about a quarter second
+        // times the pressure of the last window (1: nothing was refused yet).
+        assert!(matches!(admission.admit(), Err(ms) if (125..=375).contains(&ms)));
+        // Still behind, but just cut: it waits for the cut to show.
+        for _ in 0..COOLDOWN_WINDOWS {
+            window(&admission, 0, 0, 0, 200);
+            assert_eq!(admission.lock().rate, Some(3750.0));
+        }
+        // Still behind (lagging) after that: cut again.
         window(&admission, 0, 0, 0, 200);
         let cut = admission.lock().rate.unwrap();
         assert!((MIN_RATE..3750.0).contains(&cut), "{cut}");

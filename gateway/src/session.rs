@@ -233,6 +233,8 @@ struct Session {
     bucket: TokenBucket,
     /// Sends issued to the store and not answered yet, oldest first.
     sends: Sends,
+    /// The client is not read before this: admission control refused it a send.
+    paused_until: Option<Instant>,
     /// Highest seq the client acknowledged (clamped to `delivered`).
     ack_wanted: u64,
     /// Highest seq trimmed from the inbox by this session.
@@ -260,6 +262,7 @@ impl Session {
             lagging: false,
             bucket,
             sends: Sends::default(),
+            paused_until: None,
             ack_wanted: 0,
             ack_done: 0,
             trim: None,
@@ -309,9 +312,15 @@ impl Session {
                         return End { label, close: None };
                     }
                 }
-                // The client is read while its answers have room and its sends are few enough.
+                () = wait_until(self.paused_until), if self.paused_until.is_some() => {
+                    self.paused_until = None;
+                }
+                // The client is read while its answers have room, its sends are few enough and
+                // admission control has not paused it.
                 next = stream.next(),
-                    if self.sends.len() < SENDS_IN_FLIGHT && self.out.takes_answers() =>
+                    if self.sends.len() < SENDS_IN_FLIGHT
+                        && self.out.takes_answers()
+                        && self.paused_until.is_none() =>
                 {
                     self.last_activity = Instant::now();
                     match classify(next, self.codec) {
@@ -419,6 +428,10 @@ impl Session {
             });
         }
         if let Err(retry_ms) = self.node.admission.admit() {
+            // The client is told to wait, and the session stops reading it meanwhile: an
+            // open-loop sender's next sends wait in its socket instead of each costing the node a
+            // refusal.
+            self.paused_until = Some(Instant::now() + Duration::from_millis(retry_ms));
             return Err(Refused {
                 retry_after_ms: Some(retry_ms),
                 ..Refused::new(
@@ -746,6 +759,14 @@ async fn wait_catch_up(node: &Node, retry_at: Option<Instant>) -> Option<OwnedSe
 
 /// A trim in flight: the seq it trims up to, and its answer.
 type Trim = (u64, BoxFuture<'static, Result<Checked<()>, EngineError>>);
+
+/// Resolves at `at` (never without one).
+async fn wait_until(at: Option<Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}
 
 /// What the trim branch of the session's loop resolved with.
 enum TrimStep {

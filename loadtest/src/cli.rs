@@ -6,7 +6,9 @@ use std::time::Duration;
 use anyhow::bail;
 use clap::{Args, Parser, Subcommand};
 
-use crate::config::{Auth, LoadConfig, Offline, Pattern, RampConfig, StormConfig, Target};
+use crate::config::{
+    Auth, ClientCodec, LoadConfig, Offline, Pattern, RampConfig, StormConfig, Target,
+};
 
 /// Ferry's load generator and delivery verifier.
 #[derive(Debug, Parser)]
@@ -71,6 +73,10 @@ pub struct TargetArgs {
     /// The gateway's PID, for its RSS and CPU time before and after.
     #[arg(long)]
     pub gateway_pid: Option<u32>,
+
+    /// The subprotocol the clients speak.
+    #[arg(long, value_enum, default_value_t = ClientCodec::Msgpack)]
+    pub codec: ClientCodec,
 }
 
 /// `run`: the load run.
@@ -185,6 +191,7 @@ impl TargetArgs {
         target.connect_concurrency = self.connect_concurrency;
         target.connect_timeout = self.connect_timeout;
         target.gateway_pid = self.gateway_pid;
+        target.codec = self.codec;
         Ok(target)
     }
 }
@@ -297,11 +304,20 @@ mod tests {
         assert_eq!(c.target.user_id(3), "lt-r9-3");
         assert_eq!(c.seed, 7);
         assert!(!c.allow_reported_loss, "strict unless asked");
+        assert_eq!(c.target.codec, ClientCodec::Msgpack, "as the Rust client");
         let o = c.offline.unwrap();
         assert_eq!(
             (o.at, o.duration),
             (Duration::from_secs(1), Duration::from_millis(1500))
         );
+    }
+
+    #[test]
+    fn json_clients_are_asked_for() {
+        let Mode::Storm(args) = parse(&["storm", "--dev", "--codec", "json"]).mode else {
+            panic!("not storm")
+        };
+        assert_eq!(args.into_config().unwrap().target.codec, ClientCodec::Json);
     }
 
     #[test]

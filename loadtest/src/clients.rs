@@ -64,6 +64,7 @@ impl Connector {
         let url = self.target.url_for(n);
         let token = self.tokens.token(url, name).await?;
         Ok(ClientConfig {
+            codec: self.target.codec.codec(),
             ack_interval: self.ack_interval,
             local_addr: self.target.source_for(n),
             connect_timeout: self.target.connect_timeout,

@@ -44,11 +44,32 @@ pub struct Target {
     pub connect_timeout: Duration,
     /// The gateway's process id, for its RSS and CPU time before and after.
     pub gateway_pid: Option<u32>,
+    /// The subprotocol every client speaks.
+    pub codec: ClientCodec,
+}
+
+/// The subprotocol the clients ask for (`ferry.v1.json` or `ferry.v1.msgpack`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum ClientCodec {
+    Json,
+    /// The Rust client's default.
+    #[default]
+    Msgpack,
+}
+
+impl ClientCodec {
+    pub fn codec(self) -> ferry_shared::Codec {
+        match self {
+            ClientCodec::Json => ferry_shared::Codec::Json,
+            ClientCodec::Msgpack => ferry_shared::Codec::MsgPack,
+        }
+    }
 }
 
 impl Target {
     /// One gateway URL, a fresh random run id, the system's source address, 200 connections
-    /// opened at once, 10 s per attempt.
+    /// opened at once, 10 s per attempt, MessagePack.
     pub fn new(url: impl Into<String>, auth: Auth) -> Self {
         Target {
             urls: vec![url.into()],
@@ -58,6 +79,7 @@ impl Target {
             connect_concurrency: 200,
             connect_timeout: Duration::from_secs(10),
             gateway_pid: None,
+            codec: ClientCodec::Msgpack,
         }
     }
 
@@ -273,6 +295,10 @@ impl StormConfig {
             crate::schedule::BODY_HEADER
         );
         ensure!(self.max_in_flight > 0, "max in flight must be at least 1");
+        ensure!(
+            (self.connections as u64).saturating_mul(self.backlog as u64) <= 1 << 30,
+            "connections × backlog must stay under 2^30 messages"
+        );
         Ok(())
     }
 }

@@ -23,7 +23,9 @@ mod modes;
 mod schedule;
 mod verify;
 
-pub use config::{Auth, LoadConfig, Offline, Pattern, RampConfig, StormConfig, Target};
+pub use config::{
+    Auth, ClientCodec, LoadConfig, Offline, Pattern, RampConfig, StormConfig, Target,
+};
 pub use latency::Percentiles;
 pub use modes::{run_load, run_ramp, run_storm};
 pub use report::{LostMessage, RampReport, RampStep, Report, StormReport, Verdict};

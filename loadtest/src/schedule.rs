@@ -1,18 +1,22 @@
 //! The open-loop schedule and the message layout: message `k` is due at `t0 + k / rate`
 //! whatever happened to the ones before it, who sends it and who receives it follow from `k`,
 //! and its body carries `k` and its scheduled time so the recipient measures latency from the
-//! schedule (no coordinated omission).
+//! schedule (no coordinated omission). Bodies are ASCII text, so a JSON client sends them as a
+//! plain `body` string (as a JSON application would), not as `body_b64`.
 
+use std::fmt::Write as _;
 use std::time::Duration;
 
-use bytes::{BufMut, Bytes, BytesMut};
+use bytes::{Bytes, BytesMut};
 use tokio::time::Instant;
 
 use crate::config::Pattern;
 
-/// Bytes at the start of every body: the message number and its scheduled offset (ns), both
-/// little-endian u64.
-pub const BODY_HEADER: usize = 16;
+/// Bytes at the start of every body: the message number (8 hex digits) and its scheduled
+/// offset in ns (16 hex digits).
+pub const BODY_HEADER: usize = 24;
+/// Message numbers must fit in the header's 8 hex digits.
+pub(crate) const MAX_MESSAGES: u64 = 1 << 32;
 
 /// When each message is due.
 #[derive(Debug, Clone, Copy)]
@@ -100,20 +104,23 @@ pub(crate) fn mix(mut x: u64) -> u64 {
     x ^ (x >> 31)
 }
 
-/// A body of `size` bytes (at least [`BODY_HEADER`]) carrying `k` and its scheduled offset.
+/// A text body of `size` bytes (at least [`BODY_HEADER`]) carrying `k` (below
+/// [`MAX_MESSAGES`]) and its scheduled offset, padded with dots.
 pub(crate) fn encode_body(k: u64, offset_ns: u64, size: usize) -> Bytes {
     let mut body = BytesMut::with_capacity(size.max(BODY_HEADER));
-    body.put_u64_le(k);
-    body.put_u64_le(offset_ns);
+    // Writing to a BytesMut cannot fail.
+    let _ = write!(body, "{:08x}{offset_ns:016x}", k & (MAX_MESSAGES - 1));
     body.resize(size.max(BODY_HEADER), b'.');
     body.freeze()
 }
 
 /// The message number and scheduled offset a body carries; `None` if it is not ours.
 pub(crate) fn decode_body(body: &[u8]) -> Option<(u64, u64)> {
-    let k = u64::from_le_bytes(body.get(0..8)?.try_into().ok()?);
-    let offset = u64::from_le_bytes(body.get(8..16)?.try_into().ok()?);
-    Some((k, offset))
+    let hex = |range: std::ops::Range<usize>| {
+        let digits = std::str::from_utf8(body.get(range)?).ok()?;
+        u64::from_str_radix(digits, 16).ok()
+    };
+    Some((hex(0..8)?, hex(8..BODY_HEADER)?))
 }
 
 #[cfg(test)]
@@ -121,13 +128,21 @@ mod tests {
     use super::*;
 
     #[test]
-    fn bodies_round_trip_at_any_size() {
-        for size in [16, 100, 1000] {
+    fn bodies_round_trip_at_any_size_as_text() {
+        for size in [BODY_HEADER, 100, 1000] {
             let body = encode_body(42, 7_000_123, size);
             assert_eq!(body.len(), size);
+            assert!(
+                std::str::from_utf8(&body).is_ok(),
+                "JSON sends it as a string"
+            );
             assert_eq!(decode_body(&body), Some((42, 7_000_123)));
         }
+        let last = encode_body(MAX_MESSAGES - 1, u64::MAX, 10);
+        assert_eq!(last.len(), BODY_HEADER);
+        assert_eq!(decode_body(&last), Some((MAX_MESSAGES - 1, u64::MAX)));
         assert_eq!(decode_body(b"short"), None);
+        assert_eq!(decode_body(b"not hex, but long enough to be a body"), None);
     }
 
     #[test]

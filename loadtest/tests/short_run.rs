@@ -1,15 +1,15 @@
 //! A short load run in the test suite: an in-process gateway on `127.0.0.1:0` (on a real
-//! `redis-server`, and on the embedded engine), a few hundred clients for a few seconds with a
-//! fifth of them offline for part of it, and the verifier's verdict; then a small storm and a
-//! small ramp. It asserts correctness (nothing lost, duplicated or out of order; everything
-//! `sent` delivered), never a speed.
+//! `redis-server` with MessagePack clients, and on the embedded engine with JSON clients), a
+//! few hundred clients for a few seconds with a fifth of them offline for part of it, and the
+//! verifier's verdict; then a small storm and a small ramp. It asserts correctness (nothing
+//! lost, duplicated or out of order; everything `sent` delivered), never a speed.
 
 use std::net::SocketAddr;
 use std::time::Duration;
 
 use ferry_loadtest::{
-    Auth, LoadConfig, Offline, Pattern, RampConfig, Report, StormConfig, Target, Verdict, run_load,
-    run_ramp, run_storm,
+    Auth, ClientCodec, LoadConfig, Offline, Pattern, RampConfig, Report, StormConfig, Target,
+    Verdict, run_load, run_ramp, run_storm,
 };
 use ferry_router::testkit::RedisServer;
 use tokio::net::TcpListener;
@@ -118,11 +118,11 @@ async fn redis_short_run_loses_nothing() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn embedded_short_run_loses_nothing() {
+async fn embedded_short_run_of_json_clients_loses_nothing() {
     let gateway = Gateway::start(None).await;
-    let report = run_load(short_run(&gateway))
-        .await
-        .expect("the run completes");
+    let mut config = short_run(&gateway);
+    config.target.codec = ClientCodec::Json;
+    let report = run_load(config).await.expect("the run completes");
     assert_correct(&report);
 }
 

@@ -7,7 +7,7 @@ use anyhow::bail;
 use clap::{Args, Parser, Subcommand};
 
 use crate::config::{
-    Auth, ClientCodec, LoadConfig, Offline, Pattern, RampConfig, StormConfig, Target,
+    Auth, ClientCodec, LoadConfig, Offline, OnRateLimited, Pattern, RampConfig, StormConfig, Target,
 };
 
 /// Ferry's load generator and delivery verifier.
@@ -99,7 +99,8 @@ pub struct RunArgs {
     /// Who each message goes to.
     #[arg(long, value_enum, default_value_t = Pattern::Random)]
     pub pattern: Pattern,
-    /// The clients' ack coalescing interval.
+    /// The clients' ack coalescing interval: one cumulative ack at most this long after a
+    /// delivery; 0 acknowledges every delivery at once.
     #[arg(long, default_value = "100ms", value_parser = humantime::parse_duration)]
     pub ack_interval: Duration,
     /// Share of the users that go offline for part of the run.
@@ -114,12 +115,17 @@ pub struct RunArgs {
     /// Longest wait, after sending, for every accepted message to arrive.
     #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
     pub drain: Duration,
-    /// Sends without an answer per connection.
+    /// Sends without an answer per connection; 0: no limit (every message leaves at its
+    /// scheduled time).
     #[arg(long, default_value_t = 1000)]
     pub max_in_flight: usize,
     /// Limit on one send, including the client's retries.
     #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
     pub send_timeout: Duration,
+    /// What a sender does with a `rate_limited` answer: send again after `retry_after_ms`, or
+    /// give the message up (refused). Each answer is counted either way.
+    #[arg(long, value_enum, default_value_t = OnRateLimited::Retry)]
+    pub on_rate_limited: OnRateLimited,
     /// Seed of the recipient choice and of who goes offline [default: random].
     #[arg(long)]
     pub seed: Option<u64>,
@@ -213,6 +219,7 @@ impl RunArgs {
         config.drain = self.drain;
         config.max_in_flight = self.max_in_flight;
         config.send_timeout = self.send_timeout;
+        config.on_rate_limited = self.on_rate_limited;
         if let Some(seed) = self.seed {
             config.seed = seed;
         }
@@ -305,6 +312,8 @@ mod tests {
         assert_eq!(c.seed, 7);
         assert!(!c.allow_reported_loss, "strict unless asked");
         assert_eq!(c.target.codec, ClientCodec::Msgpack, "as the Rust client");
+        assert_eq!(c.max_in_flight, 1000);
+        assert_eq!(c.on_rate_limited, OnRateLimited::Retry);
         let o = c.offline.unwrap();
         assert_eq!(
             (o.at, o.duration),
@@ -318,6 +327,30 @@ mod tests {
             panic!("not storm")
         };
         assert_eq!(args.into_config().unwrap().target.codec, ClientCodec::Json);
+    }
+
+    #[test]
+    fn the_independent_generators_settings_parse() {
+        let Mode::Run(args) = parse(&[
+            "run",
+            "--dev",
+            "--codec",
+            "json",
+            "--max-in-flight",
+            "0",
+            "--ack-interval",
+            "0",
+            "--on-rate-limited",
+            "give-up",
+        ])
+        .mode
+        else {
+            panic!("not run")
+        };
+        let c = args.into_config().unwrap();
+        assert_eq!(c.target.codec, ClientCodec::Json);
+        assert_eq!((c.max_in_flight, c.ack_interval), (0, Duration::ZERO));
+        assert_eq!(c.on_rate_limited, OnRateLimited::GiveUp);
     }
 
     #[test]

@@ -136,6 +136,18 @@ pub enum Pattern {
     Ring,
 }
 
+/// What a sender does with a `rate_limited` answer (every one is counted either way).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, clap::ValueEnum)]
+#[serde(rename_all = "kebab-case")]
+pub enum OnRateLimited {
+    /// Send again with the same id after the answer's `retry_after_ms` (plus up to as much
+    /// again), as the Rust client does; the latency still counts from the scheduled time.
+    #[default]
+    Retry,
+    /// Give the message up: it was pushed back, and counts as refused, never as lost.
+    GiveUp,
+}
+
 /// A fraction of the users going offline for part of a run.
 #[derive(Debug, Clone, Copy)]
 pub struct Offline {
@@ -162,17 +174,22 @@ pub struct LoadConfig {
     pub body_bytes: usize,
     /// Who each message goes to.
     pub pattern: Pattern,
-    /// The clients' ack coalescing interval.
+    /// The clients' ack coalescing interval: a cumulative `ack` at most this long after a
+    /// delivery. Zero acknowledges each delivery at once (within the client's next timer tick,
+    /// about a millisecond, so deliveries read in one burst share one cumulative ack).
     pub ack_interval: Duration,
     /// Users offline for part of the run, if any.
     pub offline: Option<Offline>,
     /// After sending stops, the longest wait for every answered message to arrive.
     pub drain: Duration,
     /// Sends without an answer per connection; past it the connection's next sends wait (their
-    /// latency still counts from their scheduled time).
+    /// latency still counts from their scheduled time). 0: no limit, every message goes out
+    /// at its scheduled time whatever is still unanswered.
     pub max_in_flight: usize,
     /// Limit on one send including the client's retries.
     pub send_timeout: Duration,
+    /// What a sender does with a `rate_limited` answer.
+    pub on_rate_limited: OnRateLimited,
     /// Seed of the random recipient choice and of who goes offline.
     pub seed: u64,
     /// The verdict accepts messages lost with a `reset` of their recipient after the `sent`
@@ -184,7 +201,8 @@ pub struct LoadConfig {
 
 impl LoadConfig {
     /// 100 connections at 1,000 msg/s for 10 s, 100-byte bodies, random recipients, acks every
-    /// 100 ms, nobody offline, 10 s drain, any loss a failure.
+    /// 100 ms, nobody offline, 10 s drain, at most 1,000 sends in flight per connection,
+    /// `rate_limited` sends retried, any loss a failure.
     pub fn new(target: Target) -> Self {
         LoadConfig {
             target,
@@ -198,6 +216,7 @@ impl LoadConfig {
             drain: Duration::from_secs(10),
             max_in_flight: 1000,
             send_timeout: Duration::from_secs(30),
+            on_rate_limited: OnRateLimited::Retry,
             seed: rand::random(),
             allow_reported_loss: false,
         }
@@ -221,7 +240,6 @@ impl LoadConfig {
             "bodies must be at least {} bytes",
             crate::schedule::BODY_HEADER
         );
-        ensure!(self.max_in_flight > 0, "max in flight must be at least 1");
         ensure!(
             self.total_messages() <= 1 << 30,
             "rate × duration must stay under 2^30 messages"
@@ -331,6 +349,12 @@ mod tests {
         let ok = LoadConfig::new(target());
         assert!(ok.validate().is_ok());
         assert_eq!(ok.total_messages(), 10_000);
+        let unbounded = LoadConfig {
+            max_in_flight: 0,
+            ack_interval: Duration::ZERO,
+            ..ok.clone()
+        };
+        assert!(unbounded.validate().is_ok(), "0 in flight means no limit");
         let bad = [
             LoadConfig {
                 connections: 1,

@@ -8,7 +8,7 @@
 //! connections), `schedule` (due times, routing, body layout), `ledger` (per-message record and
 //! the tally over it), `verify` (what the client tasks report, checked per user), `latency`
 //! (histograms), `report` (results), `procstat` (`/proc` readings), and `modes` (`run`, `user`,
-//! `ramp`, `storm`).
+//! `send`, `ramp`, `storm`).
 
 pub mod auth;
 pub mod cli;
@@ -24,7 +24,7 @@ mod schedule;
 mod verify;
 
 pub use config::{
-    Auth, ClientCodec, LoadConfig, Offline, Pattern, RampConfig, StormConfig, Target,
+    Auth, ClientCodec, LoadConfig, Offline, OnRateLimited, Pattern, RampConfig, StormConfig, Target,
 };
 pub use latency::Percentiles;
 pub use modes::{run_load, run_ramp, run_storm};

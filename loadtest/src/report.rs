@@ -6,7 +6,7 @@ use std::fmt;
 
 use serde::Serialize;
 
-use crate::config::Pattern;
+use crate::config::{ClientCodec, OnRateLimited, Pattern};
 use crate::latency::Percentiles;
 use crate::procstat::ProcDelta;
 
@@ -19,6 +19,14 @@ pub struct Report {
     pub connected: usize,
     pub connect_failed: usize,
     pub connect_secs: f64,
+    /// The subprotocol the clients spoke.
+    pub codec: ClientCodec,
+    /// The clients' ack coalescing interval (0: every delivery acknowledged at once).
+    pub ack_interval_ms: f64,
+    /// Sends without an answer allowed per connection (0: no limit).
+    pub max_in_flight: usize,
+    /// What senders did with a `rate_limited` answer.
+    pub on_rate_limited: OnRateLimited,
     pub rate_target: f64,
     pub duration_secs: f64,
     pub body_bytes: usize,
@@ -38,6 +46,11 @@ pub struct Report {
     pub sent: u64,
     /// Of those, answered `duplicate: true` (a retry found it stored).
     pub sent_duplicate: u64,
+    /// `rate_limited` answers, every attempt's: how often the gateway pushed a send back.
+    pub rate_limited: u64,
+    /// Sends that ended with an `error` answer instead of `sent` (with `--on-rate-limited
+    /// give-up`, the `rate_limited` ones among them): refused, never stored, never lost.
+    pub sends_refused: u64,
     /// Sends that got no `sent`, by protocol code or client-side reason.
     pub send_errors: BTreeMap<String, u64>,
     /// Unix time (ms) of the run's `t0`, the start of sending: `*_ms` times count from it.
@@ -109,6 +122,8 @@ pub struct Report {
     pub latency_sent: Percentiles,
     /// Scheduled send time → delivery to the recipient.
     pub latency_delivery: Percentiles,
+    /// Scheduled send time → handed to the client: the generator's own lag.
+    pub dispatch_lag: Percentiles,
     pub gateway: Option<ProcDelta>,
     /// This process (it shares the machine with the gateway).
     pub loadgen: Option<ProcDelta>,
@@ -304,6 +319,18 @@ impl fmt::Display for Report {
         )?;
         writeln!(
             f,
+            "clients   {:?}, acks every {} ms, {} in flight per connection, \
+             rate_limited: {:?}",
+            self.codec,
+            self.ack_interval_ms,
+            match self.max_in_flight {
+                0 => "no limit on sends".to_owned(),
+                n => format!("at most {n} sends"),
+            },
+            self.on_rate_limited
+        )?;
+        writeln!(
+            f,
             "messages  scheduled {}  skipped (sender offline) {}  not sent (behind schedule) {}  \
              sent {} ({} duplicate)  delivered {}",
             self.scheduled,
@@ -349,11 +376,17 @@ impl fmt::Display for Report {
         )?;
         writeln!(
             f,
+            "pushback  rate_limited answers {}  sends refused {}",
+            self.rate_limited, self.sends_refused
+        )?;
+        writeln!(
+            f,
             "rate      sent {:.0} msg/s  delivered {:.0} msg/s",
             self.sent_per_sec, self.delivered_per_sec
         )?;
         latency_line(f, "sent", &self.latency_sent)?;
         latency_line(f, "delivery", &self.latency_delivery)?;
+        latency_line(f, "dispatch", &self.dispatch_lag)?;
         proc_line(f, "gateway", &self.gateway)?;
         proc_line(f, "loadgen", &self.loadgen)
     }

@@ -54,6 +54,10 @@ pub(crate) struct Stats {
     /// Latest `sent` answer and latest delivery, ns after `t0`.
     pub last_sent_ns: AtomicU64,
     pub last_delivery_ns: AtomicU64,
+    /// `rate_limited` answers, every attempt's (a send retried three times counts three).
+    pub rate_limited: AtomicU64,
+    /// Sends that ended with an `error` answer of the gateway (any code) instead of `sent`.
+    pub sends_refused: AtomicU64,
     send_errors: Mutex<BTreeMap<String, u64>>,
     event_errors: Mutex<BTreeMap<String, u64>>,
 }
@@ -64,10 +68,18 @@ fn bump(map: &Mutex<BTreeMap<String, u64>>, key: &str) {
 }
 
 impl Stats {
+    /// One `rate_limited` answer.
+    pub(crate) fn rate_limited(&self) {
+        self.rate_limited.fetch_add(1, Relaxed);
+    }
+
     /// A send that got no `sent`, by protocol code or client-side reason.
     pub(crate) fn send_error(&self, error: &SendError) {
         let kind = match error {
-            SendError::Rejected { code, .. } => code.as_str(),
+            SendError::Rejected { code, .. } => {
+                self.sends_refused.fetch_add(1, Relaxed);
+                code.as_str()
+            }
             SendError::Disconnected { .. } => "disconnected",
             SendError::Timeout => "timeout",
             SendError::IdInFlight => "id_in_flight",
@@ -102,6 +114,9 @@ pub(crate) struct Verifier {
     pub sent_latency: Latency,
     /// Scheduled time → delivery to the recipient.
     pub delivery_latency: Latency,
+    /// Scheduled time → handed to the client: how far the generator itself fell behind its
+    /// schedule (the machine's cores, the in-flight bound).
+    pub dispatch_lag: Latency,
     pub routing: Routing,
     /// Sender user ids, by sender index.
     pub senders: Vec<Arc<str>>,
@@ -124,6 +139,7 @@ impl Verifier {
             stats: Stats::default(),
             sent_latency: Latency::new(),
             delivery_latency: Latency::new(),
+            dispatch_lag: Latency::new(),
             routing,
             senders,
             t0,
@@ -161,7 +177,10 @@ impl Verifier {
                     .last_sent_ns
                     .fetch_max(self.since_t0_ns(now), Relaxed);
             }
-            Err(e) => self.stats.send_error(&e),
+            Err(e) => {
+                tracing::debug!(sender = who, k, error = %e, "a send got no `sent`");
+                self.stats.send_error(&e);
+            }
         }
     }
 
@@ -296,6 +315,7 @@ mod tests {
     use super::*;
     use crate::config::Pattern;
     use crate::schedule::encode_body;
+    use ferry_shared::ErrorCode;
     use ferry_shared::client::Delivered;
 
     fn message(seq: u64, from: &str, k: u64) -> Event {
@@ -433,6 +453,34 @@ mod tests {
         // Message 6's latest delivery is the second copy, not the seq `sent` named; 8 was
         // never answered.
         assert_eq!((t.lost, t.seq_mismatch, t.unconfirmed), (0, 1, 1));
+    }
+
+    #[test]
+    fn refusals_and_rate_limited_answers_are_counted() {
+        let v = ring_of_two(10);
+        let rejected = |code| SendError::Rejected {
+            code,
+            message: String::new(),
+            retry_after_ms: Some(100),
+        };
+        v.stats.rate_limited();
+        v.stats.rate_limited();
+        for error in [
+            rejected(ErrorCode::RateLimited),
+            rejected(ErrorCode::InboxFull),
+            SendError::Timeout,
+        ] {
+            v.stats.in_flight.fetch_add(1, Relaxed);
+            v.on_send(0, 0, Instant::now(), Err(error));
+        }
+        let s = &v.stats;
+        assert_eq!(s.rate_limited.load(Relaxed), 2);
+        assert_eq!(
+            s.sends_refused.load(Relaxed),
+            2,
+            "a timeout is not a refusal"
+        );
+        assert_eq!(s.send_errors().len(), 3);
     }
 
     #[tokio::test(start_paused = true)]

@@ -10,6 +10,7 @@ use crate::procstat::{self, ProcDelta, ProcSample};
 
 mod ramp;
 mod run;
+mod send;
 mod storm;
 mod user;
 

@@ -9,6 +9,7 @@ use tokio::task::JoinSet;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
+use super::send::SendPolicy;
 use super::user::{RunShared, run_user};
 use super::{ProcWatch, patience};
 use crate::clients::{ConnectStats, Connector};
@@ -84,6 +85,10 @@ async fn start(
         users,
         body_bytes: config.body_bytes,
         max_in_flight: config.max_in_flight,
+        send_policy: SendPolicy {
+            on_rate_limited: config.on_rate_limited,
+            timeout: config.send_timeout,
+        },
         offline_window: config.offline.map(|o| (t0 + o.at, t0 + o.at + o.duration)),
         connector,
         stop: CancellationToken::new(),
@@ -144,6 +149,10 @@ fn report(config: &LoadConfig, run: &RunShared, outcome: Outcome) -> Report {
         connected: connected.ok,
         connect_failed: connected.failed,
         connect_secs: connected.secs,
+        codec: config.target.codec,
+        ack_interval_ms: config.ack_interval.as_secs_f64() * 1e3,
+        max_in_flight: config.max_in_flight,
+        on_rate_limited: config.on_rate_limited,
         rate_target: config.rate,
         duration_secs: config.duration.as_secs_f64(),
         body_bytes: config.body_bytes,
@@ -157,6 +166,8 @@ fn report(config: &LoadConfig, run: &RunShared, outcome: Outcome) -> Report {
             .saturating_sub(s.skipped_offline.load(Relaxed)),
         sent: s.sent_ok.load(Relaxed),
         sent_duplicate: s.sent_duplicate.load(Relaxed),
+        rate_limited: s.rate_limited.load(Relaxed),
+        sends_refused: s.sends_refused.load(Relaxed),
         send_errors: s.send_errors(),
         t0_unix_ms: unix_ms(v.t0),
         delivered: tally.delivered,
@@ -195,6 +206,7 @@ fn report(config: &LoadConfig, run: &RunShared, outcome: Outcome) -> Report {
         ),
         latency_sent: v.sent_latency.summary(),
         latency_delivery: v.delivery_latency.summary(),
+        dispatch_lag: v.dispatch_lag.summary(),
         gateway,
         loadgen,
         lost_examples: tally.lost_examples,

@@ -1,7 +1,8 @@
 //! One user of a load run, as one task: it sends its share of the schedule open loop (message
-//! `k = n, n + C, n + 2C, …` at its due time, pipelined, never waiting for earlier answers),
-//! drains and checks its client's events, and, if it is one of the offline users, closes for
-//! the offline window and comes back resuming from the position it held.
+//! `k = n, n + C, n + 2C, …` at its due time, pipelined, never waiting for earlier answers;
+//! a due message goes out before anything else the task has to do), drains and checks its
+//! client's events, and, if it is one of the offline users, closes for the offline window and
+//! comes back resuming from the position it held.
 
 use std::pin::Pin;
 use std::sync::Arc;
@@ -14,6 +15,7 @@ use futures_util::stream::FuturesUnordered;
 use tokio::time::{Instant, Sleep, sleep_until};
 use tokio_util::sync::CancellationToken;
 
+use super::send::{SendPolicy, send};
 use crate::clients::{Conn, Connector};
 use crate::schedule::{Schedule, encode_body};
 use crate::verify::{Receiver, Verifier};
@@ -31,7 +33,9 @@ pub(crate) struct RunShared {
     /// Every user's id, by index.
     pub users: Vec<Arc<str>>,
     pub body_bytes: usize,
+    /// Sends without an answer per connection; 0: no limit.
     pub max_in_flight: usize,
+    pub send_policy: SendPolicy,
     /// When the offline users are away: `[from, until)`.
     pub offline_window: Option<(Instant, Instant)>,
     pub connector: Arc<Connector>,
@@ -43,13 +47,16 @@ type SendOutcome = (u64, Instant, Result<Sent, SendError>);
 
 /// One send, owned so that many can be pipelined in one `FuturesUnordered`.
 async fn send_one(
+    run: Arc<RunShared>,
     client: Client,
     to: Arc<str>,
     k: u64,
     due: Instant,
     body: bytes::Bytes,
 ) -> SendOutcome {
-    let result = client.send(&to, &k.to_string(), body).await;
+    let id = k.to_string();
+    let stats = &run.verifier.stats;
+    let result = send(&client, &to, &id, body, run.send_policy, stats).await;
     (k, due, result)
 }
 
@@ -96,12 +103,12 @@ impl Sender {
     }
 
     fn can_send(&self, run: &RunShared) -> bool {
-        self.inflight.len() < run.max_in_flight
+        run.max_in_flight == 0 || self.inflight.len() < run.max_in_flight
     }
 
     /// Sends every message that is due, up to the in-flight bound; those due while this user is
     /// offline are skipped, and after the end of sending nothing more goes out.
-    fn dispatch_due(&mut self, run: &RunShared, client: &Client) {
+    fn dispatch_due(&mut self, run: &Arc<RunShared>, client: &Client) {
         let v = &run.verifier;
         let now = Instant::now();
         if now >= run.schedule.end() + LATE_LIMIT {
@@ -125,8 +132,10 @@ impl Sender {
             let body = encode_body(k, run.schedule.offset_ns(k), run.body_bytes);
             v.stats.dispatched.fetch_add(1, Relaxed);
             v.stats.in_flight.fetch_add(1, Relaxed);
-            self.inflight
-                .push(Box::pin(send_one(client.clone(), to, k, due, body)));
+            v.dispatch_lag
+                .record(self.n, now.saturating_duration_since(due));
+            let send = send_one(Arc::clone(run), client.clone(), to, k, due, body);
+            self.inflight.push(Box::pin(send));
         }
     }
 }
@@ -162,6 +171,11 @@ pub(crate) async fn run_user(
         tokio::select! {
             biased;
             () = run.stop.cancelled() => break,
+            // First, so that a busy receiving side never holds a due message back.
+            () = &mut alarm.sleep, if alarm.at.is_some() && can_send => {
+                alarm.at = None;
+                sender.dispatch_due(&run, &client);
+            }
             event = events.recv() => match event {
                 Some(event) => rx.on_event(v, event),
                 None => {
@@ -171,10 +185,6 @@ pub(crate) async fn run_user(
             },
             Some((k, due, result)) = sender.inflight.next(), if !sender.inflight.is_empty() => {
                 v.on_send(n, k, due, result);
-            }
-            () = &mut alarm.sleep, if alarm.at.is_some() && can_send => {
-                alarm.at = None;
-                sender.dispatch_due(&run, &client);
             }
             () = &mut leave.sleep, if leave.at.is_some() => {
                 (leave.at, leave_at) = (None, None);

@@ -101,12 +101,13 @@ async fn start(
     Ok((run, connected, tasks))
 }
 
-/// Waits until every answered message arrived (or `limit` passed): whether it did, and how
-/// long it took.
+/// Waits until sending is over and every answered message arrived (or `limit` passed):
+/// whether it did, and how long it took. The user tasks may still be handing out the last
+/// messages due when the schedule ends: until they have, nothing is settled.
 async fn drain(run: &RunShared, limit: Duration) -> (bool, f64) {
     let start = Instant::now();
     let drained = loop {
-        if run.verifier.settled() {
+        if run.sending_over() && run.verifier.settled() {
             break true;
         }
         if start.elapsed() >= limit {

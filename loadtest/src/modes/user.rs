@@ -43,6 +43,16 @@ pub(crate) struct RunShared {
     pub stop: CancellationToken,
 }
 
+impl RunShared {
+    /// Every message of the schedule was handed to a client or skipped (its sender was
+    /// offline), or it is too late to send the rest: nothing more will go out.
+    pub(crate) fn sending_over(&self) -> bool {
+        let s = &self.verifier.stats;
+        let handled = s.dispatched.load(Relaxed) + s.skipped_offline.load(Relaxed);
+        handled >= self.schedule.total || Instant::now() >= self.schedule.end() + LATE_LIMIT
+    }
+}
+
 type SendOutcome = (u64, Instant, Result<Sent, SendError>);
 
 /// One send, owned so that many can be pipelined in one `FuturesUnordered`.

@@ -70,9 +70,13 @@ pub struct TargetArgs {
     #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
     pub connect_timeout: Duration,
 
-    /// The gateway's PID, for its RSS and CPU time before and after.
+    /// The gateway's PID, for its RSS and CPU time (and CPU per delivered message).
     #[arg(long)]
     pub gateway_pid: Option<u32>,
+
+    /// Redis's PID, for its CPU time (and CPU per delivered message).
+    #[arg(long)]
+    pub redis_pid: Option<u32>,
 
     /// The subprotocol the clients speak.
     #[arg(long, value_enum, default_value_t = ClientCodec::Msgpack)]
@@ -197,6 +201,7 @@ impl TargetArgs {
         target.connect_concurrency = self.connect_concurrency;
         target.connect_timeout = self.connect_timeout;
         target.gateway_pid = self.gateway_pid;
+        target.redis_pid = self.redis_pid;
         target.codec = self.codec;
         Ok(target)
     }
@@ -342,6 +347,10 @@ mod tests {
             "0",
             "--on-rate-limited",
             "give-up",
+            "--gateway-pid",
+            "10",
+            "--redis-pid",
+            "11",
         ])
         .mode
         else {
@@ -351,6 +360,10 @@ mod tests {
         assert_eq!(c.target.codec, ClientCodec::Json);
         assert_eq!((c.max_in_flight, c.ack_interval), (0, Duration::ZERO));
         assert_eq!(c.on_rate_limited, OnRateLimited::GiveUp);
+        assert_eq!(
+            (c.target.gateway_pid, c.target.redis_pid),
+            (Some(10), Some(11))
+        );
     }
 
     #[test]

@@ -44,6 +44,8 @@ pub struct Target {
     pub connect_timeout: Duration,
     /// The gateway's process id, for its RSS and CPU time before and after.
     pub gateway_pid: Option<u32>,
+    /// Redis's process id, for its CPU time (per delivered message in a load run).
+    pub redis_pid: Option<u32>,
     /// The subprotocol every client speaks.
     pub codec: ClientCodec,
 }
@@ -79,6 +81,7 @@ impl Target {
             connect_concurrency: 200,
             connect_timeout: Duration::from_secs(10),
             gateway_pid: None,
+            redis_pid: None,
             codec: ClientCodec::Msgpack,
         }
     }

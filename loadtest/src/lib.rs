@@ -7,7 +7,8 @@
 //! Layout: `config` (typed settings), `cli` (flags), `auth` (tokens), `clients` (opening many
 //! connections), `schedule` (due times, routing, body layout), `ledger` (per-message record and
 //! the tally over it), `verify` (what the client tasks report, checked per user), `latency`
-//! (histograms), `report` (results), `procstat` (`/proc` readings), and `modes` (`run`, `user`,
+//! (histograms), `timeline` (deliveries and answers per second, and while sending), `report`
+//! (results), `procstat` (`/proc` readings, CPU per message), and `modes` (`run`, `user`,
 //! `send`, `ramp`, `storm`).
 
 pub mod auth;
@@ -21,6 +22,7 @@ mod latency;
 mod ledger;
 mod modes;
 mod schedule;
+mod timeline;
 mod verify;
 
 pub use config::{
@@ -28,5 +30,7 @@ pub use config::{
 };
 pub use latency::Percentiles;
 pub use modes::{run_load, run_ramp, run_storm};
+pub use procstat::CpuPerMessage;
 pub use report::{LostMessage, RampReport, RampStep, Report, StormReport, Verdict};
 pub use schedule::BODY_HEADER;
+pub use timeline::Pace;

@@ -1,5 +1,6 @@
-//! A process's resident memory and CPU time, read from `/proc` (Linux): the gateway's, given its
-//! PID, and the load generator's own, since on one machine they share the cores.
+//! A process's resident memory and CPU time, read from `/proc` (Linux): the gateway's and
+//! Redis's, given their PIDs, and the load generator's own, since on one machine they share the
+//! cores; and the CPU time per delivered message that follows.
 
 use std::io;
 
@@ -49,6 +50,56 @@ impl ProcDelta {
     }
 }
 
+/// The CPU time each process spent per delivered message, over one window of a load run
+/// (from `t0`, the first scheduled send, to the end of the drain: connecting and closing left
+/// out, the drain's catch-up work kept with the messages it delivers).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize)]
+pub struct CpuPerMessage {
+    /// The window's length, seconds.
+    pub window_secs: f64,
+    /// Messages delivered (first deliveries) by the end of the window.
+    pub delivered: u64,
+    /// Gateway CPU µs per delivered message (`None` without its PID or without deliveries).
+    pub gateway_us: Option<f64>,
+    /// Redis CPU µs per delivered message.
+    pub redis_us: Option<f64>,
+    /// The load generator's CPU µs per delivered message.
+    pub loadgen_us: Option<f64>,
+    /// Cores each used during the window (CPU seconds ÷ window seconds).
+    pub gateway_cores: Option<f64>,
+    pub redis_cores: Option<f64>,
+    pub loadgen_cores: Option<f64>,
+}
+
+impl CpuPerMessage {
+    /// The figures from each process's change over the window.
+    pub fn new(
+        delivered: u64,
+        gateway: Option<&ProcDelta>,
+        redis: Option<&ProcDelta>,
+        loadgen: Option<&ProcDelta>,
+        window_secs: f64,
+    ) -> Self {
+        let us = |p: Option<&ProcDelta>| p.and_then(|p| us_per_message(p.cpu_secs, delivered));
+        let cores = |p: Option<&ProcDelta>| p.map(|p| p.cores);
+        CpuPerMessage {
+            window_secs,
+            delivered,
+            gateway_us: us(gateway),
+            redis_us: us(redis),
+            loadgen_us: us(loadgen),
+            gateway_cores: cores(gateway),
+            redis_cores: cores(redis),
+            loadgen_cores: cores(loadgen),
+        }
+    }
+}
+
+/// `cpu_secs` spread over `messages`, in µs each; `None` for no messages.
+pub fn us_per_message(cpu_secs: f64, messages: u64) -> Option<f64> {
+    (messages > 0).then(|| cpu_secs * 1e6 / messages as f64)
+}
+
 /// Reads process `pid` (`None`: this process).
 pub fn sample(pid: Option<u32>) -> io::Result<ProcSample> {
     let dir = match pid {
@@ -94,6 +145,33 @@ mod tests {
         assert_eq!(parse_rss("Name:\tx\n"), None);
         let stat = "42 (a (weird) name) S 1 42 42 0 -1 4194560 100 0 0 0 250 50 0 0 20 0 1";
         assert_eq!(parse_cpu(stat), Some(3.0));
+    }
+
+    #[test]
+    fn cpu_is_spread_over_the_delivered_messages() {
+        assert_eq!(us_per_message(0.5, 10_000), Some(50.0));
+        assert_eq!(us_per_message(1.0, 0), None);
+        let at = |cpu_secs| ProcSample {
+            rss_bytes: 0,
+            cpu_secs,
+        };
+        // 20 s: the gateway used 1.5 CPU seconds, Redis 0.8, for 20,000 messages.
+        let gateway = ProcDelta::new(1, at(10.0), at(11.5), 20.0);
+        let redis = ProcDelta::new(2, at(3.0), at(3.8), 20.0);
+        let c = CpuPerMessage::new(20_000, Some(&gateway), Some(&redis), None, 20.0);
+        let near = |a: Option<f64>, b: f64| a.is_some_and(|a| (a - b).abs() < 1e-9);
+        assert!(near(c.gateway_us, 75.0), "{c:?}");
+        assert!(near(c.redis_us, 40.0), "{c:?}");
+        assert!(
+            near(c.gateway_cores, 0.075) && near(c.redis_cores, 0.04),
+            "{c:?}"
+        );
+        assert_eq!((c.loadgen_us, c.loadgen_cores), (None, None));
+        let idle = CpuPerMessage::new(0, Some(&gateway), None, None, 20.0);
+        assert_eq!(
+            idle.gateway_us, None,
+            "nothing delivered: no per-message figure"
+        );
     }
 
     #[test]

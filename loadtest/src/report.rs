@@ -8,7 +8,8 @@ use serde::Serialize;
 
 use crate::config::{ClientCodec, OnRateLimited, Pattern};
 use crate::latency::Percentiles;
-use crate::procstat::ProcDelta;
+use crate::procstat::{CpuPerMessage, ProcDelta};
+use crate::timeline::Pace;
 
 /// The result of a load run.
 #[derive(Debug, Clone, Default, Serialize)]
@@ -118,13 +119,20 @@ pub struct Report {
     pub sent_per_sec: f64,
     /// Deliveries per second, from the start of sending to the last delivery.
     pub delivered_per_sec: f64,
+    /// Deliveries and `sent` answers while sending was on, and per second.
+    #[serde(flatten)]
+    pub pace: Pace,
     /// Scheduled send time → `sent` answer.
     pub latency_sent: Percentiles,
     /// Scheduled send time → delivery to the recipient.
     pub latency_delivery: Percentiles,
     /// Scheduled send time → handed to the client: the generator's own lag.
     pub dispatch_lag: Percentiles,
+    /// CPU per delivered message, from the first scheduled send to the end of the drain.
+    pub cpu_per_message: CpuPerMessage,
+    /// From before connecting to after closing.
     pub gateway: Option<ProcDelta>,
+    pub redis: Option<ProcDelta>,
     /// This process (it shares the machine with the gateway).
     pub loadgen: Option<ProcDelta>,
     /// A few lost message numbers.
@@ -205,6 +213,7 @@ pub struct StormReport {
     pub seq_mismatch: u64,
     pub resets: u64,
     pub gateway: Option<ProcDelta>,
+    pub redis: Option<ProcDelta>,
 }
 
 /// A report that can say what went wrong.
@@ -291,6 +300,10 @@ fn proc_line(f: &mut fmt::Formatter<'_>, who: &str, p: &Option<ProcDelta>) -> fm
         ),
         None => Ok(()),
     }
+}
+
+fn us(v: Option<f64>) -> String {
+    v.map_or_else(|| "?".into(), |v| format!("{v:.1}"))
 }
 
 fn latency_line(f: &mut fmt::Formatter<'_>, what: &str, p: &Percentiles) -> fmt::Result {
@@ -381,13 +394,30 @@ impl fmt::Display for Report {
         )?;
         writeln!(
             f,
-            "rate      sent {:.0} msg/s  delivered {:.0} msg/s",
-            self.sent_per_sec, self.delivered_per_sec
+            "rate      sent {:.0} msg/s  delivered {:.0} msg/s (whole run); during sending \
+             ({:.1} s): sent {:.0} msg/s, delivered {:.0} msg/s",
+            self.sent_per_sec,
+            self.delivered_per_sec,
+            self.pace.sending_secs,
+            self.pace.sent_per_sec_during_sending,
+            self.pace.delivered_per_sec_during_sending
         )?;
         latency_line(f, "sent", &self.latency_sent)?;
         latency_line(f, "delivery", &self.latency_delivery)?;
         latency_line(f, "dispatch", &self.dispatch_lag)?;
+        let c = &self.cpu_per_message;
+        writeln!(
+            f,
+            "cpu/msg   gateway {} µs  redis {} µs  loadgen {} µs  ({} delivered in {:.1} s \
+             from the first send to the end of the drain)",
+            us(c.gateway_us),
+            us(c.redis_us),
+            us(c.loadgen_us),
+            c.delivered,
+            c.window_secs
+        )?;
         proc_line(f, "gateway", &self.gateway)?;
+        proc_line(f, "redis", &self.redis)?;
         proc_line(f, "loadgen", &self.loadgen)
     }
 }
@@ -471,7 +501,8 @@ impl fmt::Display for StormReport {
             self.resets,
             self.send_errors
         )?;
-        proc_line(f, "gateway", &self.gateway)
+        proc_line(f, "gateway", &self.gateway)?;
+        proc_line(f, "redis", &self.redis)
     }
 }
 

@@ -21,6 +21,7 @@ use tokio::time::Instant;
 use crate::latency::Latency;
 use crate::ledger::{Fate, Ledger, Receipt, Recipients, Tally};
 use crate::schedule::{Routing, decode_body};
+use crate::timeline::Timeline;
 
 /// After the latest `reset`, how long the replays it started get before the messages still
 /// missing count as reported lost rather than on their way (a replay follows the `welcome` at
@@ -117,6 +118,8 @@ pub(crate) struct Verifier {
     /// Scheduled time → handed to the client: how far the generator itself fell behind its
     /// schedule (the machine's cores, the in-flight bound).
     pub dispatch_lag: Latency,
+    /// First deliveries and `sent` answers over time.
+    pub timeline: Timeline,
     pub routing: Routing,
     /// Sender user ids, by sender index.
     pub senders: Vec<Arc<str>>,
@@ -140,10 +143,16 @@ impl Verifier {
             sent_latency: Latency::new(),
             delivery_latency: Latency::new(),
             dispatch_lag: Latency::new(),
+            timeline: Timeline::none(),
             routing,
             senders,
             t0,
         }
+    }
+
+    /// The same, counting over `timeline`.
+    pub(crate) fn with_timeline(self, timeline: Timeline) -> Self {
+        Verifier { timeline, ..self }
     }
 
     fn since_t0_ns(&self, at: Instant) -> u64 {
@@ -173,9 +182,9 @@ impl Verifier {
                 }
                 self.sent_latency
                     .record(who, now.saturating_duration_since(scheduled));
-                self.stats
-                    .last_sent_ns
-                    .fetch_max(self.since_t0_ns(now), Relaxed);
+                let at_ns = self.since_t0_ns(now);
+                self.timeline.sent(at_ns);
+                self.stats.last_sent_ns.fetch_max(at_ns, Relaxed);
             }
             Err(e) => {
                 tracing::debug!(sender = who, k, error = %e, "a send got no `sent`");
@@ -268,13 +277,15 @@ impl Receiver {
                     s.foreign.fetch_add(1, Relaxed);
                     return;
                 };
+                let at_ns = v.since_t0_ns(now);
                 if v.ledger.delivered(k, m.seq, self.resets) == Receipt::First {
                     s.unique_delivered.fetch_add(1, Relaxed);
+                    v.timeline.delivered(at_ns);
                 }
                 let scheduled = v.t0 + Duration::from_nanos(offset_ns);
                 v.delivery_latency
                     .record(self.n, now.saturating_duration_since(scheduled));
-                s.last_delivery_ns.fetch_max(v.since_t0_ns(now), Relaxed);
+                s.last_delivery_ns.fetch_max(at_ns, Relaxed);
             }
             Event::Welcome(_) => {
                 self.welcomes += 1;
@@ -455,6 +466,28 @@ mod tests {
         assert_eq!((t.lost, t.seq_mismatch, t.unconfirmed), (0, 1, 1));
     }
 
+    #[tokio::test(start_paused = true)]
+    async fn deliveries_and_answers_count_as_during_sending_until_the_schedule_ends() {
+        // Sending ends 1 s after t0.
+        let v = ring_of_two(10).with_timeline(Timeline::new(1_000_000_000, 5));
+        let mut b = Receiver::new(1);
+        for (k, seq) in [(0, 1), (2, 2), (4, 3)] {
+            sent(&v, k, seq);
+        }
+        wait(400).await;
+        b.on_event(&v, message(1, "a", 0));
+        b.on_event(&v, message(2, "a", 2));
+        b.on_event(&v, message(2, "a", 2)); // stored twice: not a second delivery
+        wait(1000).await; // 1.4 s: the drain
+        b.on_event(&v, message(3, "a", 4));
+        let p = v.timeline.pace();
+        assert_eq!((p.sent_during_sending, p.delivered_during_sending), (3, 2));
+        assert_eq!(p.delivered_per_sec_during_sending, 2.0);
+        assert_eq!(p.delivered_per_second, [2, 1]);
+        assert_eq!(p.sent_per_second, [3]);
+        assert_eq!(v.stats.unique_delivered.load(Relaxed), 3);
+    }
+
     #[test]
     fn refusals_and_rate_limited_answers_are_counted() {
         let v = ring_of_two(10);
@@ -481,6 +514,7 @@ mod tests {
             "a timeout is not a refusal"
         );
         assert_eq!(s.send_errors().len(), 3);
+        assert_eq!(v.timeline.pace().sent_during_sending, 0);
     }
 
     #[tokio::test(start_paused = true)]

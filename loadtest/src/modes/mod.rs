@@ -23,19 +23,33 @@ pub(crate) fn patience(target: &Target) -> Duration {
     target.connect_timeout * 3
 }
 
-/// The gateway's and this process's RSS and CPU time from the start of a run.
+/// The gateway's, Redis's and this process's RSS and CPU time from a starting point.
 pub(crate) struct ProcWatch {
     gateway_pid: Option<u32>,
+    redis_pid: Option<u32>,
     gateway: Option<ProcSample>,
+    redis: Option<ProcSample>,
     loadgen: Option<ProcSample>,
     started: Instant,
 }
 
+/// Each watched process's change since the start of a [`ProcWatch`].
+pub(crate) struct ProcChange {
+    pub gateway: Option<ProcDelta>,
+    pub redis: Option<ProcDelta>,
+    pub loadgen: Option<ProcDelta>,
+    /// Seconds since the start.
+    pub secs: f64,
+}
+
 impl ProcWatch {
-    pub(crate) fn start(gateway_pid: Option<u32>) -> Self {
+    pub(crate) fn start(target: &Target) -> Self {
+        let (gateway_pid, redis_pid) = (target.gateway_pid, target.redis_pid);
         ProcWatch {
             gateway_pid,
+            redis_pid,
             gateway: gateway_pid.and_then(|pid| sample_or_warn(Some(pid))),
+            redis: redis_pid.and_then(|pid| sample_or_warn(Some(pid))),
             loadgen: sample_or_warn(None),
             started: Instant::now(),
         }
@@ -48,22 +62,25 @@ impl ProcWatch {
             .map(|s| s.rss_bytes)
     }
 
-    /// The gateway's and this process's change since `start`.
-    pub(crate) fn finish(&self) -> (Option<ProcDelta>, Option<ProcDelta>) {
-        let wall = self.started.elapsed().as_secs_f64();
+    /// Every watched process's change since `start`.
+    pub(crate) fn finish(&self) -> ProcChange {
+        let secs = self.started.elapsed().as_secs_f64();
         let delta = |pid: Option<u32>, before: Option<ProcSample>| {
             let after = sample_or_warn(pid)?;
             Some(ProcDelta::new(
                 pid.unwrap_or_else(std::process::id),
                 before?,
                 after,
-                wall,
+                secs,
             ))
         };
-        let gateway = self
-            .gateway_pid
-            .and_then(|pid| delta(Some(pid), self.gateway));
-        (gateway, delta(None, self.loadgen))
+        let watched = |pid: Option<u32>, before| pid.and_then(|pid| delta(Some(pid), before));
+        ProcChange {
+            gateway: watched(self.gateway_pid, self.gateway),
+            redis: watched(self.redis_pid, self.redis),
+            loadgen: delta(None, self.loadgen),
+            secs,
+        }
     }
 }
 

@@ -28,7 +28,7 @@ pub async fn run_ramp(config: RampConfig) -> anyhow::Result<RampReport> {
         Duration::from_secs(1),
         Duration::from_secs(30),
     ));
-    let watch = ProcWatch::start(target.gateway_pid);
+    let watch = ProcWatch::start(target);
     let loadgen_before = procstat::sample(None).map(|s| s.rss_bytes).unwrap_or(0);
     let gateway_before = watch.gateway_rss();
     let started = Instant::now();
@@ -67,7 +67,7 @@ pub async fn run_ramp(config: RampConfig) -> anyhow::Result<RampReport> {
     let connected = clients.len();
     let gateway_after = watch.gateway_rss();
     let loadgen_after = steps.last().map_or(loadgen_before, |s| s.loadgen_rss_bytes);
-    let (gateway, _) = watch.finish();
+    let gateway = watch.finish().gateway;
 
     futures_util::stream::iter(clients)
         .for_each_concurrent(CLOSE_CONCURRENCY, |client| client.close())

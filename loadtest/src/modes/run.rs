@@ -11,12 +11,13 @@ use tokio_util::sync::CancellationToken;
 
 use super::send::SendPolicy;
 use super::user::{RunShared, run_user};
-use super::{ProcWatch, patience};
+use super::{ProcChange, ProcWatch, patience};
 use crate::clients::{ConnectStats, Connector};
 use crate::config::LoadConfig;
-use crate::procstat::ProcDelta;
+use crate::procstat::CpuPerMessage;
 use crate::report::{LostMessage, Report};
 use crate::schedule::{Routing, Schedule, mix};
+use crate::timeline::Timeline;
 use crate::verify::{Receiver, Verifier};
 
 /// Time between the last connection and the first scheduled message.
@@ -30,22 +31,32 @@ const CLOSE_WITHIN: Duration = Duration::from_secs(30);
 /// carried out (bad settings, connections refused); what the run found is in the [`Report`].
 pub async fn run_load(config: LoadConfig) -> anyhow::Result<Report> {
     config.validate()?;
-    let watch = ProcWatch::start(config.target.gateway_pid);
+    let watch = ProcWatch::start(&config.target);
     let (run, connected, mut tasks) = start(&config).await?;
+    // CPU per message counts from the first scheduled send to the end of the drain.
+    tokio::time::sleep_until(run.schedule.t0).await;
+    let window = ProcWatch::start(&config.target);
     tokio::time::sleep_until(run.schedule.end()).await;
     let (drained, drain_secs) = drain(&run, config.drain).await;
+    let in_window = window.finish();
+    let cpu = CpuPerMessage::new(
+        run.verifier.stats.unique_delivered.load(Relaxed),
+        in_window.gateway.as_ref(),
+        in_window.redis.as_ref(),
+        in_window.loadgen.as_ref(),
+        in_window.secs,
+    );
     run.stop.cancel();
     let closing = async { while tasks.join_next().await.is_some() {} };
     if tokio::time::timeout(CLOSE_WITHIN, closing).await.is_err() {
         tracing::warn!("users still closing after {CLOSE_WITHIN:?}; reporting without them");
     }
-    let (gateway, loadgen) = watch.finish();
     let outcome = Outcome {
         connected,
         drained,
         drain_secs,
-        gateway,
-        loadgen,
+        procs: watch.finish(),
+        cpu,
     };
     Ok(report(&config, &run, outcome))
 }
@@ -79,9 +90,11 @@ async fn start(
         pattern: config.pattern,
         seed: config.seed,
     };
+    let schedule = Schedule::new(t0, config.rate, total);
     let run = Arc::new(RunShared {
-        verifier: Verifier::new(total, count, routing, users.clone(), t0),
-        schedule: Schedule::new(t0, config.rate, total),
+        verifier: Verifier::new(total, count, routing, users.clone(), t0)
+            .with_timeline(timeline(config, &schedule)),
+        schedule,
         users,
         body_bytes: config.body_bytes,
         max_in_flight: config.max_in_flight,
@@ -99,6 +112,13 @@ async fn start(
         tasks.spawn(run_user(Arc::clone(&run), n, conn, offline[n]));
     }
     Ok((run, connected, tasks))
+}
+
+/// A timeline over the sending window, counting per second until the users must have closed.
+fn timeline(config: &LoadConfig, schedule: &Schedule) -> Timeline {
+    let whole = config.duration + config.drain + CLOSE_WITHIN + LEAD;
+    let seconds = usize::try_from(whole.as_secs() + 2).unwrap_or(usize::MAX);
+    Timeline::new(schedule.offset_ns(schedule.total), seconds)
 }
 
 /// Waits until sending is over and every answered message arrived (or `limit` passed):
@@ -123,8 +143,10 @@ struct Outcome {
     connected: ConnectStats,
     drained: bool,
     drain_secs: f64,
-    gateway: Option<ProcDelta>,
-    loadgen: Option<ProcDelta>,
+    /// From before connecting to after closing.
+    procs: ProcChange,
+    /// From the first scheduled send to the end of the drain.
+    cpu: CpuPerMessage,
 }
 
 fn report(config: &LoadConfig, run: &RunShared, outcome: Outcome) -> Report {
@@ -132,8 +154,8 @@ fn report(config: &LoadConfig, run: &RunShared, outcome: Outcome) -> Report {
         connected,
         drained,
         drain_secs,
-        gateway,
-        loadgen,
+        procs,
+        cpu,
     } = outcome;
     let (count, total) = (config.connections, run.schedule.total);
     let v = &run.verifier;
@@ -205,11 +227,14 @@ fn report(config: &LoadConfig, run: &RunShared, outcome: Outcome) -> Report {
             s.unique_delivered.load(Relaxed),
             s.last_delivery_ns.load(Relaxed),
         ),
+        pace: v.timeline.pace(),
         latency_sent: v.sent_latency.summary(),
         latency_delivery: v.delivery_latency.summary(),
         dispatch_lag: v.dispatch_lag.summary(),
-        gateway,
-        loadgen,
+        cpu_per_message: cpu,
+        gateway: procs.gateway,
+        redis: procs.redis,
+        loadgen: procs.loadgen,
         lost_examples: tally.lost_examples,
         lost_unreported_examples: tally
             .lost_unreported_examples

@@ -33,7 +33,7 @@ pub async fn run_storm(config: StormConfig) -> anyhow::Result<StormReport> {
         config.ack_interval,
         Duration::from_secs(30),
     ));
-    let watch = ProcWatch::start(target.gateway_pid);
+    let watch = ProcWatch::start(target);
     let users: Vec<Arc<str>> = (0..config.connections)
         .map(|n| Arc::from(target.user_id(n)))
         .collect();
@@ -61,7 +61,7 @@ pub async fn run_storm(config: StormConfig) -> anyhow::Result<StormReport> {
     // 3. All reconnect at once, resuming.
     let storm = resume_all(&connector, configs, receivers, &v, config.timeout).await;
 
-    let (gateway, _) = watch.finish();
+    let procs = watch.finish();
     let tally = v.tally();
     let s = &v.stats;
     Ok(StormReport {
@@ -84,7 +84,8 @@ pub async fn run_storm(config: StormConfig) -> anyhow::Result<StormReport> {
         out_of_order: s.out_of_order.load(Relaxed),
         seq_mismatch: tally.seq_mismatch,
         resets: s.resets.load(Relaxed),
-        gateway,
+        gateway: procs.gateway,
+        redis: procs.redis,
     })
 }
 

@@ -1,13 +1,15 @@
 //! The command line: `ferry-loadtest [--json] run|ramp|storm [flags]`, parsed with clap and
 //! turned into the typed configs of [`crate::config`].
 
+use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::bail;
 use clap::{Args, Parser, Subcommand};
 
 use crate::config::{
-    Auth, ClientCodec, LoadConfig, Offline, OnRateLimited, Pattern, RampConfig, StormConfig, Target,
+    Auth, Barrier, ClientCodec, LoadConfig, Offline, OnRateLimited, Pattern, RampConfig,
+    StormConfig, Target,
 };
 
 /// Ferry's load generator and delivery verifier.
@@ -83,6 +85,28 @@ pub struct TargetArgs {
     pub codec: ClientCodec,
 }
 
+/// Several generator processes meeting at one point of a ramp or a storm (both or neither).
+#[derive(Debug, Args)]
+pub struct BarrierArgs {
+    /// On reaching the barrier, write this file (what this process holds), then wait for
+    /// --go-file.
+    #[arg(long, requires = "go_file")]
+    pub ready_file: Option<PathBuf>,
+
+    /// Wait at the barrier until this file exists (at most 10 minutes).
+    #[arg(long, requires = "ready_file")]
+    pub go_file: Option<PathBuf>,
+}
+
+impl BarrierArgs {
+    fn into_barrier(self) -> Option<Barrier> {
+        Some(Barrier {
+            ready_file: self.ready_file?,
+            go_file: self.go_file?,
+        })
+    }
+}
+
 /// `run`: the load run.
 #[derive(Debug, Args)]
 pub struct RunArgs {
@@ -155,6 +179,9 @@ pub struct RampArgs {
     /// Wait after each step before sampling the gateway's RSS.
     #[arg(long, default_value = "1s", value_parser = humantime::parse_duration)]
     pub settle: Duration,
+    /// Every connection open: wait here before closing.
+    #[command(flatten)]
+    pub barrier: BarrierArgs,
 }
 
 /// `storm`: every client drops and resumes at once.
@@ -183,6 +210,9 @@ pub struct StormArgs {
     /// Sends without an answer per sender connection.
     #[arg(long, default_value_t = 1000)]
     pub max_in_flight: usize,
+    /// The backlog stored, every client down: wait here before all reconnect.
+    #[command(flatten)]
+    pub barrier: BarrierArgs,
 }
 
 impl TargetArgs {
@@ -241,6 +271,7 @@ impl RampArgs {
             connections: self.connections,
             step: self.step,
             settle: self.settle,
+            barrier: self.barrier.into_barrier(),
         };
         config.validate()?;
         Ok(config)
@@ -258,6 +289,7 @@ impl StormArgs {
             ack_interval: self.ack_interval,
             timeout: self.timeout,
             max_in_flight: self.max_in_flight,
+            barrier: self.barrier.into_barrier(),
         };
         config.validate()?;
         Ok(config)
@@ -364,6 +396,30 @@ mod tests {
             (c.target.gateway_pid, c.target.redis_pid),
             (Some(10), Some(11))
         );
+    }
+
+    #[test]
+    fn a_barrier_needs_both_files() {
+        let Mode::Storm(args) = parse(&[
+            "storm",
+            "--dev",
+            "--ready-file",
+            "/tmp/r",
+            "--go-file",
+            "/tmp/g",
+        ])
+        .mode
+        else {
+            panic!("not storm")
+        };
+        let barrier = args.into_config().unwrap().barrier.unwrap();
+        assert_eq!(barrier.go_file, PathBuf::from("/tmp/g"));
+        let half = ["ferry-loadtest", "ramp", "--dev", "--ready-file", "/tmp/r"];
+        assert!(Cli::try_parse_from(half).is_err());
+        let Mode::Ramp(args) = parse(&["ramp", "--dev"]).mode else {
+            panic!("not ramp")
+        };
+        assert!(args.into_config().unwrap().barrier.is_none());
     }
 
     #[test]

@@ -3,6 +3,7 @@
 
 use std::fmt;
 use std::net::{IpAddr, Ipv4Addr};
+use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::{bail, ensure};
@@ -256,6 +257,22 @@ impl LoadConfig {
     }
 }
 
+/// A meeting point of several generator processes that share one measurement (connections
+/// beyond what one process may hold): each writes its ready file when it gets there, then
+/// waits until the go file exists.
+#[derive(Debug, Clone)]
+pub struct Barrier {
+    /// Written (with a short note: what this process holds) on arrival.
+    pub ready_file: PathBuf,
+    /// Waited for, for at most [`Barrier::WAIT_LIMIT`].
+    pub go_file: PathBuf,
+}
+
+impl Barrier {
+    /// The longest wait for the go file.
+    pub const WAIT_LIMIT: Duration = Duration::from_secs(600);
+}
+
 /// A connection ramp (`ferry-loadtest ramp`): idle authenticated connections opened in steps,
 /// the gateway's RSS sampled after each.
 #[derive(Debug, Clone)]
@@ -268,6 +285,9 @@ pub struct RampConfig {
     pub step: usize,
     /// Wait after each step before sampling memory.
     pub settle: Duration,
+    /// Where to wait, every connection open, before closing (several processes ramping at
+    /// once, memory sampled by whoever holds the go file).
+    pub barrier: Option<Barrier>,
 }
 
 impl RampConfig {
@@ -301,6 +321,9 @@ pub struct StormConfig {
     pub timeout: Duration,
     /// Sends without an answer per sender connection.
     pub max_in_flight: usize,
+    /// Where to wait, the backlog stored and every client down, before all reconnect (several
+    /// processes storming one cluster at the same instant).
+    pub barrier: Option<Barrier>,
 }
 
 impl StormConfig {

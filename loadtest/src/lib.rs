@@ -26,7 +26,8 @@ mod timeline;
 mod verify;
 
 pub use config::{
-    Auth, ClientCodec, LoadConfig, Offline, OnRateLimited, Pattern, RampConfig, StormConfig, Target,
+    Auth, Barrier, ClientCodec, LoadConfig, Offline, OnRateLimited, Pattern, RampConfig,
+    StormConfig, Target,
 };
 pub use latency::Percentiles;
 pub use modes::{run_load, run_ramp, run_storm};

@@ -202,6 +202,9 @@ pub struct StormReport {
     pub reconnected: usize,
     pub reconnect_failed: usize,
     pub first_error: Option<String>,
+    /// When the storm started (every client reconnecting), Unix time in ms: several
+    /// generators storming one cluster are put on one clock by it.
+    pub storm_unix_ms: u64,
     /// From the storm's start until the last client got its `welcome`.
     pub resumed_secs: f64,
     /// From the storm's start until the last stored message was delivered.

@@ -176,6 +176,7 @@ async fn storm_and_ramp_complete_on_the_embedded_engine() {
         ack_interval: Duration::from_millis(50),
         timeout: Duration::from_secs(20),
         max_in_flight: 100,
+        barrier: None,
     })
     .await
     .expect("the storm completes");
@@ -190,6 +191,7 @@ async fn storm_and_ramp_complete_on_the_embedded_engine() {
         connections: 60,
         step: 20,
         settle: Duration::from_millis(50),
+        barrier: None,
     })
     .await
     .expect("the ramp completes");

@@ -1,11 +1,12 @@
 //! The modes of the load generator: a load run (`run`), a connection ramp (`ramp`) and a
 //! reconnect storm (`storm`), and what they share.
 
-use std::time::Duration;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use anyhow::Context as _;
 use tokio::time::Instant;
 
-use crate::config::Target;
+use crate::config::{Barrier, Target};
 use crate::procstat::{self, ProcDelta, ProcSample};
 
 mod ramp;
@@ -17,6 +18,9 @@ mod user;
 pub use ramp::run_ramp;
 pub use run::run_load;
 pub use storm::run_storm;
+
+/// How often a process at a barrier looks for the go file.
+const BARRIER_POLL: Duration = Duration::from_millis(1);
 
 /// How long one user may keep retrying its connection, from its turn.
 pub(crate) fn patience(target: &Target) -> Duration {
@@ -92,4 +96,37 @@ fn sample_or_warn(pid: Option<u32>) -> Option<ProcSample> {
             None
         }
     }
+}
+
+/// The Unix time, in ms, of `at`.
+pub(crate) fn unix_ms(at: Instant) -> u64 {
+    let now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or_default();
+    let since = Instant::now().saturating_duration_since(at);
+    let until = at.saturating_duration_since(Instant::now());
+    u64::try_from((now + until).saturating_sub(since).as_millis()).unwrap_or(u64::MAX)
+}
+
+/// Arrives at `barrier`: writes `note` to its ready file, then waits until its go file exists
+/// (at most [`Barrier::WAIT_LIMIT`]).
+pub(crate) async fn meet(barrier: &Barrier, note: &str) -> anyhow::Result<()> {
+    let ready = &barrier.ready_file;
+    // Written whole under another name first, so whoever waits never reads half a note.
+    let partial = ready.with_extension("partial");
+    std::fs::write(&partial, format!("{note}\n"))
+        .and_then(|()| std::fs::rename(&partial, ready))
+        .with_context(|| format!("writing {}", ready.display()))?;
+    tracing::info!(ready = %ready.display(), note, "at the barrier");
+    let give_up_at = Instant::now() + Barrier::WAIT_LIMIT;
+    while !barrier.go_file.exists() {
+        anyhow::ensure!(
+            Instant::now() < give_up_at,
+            "{} did not appear within {:?}",
+            barrier.go_file.display(),
+            Barrier::WAIT_LIMIT
+        );
+        tokio::time::sleep(BARRIER_POLL).await;
+    }
+    Ok(())
 }

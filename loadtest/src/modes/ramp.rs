@@ -9,7 +9,7 @@ use futures_util::StreamExt;
 use tokio::task::JoinSet;
 use tokio::time::Instant;
 
-use super::{ProcWatch, patience};
+use super::{ProcWatch, meet, patience};
 use crate::clients::Connector;
 use crate::config::RampConfig;
 use crate::procstat;
@@ -68,6 +68,14 @@ pub async fn run_ramp(config: RampConfig) -> anyhow::Result<RampReport> {
     let gateway_after = watch.gateway_rss();
     let loadgen_after = steps.last().map_or(loadgen_before, |s| s.loadgen_rss_bytes);
     let gateway = watch.finish().gateway;
+    if let Some(barrier) = &config.barrier {
+        // Held open until the go file exists: whoever waits samples memory meanwhile.
+        let met = meet(barrier, &connected.to_string()).await;
+        if let Err(e) = met {
+            tracing::error!(error = %e, "the barrier failed; closing");
+            first_error.get_or_insert_with(|| format!("{e:#}"));
+        }
+    }
 
     futures_util::stream::iter(clients)
         .for_each_concurrent(CLOSE_CONCURRENCY, |client| client.close())

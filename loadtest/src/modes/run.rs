@@ -2,7 +2,7 @@
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering::Relaxed;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use anyhow::bail;
 use tokio::task::JoinSet;
@@ -11,7 +11,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::send::SendPolicy;
 use super::user::{RunShared, run_user};
-use super::{ProcChange, ProcWatch, patience};
+use super::{ProcChange, ProcWatch, patience, unix_ms};
 use crate::clients::{ConnectStats, Connector};
 use crate::config::LoadConfig;
 use crate::procstat::CpuPerMessage;
@@ -249,16 +249,6 @@ fn report(config: &LoadConfig, run: &RunShared, outcome: Outcome) -> Report {
             .collect(),
         allow_reported_loss: config.allow_reported_loss,
     }
-}
-
-/// The Unix time, in ms, of `at`.
-fn unix_ms(at: Instant) -> u64 {
-    let now = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap_or_default();
-    let since = Instant::now().saturating_duration_since(at);
-    let until = at.saturating_duration_since(Instant::now());
-    u64::try_from((now + until).saturating_sub(since).as_millis()).unwrap_or(u64::MAX)
 }
 
 /// Which users go offline: the `fraction` of them that a seeded hash ranks first.

@@ -7,14 +7,14 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering::Relaxed};
 use std::time::Duration;
 
 use anyhow::bail;
-use ferry_shared::client::{ClientConfig, Events};
+use ferry_shared::client::{ClientConfig, Event, Events};
 use futures_util::StreamExt;
 use futures_util::stream::FuturesUnordered;
 use tokio::task::JoinSet;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use super::{ProcWatch, patience};
+use super::{ProcWatch, meet, patience, unix_ms};
 use crate::clients::{Conn, Connector};
 use crate::config::StormConfig;
 use crate::report::StormReport;
@@ -58,7 +58,12 @@ pub async fn run_storm(config: StormConfig) -> anyhow::Result<StormReport> {
     let (configs, receivers) = drop_all(conns, &v).await;
     // 2. A backlog is stored for each while they are down.
     send_backlog(sender_conns, &users, &v, &config).await;
+    if let Some(barrier) = &config.barrier {
+        let note = format!("{} {}", users.len(), v.stats.sent_ok.load(Relaxed));
+        meet(barrier, &note).await?;
+    }
     // 3. All reconnect at once, resuming.
+    let storm_unix_ms = unix_ms(Instant::now());
     let storm = resume_all(&connector, configs, receivers, &v, config.timeout).await;
 
     let procs = watch.finish();
@@ -76,6 +81,7 @@ pub async fn run_storm(config: StormConfig) -> anyhow::Result<StormReport> {
         reconnected: storm.reconnected,
         reconnect_failed: storm.failed,
         first_error: storm.first_error,
+        storm_unix_ms,
         resumed_secs: storm.resumed_secs,
         caught_up_secs: storm.caught_up_secs,
         delivered: tally.delivered,
@@ -263,7 +269,19 @@ async fn send_backlog(
             let Conn {
                 client, mut events, ..
             } = conn;
-            let drain = tokio::spawn(async move { while events.recv().await.is_some() {} });
+            let drain = tokio::spawn(async move {
+                while let Some(event) = events.recv().await {
+                    match event {
+                        Event::Disconnected { close_code, reason } if close_code != Some(1000) => {
+                            tracing::warn!(sender = i, ?close_code, %reason, "a sender lost its connection");
+                        }
+                        Event::ConnectFailed { error, will_retry } => {
+                            tracing::warn!(sender = i, %error, will_retry, "a sender could not reconnect");
+                        }
+                        _ => {}
+                    }
+                }
+            });
             let mut inflight = FuturesUnordered::new();
             let mut k = i as u64;
             while k < total || !inflight.is_empty() {

@@ -2,21 +2,31 @@
 # Ferry's one-machine benchmark: starts its own redis-server (free loopback port, temp dir, no
 # snapshots) and a release gateway on it, measures the Redis ceiling for Ferry's own append
 # script with redis-benchmark (EVALSHA, pipelined), runs the load generator, and prints Ferry's
-# delivered throughput beside that ceiling as a ratio. Then, optionally, a latency run, a
-# connection ramp and a reconnect storm. Everything it starts is stopped by PID on exit; every
-# step is bounded in time; all traffic stays on loopback.
+# delivered throughput beside that ceiling as a ratio. Then, optionally: a latency run, the node
+# under twice its capacity, the cost of prompt acks, CPU per message by codec, a connection ramp
+# and a reconnect storm. Everything it starts is stopped by PID on exit; every step is bounded in
+# time; all traffic stays on loopback.
 #
-# Usage: loadtest/bench.sh [step...]   steps: ceiling throughput latency ramp storm
-#        (default: ceiling throughput latency)
-# Settings (environment):
-#   CONNECTIONS=1000 RATE=60000 DURATION=20s BODY=100       throughput run
+# Usage: loadtest/bench.sh [step...]
+#   steps: ceiling throughput latency overload acks codecs ramp storm
+#   (default: ceiling throughput latency)
+# Settings (environment; durations as whole seconds or ms: 20s, 250ms):
+#   CONNECTIONS=1000 RATE=60000 DURATION=20s BODY=100 MAX_IN_FLIGHT=200   throughput run
 #   LATENCY_RATE=20000 LATENCY_DURATION=20s                 latency run (same connections)
+#   CODEC=msgpack (json|msgpack: the clients' subprotocol in throughput and latency)
+#   ACK_INTERVAL=100ms (the clients' ack coalescing; each ack is one trim in Redis)
+#   CAPACITY= (msg/s the node delivers; default: this invocation's throughput step, run first
+#     if it was not asked for) — the base of overload and acks
+#   OVERLOAD_FACTOR=2 OVERLOAD_DURATION=20s OVERLOAD_DRAIN=60s   overload: factor × capacity
+#   OVERLOAD_CODEC=json (overload and acks)  OVERLOAD_ON_RATE_LIMITED=give-up (or retry)
+#   ACKS_LOAD=1.0 ACKS_DURATION=20s ACKS_FAST=20ms ACKS_SLOW=250ms   acks: ACKS_LOAD × capacity
+#   CODECS_RATE=10000 CODECS_DURATION=20s                   codecs: JSON, then MessagePack
 #   RAMP_CONNECTIONS=10000 RAMP_STEP=2000                   ramp
 #   STORM_CONNECTIONS=5000 STORM_BACKLOG=10                 storm
-#   ACK_INTERVAL=100ms (the clients' ack coalescing; each ack is one trim in Redis)
 #   SOURCE_ADDRS=4 CEILING_REQUESTS=2000000 APPENDONLY=no (yes: appendfsync everysec)
 #   SKIP_BUILD=1 (use the existing release binaries)  OUT=dir (keep JSON reports there)
 #   GATEWAY_BIN=path (another gateway build, e.g. an older commit's, to compare in one session)
+#   LOADTEST_BIN=path (default: the release build, under CARGO_TARGET_DIR if set)
 # Needs: cargo, redis-server, redis-cli, redis-benchmark, curl, jq.
 set -euo pipefail
 
@@ -27,8 +37,22 @@ CONNECTIONS=${CONNECTIONS:-1000}
 RATE=${RATE:-60000}
 DURATION=${DURATION:-20s}
 BODY=${BODY:-100}
+MAX_IN_FLIGHT=${MAX_IN_FLIGHT:-200}
 LATENCY_RATE=${LATENCY_RATE:-20000}
 LATENCY_DURATION=${LATENCY_DURATION:-20s}
+CODEC=${CODEC:-msgpack}
+CAPACITY=${CAPACITY:-}
+OVERLOAD_FACTOR=${OVERLOAD_FACTOR:-2}
+OVERLOAD_DURATION=${OVERLOAD_DURATION:-20s}
+OVERLOAD_DRAIN=${OVERLOAD_DRAIN:-60s}
+OVERLOAD_CODEC=${OVERLOAD_CODEC:-json}
+OVERLOAD_ON_RATE_LIMITED=${OVERLOAD_ON_RATE_LIMITED:-give-up}
+ACKS_LOAD=${ACKS_LOAD:-1.0}
+ACKS_DURATION=${ACKS_DURATION:-20s}
+ACKS_FAST=${ACKS_FAST:-20ms}
+ACKS_SLOW=${ACKS_SLOW:-250ms}
+CODECS_RATE=${CODECS_RATE:-10000}
+CODECS_DURATION=${CODECS_DURATION:-20s}
 RAMP_CONNECTIONS=${RAMP_CONNECTIONS:-10000}
 RAMP_STEP=${RAMP_STEP:-2000}
 STORM_CONNECTIONS=${STORM_CONNECTIONS:-5000}
@@ -79,6 +103,16 @@ free_port() {
   exit 2
 }
 
+# A duration setting (20s, 250ms, 2m) in whole seconds, rounded up: for time limits.
+secs() {
+  case "$1" in
+  *ms) echo $(((${1%ms} + 999) / 1000)) ;;
+  *s) echo "${1%s}" ;;
+  *m) echo $((${1%m} * 60)) ;;
+  *) echo "$1" ;;
+  esac
+}
+
 # Polls a command until it succeeds, for up to $1 seconds.
 wait_for() {
   local secs=$1
@@ -94,8 +128,9 @@ wait_for() {
 if [[ "${SKIP_BUILD:-0}" != 1 ]]; then
   (cd "$ROOT" && cargo build --release -p ferry-gateway -p ferry-loadtest)
 fi
-GATEWAY_BIN=${GATEWAY_BIN:-$ROOT/target/release/ferry-gateway}
-LOADTEST_BIN="$ROOT/target/release/ferry-loadtest"
+TARGET_DIR=${CARGO_TARGET_DIR:-$ROOT/target}
+GATEWAY_BIN=${GATEWAY_BIN:-$TARGET_DIR/release/ferry-gateway}
+LOADTEST_BIN=${LOADTEST_BIN:-$TARGET_DIR/release/ferry-loadtest}
 
 # --- Redis ---
 REDIS_PORT=$(free_port)
@@ -109,33 +144,66 @@ PIDS+=("$REDIS_PID")
 wait_for 10 redis-cli -p "$REDIS_PORT" ping
 echo "redis-server pid $REDIS_PID on 127.0.0.1:$REDIS_PORT (appendonly $APPENDONLY)"
 
-# --- gateway: a fresh one for every step, so no step inherits another's heap ---
+# --- gateways: a fresh one (or several) for every step, so no step inherits another's heap ---
+GW_PIDS=()
+URLS=()
+ADMIN_PORTS=()
 GW_PID=""
-start_gateway() {
-  GW_PORT=$(free_port)
-  ADMIN_PORT=$(free_port)
-  FERRY_LOG=${FERRY_LOG:-warn} "$GATEWAY_BIN" --redis-url "redis://127.0.0.1:$REDIS_PORT" \
-    --jwt-secret "$SECRET" --listen "127.0.0.1:$GW_PORT" --admin-listen "127.0.0.1:$ADMIN_PORT" \
-    --send-rate 1000000 --send-burst 1000000 --max-connections 100000 --node-id bench \
-    --drain-timeout 1s >>"$WORK/gateway.log" 2>&1 &
-  GW_PID=$!
-  PIDS+=("$GW_PID")
-  wait_for 20 curl -sf "http://127.0.0.1:$ADMIN_PORT/readyz"
+start_gateways() {
+  local count=$1 i port admin pid
+  for i in $(seq 1 "$count"); do
+    port=$(free_port)
+    admin=$(free_port)
+    FERRY_LOG=${FERRY_LOG:-warn} "$GATEWAY_BIN" --redis-url "redis://127.0.0.1:$REDIS_PORT" \
+      --jwt-secret "$SECRET" --listen "127.0.0.1:$port" --admin-listen "127.0.0.1:$admin" \
+      --send-rate 1000000 --send-burst 1000000 --max-connections 100000 --node-id "bench-$i" \
+      --drain-timeout 1s >>"$WORK/gateway.log" 2>&1 &
+    pid=$!
+    PIDS+=("$pid")
+    GW_PIDS+=("$pid")
+    URLS+=("ws://127.0.0.1:$port/v1/ws")
+    ADMIN_PORTS+=("$admin")
+    wait_for 20 curl -sf "http://127.0.0.1:$admin/readyz"
+    echo "ferry-gateway pid $pid on 127.0.0.1:$port"
+  done
   redis-cli -p "$REDIS_PORT" CONFIG RESETSTAT >/dev/null
-  URL="ws://127.0.0.1:$GW_PORT/v1/ws"
-  echo "ferry-gateway pid $GW_PID on 127.0.0.1:$GW_PORT"
+  GW_PID=${GW_PIDS[0]}
+  URL=${URLS[0]}
 }
+start_gateway() { start_gateways 1; }
 stop_gateway() {
-  [[ -n "$GW_PID" ]] || return 0
-  kill "$GW_PID" 2>/dev/null || true
-  wait "$GW_PID" 2>/dev/null || true
-  local pid kept=()
+  [[ ${#GW_PIDS[@]} -gt 0 ]] || return 0
+  local pid gw kept=()
+  for pid in "${GW_PIDS[@]}"; do
+    kill "$pid" 2>/dev/null || true
+  done
+  for pid in "${GW_PIDS[@]}"; do
+    wait "$pid" 2>/dev/null || true
+  done
   for pid in "${PIDS[@]}"; do
-    [[ "$pid" == "$GW_PID" ]] || kept+=("$pid")
+    for gw in "${GW_PIDS[@]}"; do
+      [[ "$pid" == "$gw" ]] && continue 2
+    done
+    kept+=("$pid")
   done
   PIDS=("${kept[@]}")
+  GW_PIDS=()
+  URLS=()
+  ADMIN_PORTS=()
   GW_PID=""
   redis-cli -p "$REDIS_PORT" FLUSHALL >/dev/null
+}
+
+# The sum of a gateway metric over every running gateway (a series' labels in $2, e.g.
+# 'type="ack"'); empty if no gateway exports it.
+gateway_metric() {
+  local name=$1 labels=${2:-} port
+  for port in "${ADMIN_PORTS[@]}"; do
+    curl -sf "http://127.0.0.1:$port/metrics" || true
+  done | awk -v name="$name" -v labels="$labels" '
+    (labels == "" && $1 == name) || (index($1, name "{") == 1 && index($1, labels) > 0) {
+      sum += $2; found = 1 }
+    END { if (found) printf "%.0f\n", sum }'
 }
 
 # Machine-wide busy CPU ticks and total ticks (/proc/stat), and a process's CPU ticks.
@@ -145,6 +213,14 @@ machine_ticks() {
   echo "$((a + b + c + e + f + g + h + d)) $((d + e))"
 }
 proc_ticks() { awk '{print $14 + $15}' "/proc/$1/stat" 2>/dev/null || echo 0; }
+gateway_ticks() {
+  local pid sum=0
+  for pid in "${GW_PIDS[@]}"; do
+    sum=$((sum + $(proc_ticks "$pid")))
+  done
+  echo "$sum"
+}
+
 
 # Waits (up to QUIET_WAIT seconds) until the machine is nearly idle, so that other work on it
 # (builds) does not share the cores with a measurement; says so if it never gets quiet.
@@ -166,12 +242,12 @@ wait_quiet() {
 # CPU accounting of one step: cores used by the gateway, Redis, the load generator and the
 # rest of the machine (everything shares the same cores).
 CPU_MARK=()
-cpu_mark() { CPU_MARK=($(machine_ticks) "$(proc_ticks "${GW_PID:-0}")" "$(proc_ticks "$REDIS_PID")" "$(date +%s%N)"); }
+cpu_mark() { CPU_MARK=($(machine_ticks) "$(gateway_ticks)" "$(proc_ticks "$REDIS_PID")" "$(date +%s%N)"); }
 cpu_report() {
   local t0=${CPU_MARK[0]} i0=${CPU_MARK[1]} g0=${CPU_MARK[2]} r0=${CPU_MARK[3]} n0=${CPU_MARK[4]}
   local t1 i1 g1 r1 n1
   read -r t1 i1 < <(machine_ticks)
-  g1=$(proc_ticks "${GW_PID:-0}")
+  g1=$(gateway_ticks)
   r1=$(proc_ticks "$REDIS_PID")
   n1=$(date +%s%N)
   local wall_cs=$(( (n1 - n0) / 10000000 ))
@@ -197,7 +273,7 @@ loadtest() {
   cpu_mark
   local rc=0
   FERRY_JWT_SECRET="$SECRET" timeout "$limit" "$LOADTEST_BIN" --json "$@" \
-    --url "$URL" --gateway-pid "$GW_PID" --source-addrs "$SOURCE_ADDRS" \
+    --url "$URL" --gateway-pid "$GW_PID" --redis-pid "$REDIS_PID" --source-addrs "$SOURCE_ADDRS" \
     >"$OUT/$name.json" || rc=$?
   if [[ ! -s "$OUT/$name.json" ]]; then
     echo "bench.sh: $name produced no report (exit $rc)" >&2
@@ -236,8 +312,26 @@ ceiling() {
   redis-cli -p "$REDIS_PORT" FLUSHALL >/dev/null
 }
 
+# The figures every load run prints: throughput whole-run and during sending, pushback,
+# latencies from the schedule, the generator's own lag, and CPU per delivered message.
 summary() {
-  jq -r '"delivered \(.delivered_per_sec | floor) msg/s (sent \(.sent_per_sec | floor)); lost \(.lost), dup \(.duplicates), out of order \(.out_of_order), errors \(.send_errors)\ndelivery ms p50 \(.latency_delivery.p50_ms) p90 \(.latency_delivery.p90_ms) p99 \(.latency_delivery.p99_ms) p99.9 \(.latency_delivery.p999_ms) max \(.latency_delivery.max_ms)\nsent ms     p50 \(.latency_sent.p50_ms) p99 \(.latency_sent.p99_ms)\ngateway CPU \(.gateway.cores * 100 | floor)% of a core, RSS \(.gateway.after.rss_bytes / 1048576 | floor) MiB; loadgen CPU \(.loadgen.cores * 100 | floor)%"' "$1"
+  jq -r '
+    def f: . * 10 | floor / 10;
+    def us: if . == null then "?" else f end;
+    "codec \(.codec), acks every \(.ack_interval_ms) ms, in flight per connection \(if .max_in_flight == 0 then "unlimited" else .max_in_flight end), on rate_limited: \(.on_rate_limited)",
+    "delivered \(.delivered_per_sec | floor) msg/s (sent \(.sent_per_sec | floor)) over the whole run; lost \(.lost), dup \(.duplicates), out of order \(.out_of_order), seq mismatch \(.seq_mismatch), errors \(.send_errors)",
+    "during sending (\(.sending_secs) s): delivered \(.delivered_per_sec_during_sending | floor) msg/s, stored (sent) \(.sent_per_sec_during_sending | floor) msg/s",
+    "pushed back: rate_limited answers \(.rate_limited), sends refused \(.sends_refused), not sent (behind schedule) \(.not_dispatched)",
+    "delivery ms p50 \(.latency_delivery.p50_ms) p90 \(.latency_delivery.p90_ms) p99 \(.latency_delivery.p99_ms) p99.9 \(.latency_delivery.p999_ms) max \(.latency_delivery.max_ms)",
+    "sent ms     p50 \(.latency_sent.p50_ms) p99 \(.latency_sent.p99_ms); the generator'"'"'s own lag ms p99 \(.dispatch_lag.p99_ms) max \(.dispatch_lag.max_ms)",
+    "cpu per delivered message: gateway \(.cpu_per_message.gateway_us | us) µs, redis \(.cpu_per_message.redis_us | us) µs, loadgen \(.cpu_per_message.loadgen_us | us) µs (\(.cpu_per_message.delivered) messages, \(.cpu_per_message.window_secs | f) s from the first send to the end of the drain)",
+    "gateway CPU \(.gateway.cores * 100 | floor)% of a core, RSS \(.gateway.after.rss_bytes / 1048576 | floor) MiB; loadgen CPU \(.loadgen.cores * 100 | floor)%"
+  ' "$1"
+  local acks
+  acks=$(gateway_metric ferry_frames_in_total 'type="ack"')
+  if [[ -n "$acks" ]]; then
+    jq -r --arg acks "$acks" '"acks the gateway received: \($acks) (\(($acks | tonumber) / ([.delivered, 1] | max) * 100 | floor / 100) per delivered message)"' "$1"
+  fi
   echo "redis commands (calls, µs per call, seconds; EVALSHA's time includes the commands its script runs, listed too):"
   redis-cli -p "$REDIS_PORT" INFO commandstats | tr -d '\r' | awk -F'[:=,]' '
     /^cmdstat_/ { name = substr($1, 9); calls[name] = $3; usec[name] = $5; total += $5 }
@@ -249,37 +343,132 @@ summary() {
   echo "inboxes left unacknowledged in Redis: $(redis-cli -p "$REDIS_PORT" --scan --pattern 'ferry:*:inbox' | wc -l)"
 }
 
+# A load run's time limit: connecting, sending, the drain, closing.
+run_limit() { echo $((90 + $(secs "$1") + $(secs "$2"))); }
+
+THROUGHPUT=""
+throughput() {
+  loadtest throughput "$(run_limit "$DURATION" 30s)" run -c "$CONNECTIONS" -r "$RATE" \
+    -d "$DURATION" -b "$BODY" --drain 30s --max-in-flight "$MAX_IN_FLIGHT" \
+    --ack-interval "$ACK_INTERVAL" --codec "$CODEC" || return 0
+  summary "$OUT/throughput.json"
+  THROUGHPUT=$(jq -r '.delivered_per_sec | floor' "$OUT/throughput.json")
+  if [[ -n "$CEILING" ]]; then
+    jq -r --arg c "$CEILING" '"ratio: Ferry delivered \(.delivered_per_sec | floor) msg/s ÷ redis-benchmark \($c | tonumber | floor) append ops/s = \(.delivered_per_sec / ($c | tonumber) * 100 | floor)%"' \
+      "$OUT/throughput.json"
+  fi
+}
+
+# The node's capacity in msg/s: CAPACITY, else this invocation's throughput step (run now if
+# it has not run).
+capacity() {
+  if [[ -n "$CAPACITY" ]]; then
+    echo "capacity: $CAPACITY msg/s (CAPACITY)"
+    return
+  fi
+  if [[ -z "$THROUGHPUT" ]]; then
+    echo "capacity: no CAPACITY given and no throughput step yet; measuring it first"
+    throughput
+  fi
+  [[ -n "$THROUGHPUT" && "$THROUGHPUT" -gt 0 ]] || {
+    echo "bench.sh: no capacity measured" >&2
+    exit 2
+  }
+  CAPACITY=$THROUGHPUT
+  echo "capacity: $CAPACITY msg/s (this run's throughput step, codec $CODEC)"
+}
+
+# factor × capacity, a whole number of msg/s.
+times_capacity() { awk -v c="$CAPACITY" -v f="$1" 'BEGIN { printf "%d\n", c * f }'; }
+
+overload() {
+  capacity
+  local rate
+  rate=$(times_capacity "$OVERLOAD_FACTOR")
+  loadtest overload "$(run_limit "$OVERLOAD_DURATION" "$OVERLOAD_DRAIN")" run -c "$CONNECTIONS" \
+    -r "$rate" -d "$OVERLOAD_DURATION" -b "$BODY" --drain "$OVERLOAD_DRAIN" --codec "$OVERLOAD_CODEC" \
+    --max-in-flight 0 --ack-interval 100ms --on-rate-limited "$OVERLOAD_ON_RATE_LIMITED" || return 0
+  summary "$OUT/overload.json"
+  jq -r --arg cap "$CAPACITY" --arg factor "$OVERLOAD_FACTOR" '
+    ($cap | tonumber) as $c
+    | "overload: offered \(.rate_target | floor) msg/s (\($factor) × capacity \($c)) for \(.duration_secs) s; \(.codec), no in-flight cap, acks every \(.ack_interval_ms) ms",
+      "  delivered during sending: \(.delivered_per_sec_during_sending | floor) msg/s = \(.delivered_per_sec_during_sending / $c * 100 | floor)% of capacity",
+      "  accepted messages (answered sent): \(.sent) of \(.scheduled) scheduled; send→delivery p50 \(.latency_delivery.p50_ms) ms, p99 \(.latency_delivery.p99_ms) ms; send→sent p50 \(.latency_sent.p50_ms) ms, p99 \(.latency_sent.p99_ms) ms",
+      "  pushed back: rate_limited answers \(.rate_limited), sends refused \(.sends_refused); send errors by code \(.send_errors)",
+      "  by the end of sending: stored (answered sent) \(.sent_during_sending), delivered \(.delivered_during_sending), stored − delivered \(.sent_during_sending - .delivered_during_sending)",
+      "  whole run: delivered \(.delivered_per_sec | floor) msg/s, drained in \(.drain_secs * 10 | floor / 10) s (drained: \(.drained))",
+      "  delivered per second: \(.delivered_per_second | map(tostring) | join(" "))",
+      "  stored per second:    \(.sent_per_second | map(tostring) | join(" "))"
+  ' "$OUT/overload.json"
+}
+
+acks() {
+  capacity
+  local rate interval name
+  rate=$(times_capacity "$ACKS_LOAD")
+  for interval in "$ACKS_FAST" "$ACKS_SLOW"; do
+    name="acks-$interval"
+    loadtest "$name" "$(run_limit "$ACKS_DURATION" 60s)" run -c "$CONNECTIONS" -r "$rate" \
+      -d "$ACKS_DURATION" -b "$BODY" --drain 60s --codec "$OVERLOAD_CODEC" --max-in-flight 0 \
+      --ack-interval "$interval" --on-rate-limited "$OVERLOAD_ON_RATE_LIMITED" || return 0
+    summary "$OUT/$name.json"
+  done
+  jq -rn --slurpfile fast "$OUT/acks-$ACKS_FAST.json" --slurpfile slow "$OUT/acks-$ACKS_SLOW.json" \
+    --arg f "$ACKS_FAST" --arg s "$ACKS_SLOW" '
+    ($fast[0]) as $a | ($slow[0]) as $b
+    | def ratio(x; y): if y > 0 then x / y * 100 | floor / 100 else "?" end;
+      def us: if . == null then "?" else . * 10 | floor / 10 | tostring end;
+    "acks: offered \($a.rate_target | floor) msg/s; delivered during sending \($a.delivered_per_sec_during_sending | floor) msg/s with acks every \($f), \($b.delivered_per_sec_during_sending | floor) with acks every \($s): ratio \(ratio($a.delivered_per_sec_during_sending; $b.delivered_per_sec_during_sending))",
+    "  whole run: \($a.delivered_per_sec | floor) vs \($b.delivered_per_sec | floor) msg/s: ratio \(ratio($a.delivered_per_sec; $b.delivered_per_sec)); CPU per delivered message: gateway \($a.cpu_per_message.gateway_us | us) vs \($b.cpu_per_message.gateway_us | us) µs, redis \($a.cpu_per_message.redis_us | us) vs \($b.cpu_per_message.redis_us | us) µs"'
+}
+
+codecs() {
+  local codec
+  for codec in json msgpack; do
+    loadtest "codecs-$codec" "$(run_limit "$CODECS_DURATION" 60s)" run -c "$CONNECTIONS" \
+      -r "$CODECS_RATE" -d "$CODECS_DURATION" -b "$BODY" --drain 60s --codec "$codec" \
+      --max-in-flight 0 --ack-interval "$ACK_INTERVAL" || return 0
+    summary "$OUT/codecs-$codec.json"
+  done
+  for codec in json msgpack; do
+    jq -r '
+      def us: if . == null then "?" else . * 10 | floor / 10 | tostring end;
+      "codecs: \(.codec) at \(.rate_target | floor) msg/s offered: delivered \(.delivered_per_sec_during_sending | floor) msg/s during sending; CPU per delivered message: gateway \(.cpu_per_message.gateway_us | us) µs, redis \(.cpu_per_message.redis_us | us) µs, loadgen \(.cpu_per_message.loadgen_us | us) µs; delivery p99 \(.latency_delivery.p99_ms) ms"
+    ' "$OUT/codecs-$codec.json"
+  done
+}
+
+latency() {
+  loadtest latency "$(run_limit "$LATENCY_DURATION" 30s)" run -c "$CONNECTIONS" \
+    -r "$LATENCY_RATE" -d "$LATENCY_DURATION" -b "$BODY" --drain 30s \
+    --ack-interval "$ACK_INTERVAL" --codec "$CODEC" || return 0
+  summary "$OUT/latency.json"
+}
+
+ramp() {
+  loadtest ramp 300 ramp -c "$RAMP_CONNECTIONS" --step "$RAMP_STEP" --settle 2s || return 0
+  jq -r '.steps[] | "\(.connections) connections: gateway RSS \(.gateway_rss_bytes / 1048576 * 10 | floor / 10) MiB"' "$OUT/ramp.json"
+  jq -r '"gateway RSS per idle authenticated connection: \(.gateway_bytes_per_connection | floor) bytes (\(.connected) connected, \(.connect_failed) failed)"' "$OUT/ramp.json"
+}
+
+storm() {
+  loadtest storm 300 storm -c "$STORM_CONNECTIONS" --backlog "$STORM_BACKLOG" --timeout 120s || return 0
+  jq -r '"storm: \(.reconnected) of \(.connections) resumed in \(.resumed_secs) s, caught up (\(.stored) messages) in \(.caught_up_secs) s; lost \(.lost), out of order \(.out_of_order)"' "$OUT/storm.json"
+}
+
 for step in "${STEPS[@]}"; do
   case "$step" in
-  ceiling) ceiling ;;
-  throughput)
-    loadtest throughput 180 run -c "$CONNECTIONS" -r "$RATE" -d "$DURATION" -b "$BODY" --drain 30s \
-      --max-in-flight 200 --ack-interval "$ACK_INTERVAL" || continue
-    summary "$OUT/throughput.json"
-    if [[ -n "$CEILING" ]]; then
-      jq -r --arg c "$CEILING" '"ratio: Ferry delivered \(.delivered_per_sec | floor) msg/s ÷ redis-benchmark \($c | tonumber | floor) append ops/s = \(.delivered_per_sec / ($c | tonumber) * 100 | floor)%"' \
-        "$OUT/throughput.json"
-    fi
-    ;;
-  latency)
-    loadtest latency 180 run -c "$CONNECTIONS" -r "$LATENCY_RATE" -d "$LATENCY_DURATION" -b "$BODY" \
-      --drain 30s --ack-interval "$ACK_INTERVAL" || continue
-    summary "$OUT/latency.json"
-    ;;
-  ramp)
-    loadtest ramp 300 ramp -c "$RAMP_CONNECTIONS" --step "$RAMP_STEP" --settle 2s || continue
-    jq -r '.steps[] | "\(.connections) connections: gateway RSS \(.gateway_rss_bytes / 1048576 * 10 | floor / 10) MiB"' "$OUT/ramp.json"
-    jq -r '"gateway RSS per idle authenticated connection: \(.gateway_bytes_per_connection | floor) bytes (\(.connected) connected, \(.connect_failed) failed)"' "$OUT/ramp.json"
-    ;;
-  storm)
-    loadtest storm 300 storm -c "$STORM_CONNECTIONS" --backlog "$STORM_BACKLOG" --timeout 120s || continue
-    jq -r '"storm: \(.reconnected) of \(.connections) resumed in \(.resumed_secs) s, caught up (\(.stored) messages) in \(.caught_up_secs) s; lost \(.lost), out of order \(.out_of_order)"' "$OUT/storm.json"
-    ;;
+  ceiling | throughput | latency | overload | acks | codecs | ramp | storm) ;;
   *)
     echo "bench.sh: unknown step $step" >&2
     exit 2
     ;;
   esac
+done
+for step in "${STEPS[@]}"; do
+  step_started=$SECONDS
+  "$step"
+  echo "($step: $((SECONDS - step_started)) s, waiting for a quiet machine included)"
 done
 echo
 echo "reports: $OUT"

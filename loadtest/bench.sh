@@ -4,11 +4,12 @@
 # script with redis-benchmark (EVALSHA, pipelined), runs the load generator, and prints Ferry's
 # delivered throughput beside that ceiling as a ratio. Then, optionally: a latency run, the node
 # under twice its capacity, the cost of prompt acks, CPU per message by codec, a connection ramp
-# and a reconnect storm. Everything it starts is stopped by PID on exit; every step is bounded in
-# time; all traffic stays on loopback.
+# and a reconnect storm (on one gateway, or on three gateways driven by several generator
+# processes). Everything it starts is stopped by PID on exit; every step is bounded in time;
+# all traffic stays on loopback.
 #
 # Usage: loadtest/bench.sh [step...]
-#   steps: ceiling throughput latency overload acks codecs ramp storm
+#   steps: ceiling throughput latency overload acks codecs ramp storm ramp3 storm3
 #   (default: ceiling throughput latency)
 # Settings (environment; durations as whole seconds or ms: 20s, 250ms):
 #   CONNECTIONS=1000 RATE=60000 DURATION=20s BODY=100 MAX_IN_FLIGHT=200   throughput run
@@ -21,8 +22,11 @@
 #   OVERLOAD_CODEC=json (overload and acks)  OVERLOAD_ON_RATE_LIMITED=give-up (or retry)
 #   ACKS_LOAD=1.0 ACKS_DURATION=20s ACKS_FAST=20ms ACKS_SLOW=250ms   acks: ACKS_LOAD × capacity
 #   CODECS_RATE=10000 CODECS_DURATION=20s                   codecs: JSON, then MessagePack
-#   RAMP_CONNECTIONS=10000 RAMP_STEP=2000                   ramp
-#   STORM_CONNECTIONS=5000 STORM_BACKLOG=10                 storm
+#   RAMP_CONNECTIONS=10000 RAMP_STEP=2000                   ramp (one gateway, one generator)
+#   STORM_CONNECTIONS=5000 STORM_BACKLOG=10                 storm (one gateway, one generator)
+#   GATEWAYS=3 GENERATORS=4 MULTI_SOURCE_ADDRS=8            ramp3 and storm3: processes
+#   RAMP3_CONNECTIONS=50000 RAMP3_STEPS=5                   ramp3 (each generator in 5 steps)
+#   STORM3_CONNECTIONS=50000                                storm3 (backlog STORM_BACKLOG)
 #   SOURCE_ADDRS=4 CEILING_REQUESTS=2000000 APPENDONLY=no (yes: appendfsync everysec)
 #   SKIP_BUILD=1 (use the existing release binaries)  OUT=dir (keep JSON reports there)
 #   GATEWAY_BIN=path (another gateway build, e.g. an older commit's, to compare in one session)
@@ -57,6 +61,12 @@ RAMP_CONNECTIONS=${RAMP_CONNECTIONS:-10000}
 RAMP_STEP=${RAMP_STEP:-2000}
 STORM_CONNECTIONS=${STORM_CONNECTIONS:-5000}
 STORM_BACKLOG=${STORM_BACKLOG:-10}
+GATEWAYS=${GATEWAYS:-3}
+GENERATORS=${GENERATORS:-4}
+MULTI_SOURCE_ADDRS=${MULTI_SOURCE_ADDRS:-8}
+RAMP3_CONNECTIONS=${RAMP3_CONNECTIONS:-50000}
+RAMP3_STEPS=${RAMP3_STEPS:-5}
+STORM3_CONNECTIONS=${STORM3_CONNECTIONS:-50000}
 SOURCE_ADDRS=${SOURCE_ADDRS:-4}
 CEILING_REQUESTS=${CEILING_REQUESTS:-2000000}
 APPENDONLY=${APPENDONLY:-no}
@@ -220,7 +230,14 @@ gateway_ticks() {
   done
   echo "$sum"
 }
-
+gateway_rss_bytes() {
+  local pid sum=0 kb
+  for pid in "${GW_PIDS[@]}"; do
+    kb=$(awk '/^VmRSS:/ {print $2}' "/proc/$pid/status" 2>/dev/null || echo 0)
+    sum=$((sum + ${kb:-0} * 1024))
+  done
+  echo "$sum"
+}
 
 # Waits (up to QUIET_WAIT seconds) until the machine is nearly idle, so that other work on it
 # (builds) does not share the cores with a measurement; says so if it never gets quiet.
@@ -438,6 +455,122 @@ codecs() {
   done
 }
 
+# --- several gateways and several generator processes (ramp3, storm3) ---
+
+# Starts GENERATORS load generators in the background, each with its share of $2 connections
+# and the same mode arguments ($3…), every gateway's URL, and a barrier in $WORK/$1.*; their
+# reports go to $OUT/$1-<n>.json. Sets GEN_PIDS.
+GEN_PIDS=()
+start_generators() {
+  local name=$1 total=$2 limit=$3
+  shift 3
+  local g share urls=()
+  for url in "${URLS[@]}"; do
+    urls+=(--url "$url")
+  done
+  rm -f "$WORK/$name".*
+  GEN_PIDS=()
+  for g in $(seq 1 "$GENERATORS"); do
+    share=$((total / GENERATORS + (g <= total % GENERATORS ? 1 : 0)))
+    FERRY_JWT_SECRET="$SECRET" timeout "$limit" "$LOADTEST_BIN" --json "$@" -c "$share" \
+      "${urls[@]}" --source-addrs "$MULTI_SOURCE_ADDRS" --ready-file "$WORK/$name.ready.$g" \
+      --go-file "$WORK/$name.go" >"$OUT/$name-$g.json" 2>"$OUT/$name-$g.log" &
+    GEN_PIDS+=("$!")
+    PIDS+=("$!")
+  done
+  echo "$GENERATORS generators (pids ${GEN_PIDS[*]}), $total connections over ${#URLS[@]} gateways"
+}
+
+# Waits (up to $2 seconds) until every generator of $1 is at its barrier.
+wait_ready() {
+  local name=$1 secs=$2 g ready
+  for _ in $(seq 1 $((secs * 10))); do
+    ready=0
+    for g in $(seq 1 "$GENERATORS"); do
+      [[ -e "$WORK/$name.ready.$g" ]] && ready=$((ready + 1))
+    done
+    ((ready == GENERATORS)) && return 0
+    for g in "${GEN_PIDS[@]}"; do
+      kill -0 "$g" 2>/dev/null || { echo "bench.sh: a $name generator ended early (see $OUT/$name-*.log)" >&2; return 1; }
+    done
+    sleep 0.1
+  done
+  echo "bench.sh: the $name generators were not all ready within $secs s" >&2
+  return 1
+}
+
+# Lets the generators of $1 go on, and waits for them to end.
+go_and_wait() {
+  local name=$1 pid
+  touch "$WORK/$name.go"
+  for pid in "${GEN_PIDS[@]}"; do
+    wait "$pid" || echo "bench.sh: a $name generator exited with $? (see $OUT/$name-*.log)" >&2
+  done
+  local kept=()
+  for pid in "${PIDS[@]}"; do
+    for g in "${GEN_PIDS[@]}"; do
+      [[ "$pid" == "$g" ]] && continue 2
+    done
+    kept+=("$pid")
+  done
+  PIDS=("${kept[@]}")
+  GEN_PIDS=()
+}
+
+ramp3() {
+  stop_gateway
+  start_gateways "$GATEWAYS"
+  wait_quiet
+  local per_gen=$(((RAMP3_CONNECTIONS + GENERATORS - 1) / GENERATORS))
+  local step=$(((per_gen + RAMP3_STEPS - 1) / RAMP3_STEPS))
+  echo
+  echo "== ramp3: $RAMP3_CONNECTIONS idle connections over $GATEWAYS gateways from $GENERATORS generators (ferry-loadtest ramp --step $step --settle 1s each)"
+  local before after started=$SECONDS
+  before=$(gateway_rss_bytes)
+  start_generators ramp3 "$RAMP3_CONNECTIONS" 900 ramp --step "$step" --settle 1s
+  wait_ready ramp3 600 || { go_and_wait ramp3; return 0; }
+  sleep 2
+  after=$(gateway_rss_bytes)
+  local connected open pid
+  connected=$(cat "$WORK"/ramp3.ready.* | awk '{ sum += $1 } END { print sum + 0 }')
+  open=$(gateway_metric ferry_connections_open)
+  for pid in "${GW_PIDS[@]}"; do
+    echo "gateway pid $pid: RSS $(awk '/^VmRSS:/ {printf "%.1f MiB", $2 / 1024}' "/proc/$pid/status")"
+  done
+  go_and_wait ramp3
+  awk -v b="$before" -v a="$after" -v n="$connected" -v counted="${open:-?}" -v g="$GATEWAYS" \
+    -v t=$((SECONDS - started)) 'BEGIN {
+      printf "ramp3: %d connections open (the gateways count %s): gateways RSS %.1f → %.1f MiB over %d gateways; %.0f bytes per idle authenticated connection (%d s)\n",
+        n, counted, b / 1048576, a / 1048576, g, (n > 0 ? (a - b) / n : 0), t }'
+  jq -rs '"generators: \(map(.connected) | add) connected, \(map(.connect_failed) | add) failed\(map(.first_error // empty) | if length > 0 then "; first error: " + .[0] else "" end)"' \
+    "$OUT"/ramp3-*.json
+}
+
+storm3() {
+  stop_gateway
+  start_gateways "$GATEWAYS"
+  wait_quiet
+  echo
+  echo "== storm3: $STORM3_CONNECTIONS clients over $GATEWAYS gateways from $GENERATORS generators (ferry-loadtest storm --backlog $STORM_BACKLOG each), all resuming at one instant"
+  local started=$SECONDS
+  start_generators storm3 "$STORM3_CONNECTIONS" 900 storm --backlog "$STORM_BACKLOG" --timeout 120s
+  wait_ready storm3 600 || { go_and_wait storm3; return 0; }
+  echo "every generator connected, dropped its clients and stored their backlog ($(cat "$WORK"/storm3.ready.* | awk '{ n += $1; s += $2 } END { print n " clients, " s " messages" }'))"
+  wait_quiet
+  cpu_mark
+  local go_ms
+  go_ms=$(date +%s%3N)
+  go_and_wait storm3
+  cpu_report
+  echo "(the generators' CPU is in other)"
+  jq -rs --arg go "$go_ms" --arg t "$((SECONDS - started))" '
+    ($go | tonumber) as $go
+    | def at(f): map(.storm_unix_ms + (f // 1e9) * 1000) | max - $go | floor / 1000;
+    "storm3: \(map(.reconnected) | add) of \(map(.connections) | add) resumed in \(at(.resumed_secs)) s, caught up (\(map(.stored) | add) messages) in \(if any(.caught_up_secs == null) then "— (a generator timed out)" else "\(at(.caught_up_secs)) s" end) from the go (the slowest generator); lost \(map(.lost) | add), out of order \(map(.out_of_order) | add), duplicates \(map(.duplicates) | add), reconnects failed \(map(.reconnect_failed) | add) (\($t) s in all)",
+    "  per generator: resumed \(map(.resumed_secs * 100 | floor / 100) | map(tostring) | join(", ")) s; caught up \(map(.caught_up_secs // "—" | if type == "number" then . * 100 | floor / 100 else . end) | map(tostring) | join(", ")) s; started \(map(.storm_unix_ms - $go) | map(tostring) | join(", ")) ms after the go"
+  ' "$OUT"/storm3-*.json
+}
+
 latency() {
   loadtest latency "$(run_limit "$LATENCY_DURATION" 30s)" run -c "$CONNECTIONS" \
     -r "$LATENCY_RATE" -d "$LATENCY_DURATION" -b "$BODY" --drain 30s \
@@ -458,7 +591,7 @@ storm() {
 
 for step in "${STEPS[@]}"; do
   case "$step" in
-  ceiling | throughput | latency | overload | acks | codecs | ramp | storm) ;;
+  ceiling | throughput | latency | overload | acks | codecs | ramp | storm | ramp3 | storm3) ;;
   *)
     echo "bench.sh: unknown step $step" >&2
     exit 2

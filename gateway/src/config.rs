@@ -122,6 +122,11 @@ pub struct Config {
     #[arg(long, env = "FERRY_LOG_FORMAT", value_enum, default_value = "text")]
     pub log_format: LogFormat,
 
+    /// Connections the kernel queues for the WebSocket listener before they are accepted
+    /// (capped by net.core.somaxconn).
+    #[arg(long, env = "FERRY_LISTEN_BACKLOG", default_value_t = 4096)]
+    pub listen_backlog: u32,
+
     /// Open WebSocket connections accepted at once; further upgrades are refused.
     #[arg(long, env = "FERRY_MAX_CONNECTIONS", default_value_t = 100_000)]
     pub max_connections: usize,
@@ -404,6 +409,11 @@ impl Config {
         if self.send_burst == 0 {
             return Err(ConfigError::Zero { flag: "send-burst" });
         }
+        if self.listen_backlog == 0 {
+            return Err(ConfigError::Zero {
+                flag: "listen-backlog",
+            });
+        }
         if !(self.send_rate.is_finite() && self.send_rate > 0.0) {
             return Err(invalid(
                 "send-rate",
@@ -529,10 +539,11 @@ mod tests {
         assert!(!c.allow_redis_eviction);
         assert_eq!(c.append_audit_window, secs(10));
         assert_eq!(c.max_catchup_reads, 64);
+        assert_eq!(c.listen_backlog, 4096);
     }
 
     /// The flag names are an interface (DESIGN.md's table, then the additions).
-    const FLAGS: [&str; 38] = [
+    const FLAGS: [&str; 39] = [
         "listen",
         "admin-listen",
         "redis-url",
@@ -558,6 +569,7 @@ mod tests {
         "heartbeat",
         "drain-timeout",
         "log-format",
+        "listen-backlog",
         "max-connections",
         "outbound-queue",
         "outbound-queue-bytes",
@@ -702,6 +714,7 @@ mod tests {
             "ws-read-buffer",
             "redis-pool-size",
             "max-catchup-reads",
+            "listen-backlog",
             "send-rate",
         ] {
             assert_eq!(flag_of(&[format!("--{flag}").as_str(), "0"]), Some(flag));

@@ -45,6 +45,20 @@ pub enum GatewayError {
     EvictingStore(String),
 }
 
+/// Binds the WebSocket listener with a listen backlog of `backlog` connections (the standard
+/// library's 128 overflows in a reconnect storm: SYNs are dropped and clients wait out a
+/// retransmit; the kernel caps it at `net.core.somaxconn`).
+pub fn bind(addr: std::net::SocketAddr, backlog: u32) -> std::io::Result<TcpListener> {
+    let socket = if addr.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()?
+    } else {
+        tokio::net::TcpSocket::new_v6()?
+    };
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(backlog)
+}
+
 /// Time allowed past the drain window for the last sessions to close.
 const DRAIN_MARGIN: Duration = Duration::from_secs(5);
 

@@ -26,8 +26,7 @@ async fn main() -> anyhow::Result<()> {
     // Registered before the ports are bound, so a SIGTERM from then on always drains (a handler
     // registered inside a spawned task could miss one sent while the task waits for a thread).
     let terminate = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
-    let listener = TcpListener::bind(config.listen)
-        .await
+    let listener = ferry_gateway::bind(config.listen, config.listen_backlog)
         .with_context(|| format!("binding --listen {}", config.listen))?;
     let admin = TcpListener::bind(config.admin_listen)
         .await

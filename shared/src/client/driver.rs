@@ -366,7 +366,18 @@ impl Driver {
             return Flow::Continue; // ping / pong: tungstenite answers pings itself
         };
         match self.config.codec.decode_server(&wire) {
-            Ok(frame) => self.on_frame(frame),
+            Ok(frame) => {
+                let is_msg = matches!(frame, ServerFrame::Msg { .. });
+                self.on_frame(frame);
+                // An ack interval of zero acknowledges every message as it is handed over
+                // (MQTT-style), not on the next timer tick.
+                if is_msg
+                    && self.config.ack_interval.is_zero()
+                    && let Err(e) = self.ack().await
+                {
+                    return self.disconnected(None, e.to_string()).await;
+                }
+            }
             Err(e) => {
                 tracing::warn!(error = %e, "undecodable frame from the server");
                 self.push(Event::Error(
@@ -434,7 +445,8 @@ impl Driver {
             return Flow::Close(None); // every handle is gone
         };
         let mut wrote = false;
-        for _ in 0..COMMAND_BATCH {
+        let mut handled = 0;
+        loop {
             let result = match command {
                 Command::Close { reply } => return Flow::Close(Some(reply)),
                 Command::Send { id, frame, reply } => {
@@ -466,6 +478,12 @@ impl Driver {
             match result {
                 Ok(w) => wrote |= w,
                 Err(e) => return self.disconnected(None, e.to_string()).await,
+            }
+            // At most a batch before the flush; the next command is taken off the channel only
+            // if it is handled in this batch (one taken and dropped would be lost).
+            handled += 1;
+            if handled == COMMAND_BATCH {
+                break;
             }
             match self.commands.try_recv() {
                 Ok(next) => command = next,

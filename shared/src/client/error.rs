@@ -81,8 +81,11 @@ impl From<DecodeError> for ClientError {
 }
 
 impl ClientError {
-    /// Whether reconnecting cannot help: the token is refused, the upgrade is refused for a
-    /// reason other than load, the server closed for a policy violation, or the config is bad.
+    /// Whether reconnecting cannot help: the token is refused or a frame was bad (the server
+    /// says so with an `error` before it closes), the upgrade is refused for a reason other than
+    /// load, or the config is bad. A bare close, even 1008, is not: before `welcome` it is the
+    /// server's `hello` timeout, which a server too busy to read the `hello` in time also sends
+    /// (a reconnect storm), so the client tries again after its backoff.
     pub fn is_permanent(&self) -> bool {
         match self {
             ClientError::Server { code, .. } => {
@@ -91,7 +94,6 @@ impl ClientError {
             ClientError::Handshake { status, .. } => {
                 (400..500).contains(status) && *status != 408 && *status != 429
             }
-            ClientError::Closed { code, .. } => *code == Some(1008),
             ClientError::Config(_) | ClientError::Encode(_) | ClientError::Stopped => true,
             _ => false,
         }
@@ -167,7 +169,7 @@ mod tests {
         assert!(!server(ErrorCode::Unavailable).is_permanent());
         assert!(http(400).is_permanent() && http(401).is_permanent());
         assert!(!http(429).is_permanent() && !http(503).is_permanent());
-        assert!(closed(1008).is_permanent());
+        assert!(!closed(1008).is_permanent(), "a hello timeout is retried");
         assert!(!closed(1013).is_permanent() && !closed(1012).is_permanent());
         assert!(!ClientError::Timeout.is_permanent());
         assert!(!ClientError::Io(std::io::ErrorKind::ConnectionRefused.into()).is_permanent());

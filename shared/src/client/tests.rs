@@ -347,6 +347,38 @@ async fn pipelined_sends_are_matched_by_id() {
     assert_eq!(c.unwrap_err().code(), Some(ErrorCode::InboxFull));
 }
 
+// Many more sends at once than the driver handles in one batch, from several threads so that
+// new ones are queued while a batch runs: none is dropped between batches (one taken off the
+// channel at the end of a full batch was, before the batch loop stopped taking a command it
+// would not handle).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn more_sends_than_a_batch_all_go_out() {
+    let mut gw = FakeGateway::start().await;
+    let (client, _events, mut conn) = connect(&mut gw, None).await;
+    const SENDS: usize = 3000;
+    let sends = tokio::spawn({
+        let client = client.clone();
+        async move {
+            futures_util::future::join_all((0..SENDS).map(|i| {
+                let client = client.clone();
+                async move { client.send("bob", &format!("m{i}"), "x").await }
+            }))
+            .await
+        }
+    });
+    let mut ids = Vec::new();
+    for seq in 1..=SENDS as u64 {
+        let (id, _, _) = expect_send(conn.expect().await);
+        conn.send(sent(&id, seq, false)).await;
+        ids.push(id);
+    }
+    ids.sort();
+    ids.dedup();
+    assert_eq!(ids.len(), SENDS, "every send went out once");
+    let answers = sends.await.unwrap();
+    assert!(answers.iter().all(Result::is_ok), "{answers:?}");
+}
+
 #[tokio::test]
 async fn send_retries_unavailable_and_rate_limited_with_the_same_id() {
     let mut gw = FakeGateway::start().await;
@@ -438,6 +470,23 @@ async fn acks_are_coalesced() {
     conn.msg(4).await;
     assert_eq!(next_message(&mut events).await.seq, 4);
     assert_eq!(conn.expect().await, ClientFrame::Ack { seq: 4 });
+}
+
+#[tokio::test]
+async fn an_ack_interval_of_zero_acks_every_message() {
+    let mut gw = FakeGateway::start().await;
+    let cfg = ClientConfig {
+        ack_interval: Duration::ZERO,
+        ..config(&gw.url)
+    };
+    let (_client, mut events, mut conn) = connect(&mut gw, Some(cfg)).await;
+    for seq in 1..=3 {
+        conn.msg(seq).await;
+    }
+    for seq in 1..=3 {
+        assert_eq!(conn.expect().await, ClientFrame::Ack { seq });
+        assert_eq!(next_message(&mut events).await.seq, seq);
+    }
 }
 
 #[tokio::test]

@@ -4,9 +4,10 @@
 //! Every `WINDOW` the controller looks at how delivery went on this node: the share of live
 //! messages that reached their socket later than `TARGET` after they were accepted, and how many
 //! sessions are lagging (too slow to take live messages, catching up from the store). While
-//! either says the node is behind, the node-wide rate of accepted sends is cut to three quarters
-//! of what was accepted in the last window (then not again for a few windows, while the
-//! messages accepted before the cut drain); while delivery is healthy it grows back by 5% a
+//! either says the node is behind, the node-wide rate of accepted sends is cut to nine tenths of
+//! what the node delivered live in the window (not below half of what it accepted: a node's
+//! recipients may be on other nodes), then not again for a few windows, while the messages
+//! accepted before the cut drain; while delivery is healthy it grows back by 5% a
 //! window, and the limit is lifted once it is twice what senders ask for. One slow client
 //! cannot trigger it: lagging counts only when a tenth of the sessions lag. A refused sender is
 //! told to wait in proportion to the demand over what is admitted, so refusals do not come back
@@ -24,7 +25,7 @@ use crate::metrics;
 /// How often the controller decides.
 const WINDOW: Duration = Duration::from_millis(100);
 /// A live message delivered later than this after it was accepted counts as late.
-const TARGET_MS: u64 = 400;
+const TARGET_MS: u64 = 200;
 /// Windows after a cut in which the node is not cut again: messages accepted before the cut
 /// still arrive late for a while, and cutting on them would take the rate to its floor.
 const COOLDOWN_WINDOWS: u32 = 3;
@@ -118,11 +119,13 @@ impl Admission {
             (None, false) => None,
             (Some(rate), true) if cooling => Some(rate),
             (current, true) => {
+                // Just under what the node delivered live in the window, so the backlog drains
+                // (but not below half of what it admitted: its recipients may be elsewhere).
                 bucket.cooldown = COOLDOWN_WINDOWS;
-                let base = current
-                    .unwrap_or(admitted_rate)
-                    .min(admitted_rate.max(MIN_RATE));
-                Some((base * 0.75).max(MIN_RATE))
+                let delivered_rate = delivered as f64 / WINDOW.as_secs_f64();
+                let target = delivered_rate.max(admitted_rate * 0.5) * 0.9;
+                let cut = current.map_or(target, |rate| rate.min(target));
+                Some(cut.max(MIN_RATE))
             }
             // Healthy again: grow back, and lift the limit once it is twice the demand.
             (Some(rate), false) => {
@@ -184,9 +187,9 @@ mod tests {
         // A few late or lagging are not "behind".
         window(&admission, 500, 500, 40, 50);
         assert_eq!(admission.lock().rate, None);
-        // Behind: three quarters of what was admitted (500 in 0.1 s = 5,000/s).
+        // Behind: nine tenths of what was delivered live (500 in 0.1 s = 5,000/s).
         window(&admission, 500, 500, 100, 0);
-        assert_eq!(admission.lock().rate, Some(3750.0));
+        assert_eq!(admission.lock().rate, Some(4500.0));
         // Now sends beyond the rate are refused with a wait.
         tokio::time::advance(Duration::from_millis(10)).await;
         let refused = (0..1000).filter(|_| admission.admit().is_err()).count();
@@ -197,12 +200,12 @@ mod tests {
         // Still behind, but just cut: it waits for the cut to show.
         for _ in 0..COOLDOWN_WINDOWS {
             window(&admission, 0, 0, 0, 200);
-            assert_eq!(admission.lock().rate, Some(3750.0));
+            assert_eq!(admission.lock().rate, Some(4500.0));
         }
         // Still behind (lagging) after that: cut again.
         window(&admission, 0, 0, 0, 200);
         let cut = admission.lock().rate.unwrap();
-        assert!((MIN_RATE..3750.0).contains(&cut), "{cut}");
+        assert!((MIN_RATE..4500.0).contains(&cut), "{cut}");
         // Healthy with demand far below: it grows back, and is lifted within a second.
         let mut rates = Vec::new();
         for _ in 0..10 {

@@ -233,8 +233,10 @@ struct Session {
     bucket: TokenBucket,
     /// Sends issued to the store and not answered yet, oldest first.
     sends: Sends,
-    /// The client is not read before this: admission control refused it a send.
+    /// The client is not read before this: it retried a refused send too early.
     paused_until: Option<Instant>,
+    /// The last send admission control refused, and until when its client was told to wait.
+    refused: Option<(Box<str>, Instant)>,
     /// Highest seq the client acknowledged (clamped to `delivered`).
     ack_wanted: u64,
     /// Highest seq trimmed from the inbox by this session.
@@ -263,6 +265,7 @@ impl Session {
             bucket,
             sends: Sends::default(),
             paused_until: None,
+            refused: None,
             ack_wanted: 0,
             ack_done: 0,
             trim: None,
@@ -427,18 +430,34 @@ impl Session {
                 ..Refused::new(ErrorCode::RateLimited, "send rate exceeded")
             });
         }
-        if let Err(retry_ms) = self.node.admission.admit() {
-            // The client is told to wait, and the session stops reading it meanwhile: an
-            // open-loop sender's next sends wait in its socket instead of each costing the node a
-            // refusal.
-            self.paused_until = Some(Instant::now() + Duration::from_millis(retry_ms));
-            return Err(Refused {
-                retry_after_ms: Some(retry_ms),
-                ..Refused::new(
-                    ErrorCode::RateLimited,
-                    "the node is behind on delivery; retry with the same id",
-                )
-            });
+        let now = Instant::now();
+        let early_retry = match &self.refused {
+            Some((refused_id, until)) if **refused_id == *id && now < *until => Some(*until),
+            _ => None,
+        };
+        let behind = |retry_ms: u64| Refused {
+            retry_after_ms: Some(retry_ms),
+            ..Refused::new(
+                ErrorCode::RateLimited,
+                "the node is behind on delivery; retry with the same id",
+            )
+        };
+        if let Some(until) = early_retry {
+            // The client retries before it was told to: it is not read again until then, so
+            // a client that ignores `retry_after_ms` cannot make the node answer a storm.
+            self.paused_until = Some(until);
+            let wait = until.saturating_duration_since(now).as_millis().max(1);
+            return Err(behind(u64::try_from(wait).unwrap_or(u64::MAX)));
+        }
+        match self.node.admission.admit() {
+            Ok(()) => self.refused = None,
+            Err(retry_ms) => {
+                // Refused at once (the answer is cheap), so the sends the node does accept are
+                // delivered promptly rather than queued behind the excess.
+                let until = now + Duration::from_millis(retry_ms);
+                self.refused = Some((id.into(), until));
+                return Err(behind(retry_ms));
+            }
         }
         let message_id = MessageId::parse(id).map_err(|e| invalid(e.to_string()))?;
         let recipient = UserId::parse(to).map_err(|e| invalid(format!("to: {e}")))?;

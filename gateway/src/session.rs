@@ -453,7 +453,8 @@ impl Session {
             Ok(()) => self.refused = None,
             Err(retry_ms) => {
                 // Refused at once (the answer is cheap), so the sends the node does accept are
-                // delivered promptly rather than queued behind the excess.
+                // delivered promptly rather than queued behind the excess: a client that is
+                // not read, or that holds its sends, makes every later message wait.
                 let until = now + Duration::from_millis(retry_ms);
                 self.refused = Some((id.into(), until));
                 return Err(behind(retry_ms));

@@ -61,6 +61,7 @@ export class FerryClient extends EventTarget {
   #drainAfterMs = null; // set by a `reconnect` frame
   #welcomed = false;
   #pending = new Map(); // id -> { id, to, frame, resolve, reject, attempt, timer }
+  #holdUntil = 0; // no send is written before this (Date.now() ms): a `rate_limited` answer's wait
   #timers = { reconnect: null, ack: null, ping: null, dead: null, drain: null };
 
   constructor(url, options = {}) {
@@ -407,6 +408,8 @@ export class FerryClient extends EventTarget {
       let delay;
       if (code === 'rate_limited' && frame.retry_after_ms !== undefined) {
         delay = Number(frame.retry_after_ms);
+        // The wait applies to the client's sending, not only to this send.
+        this.#holdUntil = Math.max(this.#holdUntil, Date.now() + delay);
       } else {
         const { backoffMinMs, backoffMaxMs } = this.#options;
         const ceiling = Math.min(backoffMaxMs, backoffMinMs * 2 ** Math.min(entry.attempt - 1, 30));
@@ -425,9 +428,23 @@ export class FerryClient extends EventTarget {
     entry.reject(ferryError(code, message, entry.id));
   }
 
-  /** Writes a send now if the connection is welcomed; otherwise the next welcome does. */
+  /**
+   * Writes a send now if the connection is welcomed and no `rate_limited` wait holds sends;
+   * after the wait, or at the next welcome, otherwise.
+   */
   #transmit(entry) {
-    if (this.#welcomed) this.#write(entry.frame);
+    if (!this.#welcomed) return;
+    const wait = this.#holdUntil - Date.now();
+    if (wait > 0) {
+      if (entry.timer === null) {
+        entry.timer = setTimeout(() => {
+          entry.timer = null;
+          if (this.#pending.get(entry.id) === entry) this.#transmit(entry);
+        }, wait);
+      }
+      return;
+    }
+    this.#write(entry.frame);
   }
 
   // ---- acknowledgements ----

@@ -43,15 +43,26 @@ pub(crate) struct Connector {
     tokens: Tokens,
     ack_interval: Duration,
     send_timeout: Duration,
+    /// Whether clients hold their sends after `rate_limited` (the Rust client's default); off
+    /// for an open-loop run that gives refused messages up.
+    hold_sends: bool,
 }
 
 impl Connector {
+    /// Clients that do not hold their sends after `rate_limited`: they keep sending on their
+    /// schedule, as an open-loop generator does.
+    pub(crate) fn open_loop(mut self) -> Self {
+        self.hold_sends = false;
+        self
+    }
+
     pub(crate) fn new(target: &Target, ack_interval: Duration, send_timeout: Duration) -> Self {
         Connector {
             target: target.clone(),
             tokens: Tokens::new(&target.auth),
             ack_interval,
             send_timeout,
+            hold_sends: true,
         }
     }
 
@@ -66,6 +77,7 @@ impl Connector {
         Ok(ClientConfig {
             codec: self.target.codec.codec(),
             ack_interval: self.ack_interval,
+            hold_sends_on_rate_limited: self.hold_sends,
             local_addr: self.target.source_for(n),
             connect_timeout: self.target.connect_timeout,
             send_timeout: Some(self.send_timeout),

@@ -13,7 +13,7 @@ use super::send::SendPolicy;
 use super::user::{RunShared, run_user};
 use super::{ProcChange, ProcWatch, patience, unix_ms};
 use crate::clients::{ConnectStats, Connector};
-use crate::config::LoadConfig;
+use crate::config::{LoadConfig, OnRateLimited};
 use crate::procstat::CpuPerMessage;
 use crate::report::{LostMessage, Report};
 use crate::schedule::{Routing, Schedule, mix};
@@ -68,11 +68,13 @@ async fn start(
     let target = &config.target;
     let count = config.connections;
     let users: Vec<Arc<str>> = (0..count).map(|n| Arc::from(target.user_id(n))).collect();
-    let connector = Arc::new(Connector::new(
-        target,
-        config.ack_interval,
-        config.send_timeout,
-    ));
+    let mut connector = Connector::new(target, config.ack_interval, config.send_timeout);
+    if config.on_rate_limited == OnRateLimited::GiveUp {
+        // Refused messages are given up, and the others stay on their schedule: the pushback
+        // shows in what is refused, not in how late the rest is.
+        connector = connector.open_loop();
+    }
+    let connector = Arc::new(connector);
     let named = users.iter().map(|u| u.to_string()).enumerate().collect();
     let (conns, connected) = connector.connect_all(named, patience(target)).await;
     if connected.failed > 0 {

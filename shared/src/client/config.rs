@@ -49,6 +49,10 @@ pub struct ClientConfig {
     /// Acks are coalesced: one cumulative `ack` at most this long after a delivery (zero acks
     /// every delivery at once).
     pub ack_interval: Duration,
+    /// After a `rate_limited` answer, hold every new send for its `retry_after_ms` (the
+    /// server is behind; not only the refused send should wait). On by default; a load
+    /// generator that drives the server open loop turns it off.
+    pub hold_sends_on_rate_limited: bool,
     /// Reconnect and resume after a disconnect or a server drain, instead of stopping.
     pub reconnect: bool,
     /// Shortest wait before a reconnect or a retried `unavailable` send.
@@ -83,6 +87,7 @@ impl ClientConfig {
             last_seq: 0,
             epoch: None,
             ack_interval: Duration::from_millis(250),
+            hold_sends_on_rate_limited: true,
             reconnect: true,
             backoff_min: Duration::from_millis(100),
             backoff_max: Duration::from_secs(5),
@@ -122,6 +127,10 @@ impl fmt::Debug for ClientConfig {
             .field("last_seq", &self.last_seq)
             .field("epoch", &self.epoch)
             .field("ack_interval", &self.ack_interval)
+            .field(
+                "hold_sends_on_rate_limited",
+                &self.hold_sends_on_rate_limited,
+            )
             .field("reconnect", &self.reconnect)
             .field("backoff_min", &self.backoff_min)
             .field("backoff_max", &self.backoff_max)

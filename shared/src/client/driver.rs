@@ -110,6 +110,9 @@ pub(crate) struct Driver {
     last_close: Option<u16>,
     timer: Pin<Box<Sleep>>,
     timer_at: Option<Instant>,
+    /// New sends are held until then: the server answered `rate_limited`, and its
+    /// `retry_after_ms` applies to the client's sending, not only to the refused send.
+    hold_until: Option<Instant>,
 }
 
 impl Driver {
@@ -141,6 +144,7 @@ impl Driver {
             last_close: None,
             timer: Box::pin(tokio::time::sleep_until(Instant::now())),
             timer_at: None,
+            hold_until: None,
         };
         driver.opened(ws, welcome);
         driver
@@ -412,6 +416,16 @@ impl Driver {
                 }
             }
             ServerFrame::Sent { .. } | ServerFrame::Error { .. } => {
+                if let ServerFrame::Error {
+                    code: ErrorCode::RateLimited,
+                    retry_after_ms: Some(wait),
+                    ..
+                } = &frame
+                    && self.config.hold_sends_on_rate_limited
+                {
+                    let until = Instant::now() + Duration::from_millis(*wait);
+                    self.hold_until = Some(self.hold_until.map_or(until, |at| at.max(until)));
+                }
                 match self.sends.answer(frame) {
                     None => {}
                     // Not tied to a send, or to one nobody waits for any more.
@@ -450,7 +464,7 @@ impl Driver {
             let result = match command {
                 Command::Close { reply } => return Flow::Close(Some(reply)),
                 Command::Send { id, frame, reply } => {
-                    let connected = matches!(self.conn, Conn::Open(_));
+                    let connected = matches!(self.conn, Conn::Open(_)) && self.hold_until.is_none();
                     match self.sends.begin(id, frame, reply, connected) {
                         Some(frame) => self.feed(frame).await,
                         None => Ok(false),
@@ -542,13 +556,14 @@ impl Driver {
 
     // ---- timers ----
 
-    /// Points the one timer at the earliest of the ack deadline and the idle check.
+    /// Points the one timer at the earliest of the ack deadline, the idle check and the end of
+    /// a hold on sends.
     fn arm_timer(&mut self) {
         let next = match &self.conn {
-            Conn::Open(open) => match (self.delivery.ack_due_at(), open.idle_check) {
-                (Some(a), Some(b)) => Some(a.min(b)),
-                (a, b) => a.or(b),
-            },
+            Conn::Open(open) => [self.delivery.ack_due_at(), open.idle_check, self.hold_until]
+                .into_iter()
+                .flatten()
+                .min(),
             _ => None,
         };
         if next != self.timer_at {
@@ -580,6 +595,10 @@ impl Driver {
             && let Err(e) = self.ack().await
         {
             return self.disconnected(None, e.to_string()).await;
+        }
+        if self.hold_until.is_some_and(|at| at <= now) {
+            self.hold_until = None;
+            return self.write_held().await;
         }
         Flow::Continue
     }

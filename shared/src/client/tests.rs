@@ -406,6 +406,32 @@ async fn send_retries_unavailable_and_rate_limited_with_the_same_id() {
     );
 }
 
+// `retry_after_ms` holds the client's other sends too: a `rate_limited` answer pauses writing,
+// so a busy client does not keep the server answering refusals.
+#[tokio::test]
+async fn rate_limited_holds_every_send_for_the_wait() {
+    let mut gw = FakeGateway::start().await;
+    let (client, _events, mut conn) = connect(&mut gw, None).await;
+    let first = tokio::spawn({
+        let client = client.clone();
+        async move { client.send_once("bob", "m1", "x").await }
+    });
+    assert_eq!(expect_send(conn.expect().await).0, "m1");
+    conn.send(send_error("m1", ErrorCode::RateLimited, Some(300)))
+        .await;
+    assert!(first.await.unwrap().is_err());
+    let refused_at = Instant::now();
+    let second = tokio::spawn(async move { client.send("bob", "m2", "y").await });
+    assert!(
+        conn.silent_for(Duration::from_millis(200)).await,
+        "held while the server asked to wait"
+    );
+    assert_eq!(expect_send(conn.expect().await).0, "m2");
+    assert!(refused_at.elapsed() >= Duration::from_millis(250));
+    conn.send(sent("m2", 1, false)).await;
+    assert!(second.await.unwrap().is_ok());
+}
+
 #[tokio::test]
 async fn send_once_returns_the_servers_answer_as_is() {
     let mut gw = FakeGateway::start().await;

@@ -22,9 +22,12 @@ pub struct Config {
     #[arg(long, env = "FERRY_ADMIN_LISTEN", default_value = "0.0.0.0:9090")]
     pub admin_listen: SocketAddr,
 
-    /// `redis://` or `rediss://` URL; without one the embedded (single-node) engine is used.
-    #[arg(long, env = "FERRY_REDIS_URL")]
-    pub redis_url: Option<String>,
+    /// `redis://` or `rediss://` URL (`rediss://user:password@host:port/db`); without one the
+    /// embedded (single-node) engine is used. With --redis-cluster, one or more seed nodes,
+    /// comma-separated. Its password is never logged; --redis-password-file keeps it out of the
+    /// process list too.
+    #[arg(long, env = "FERRY_REDIS_URL", hide_env_values = true)]
+    pub redis_url: Option<RedisUrl>,
 
     /// Prefix of every Redis key and channel, so several deployments can share one Redis.
     #[arg(long, env = "FERRY_KEY_PREFIX", default_value = "ferry")]
@@ -187,6 +190,75 @@ pub struct Config {
     /// --dedupe-window; 0 turns the audit off.
     #[arg(long, env = "FERRY_APPEND_AUDIT_WINDOW", default_value = "10s", value_parser = parse_duration)]
     pub append_audit_window: Duration,
+
+    /// --redis-url names seed nodes of a Redis Cluster: keys and scripts go to the primary of
+    /// each user's slot, live messages use sharded pub/sub. (`FERRY_REDIS_CLUSTER` takes
+    /// true/false, 1/0, yes/no, on/off.)
+    #[arg(long, env = "FERRY_REDIS_CLUSTER", action = ArgAction::SetTrue, value_parser = BoolishValueParser::new())]
+    pub redis_cluster: bool,
+
+    /// File holding the Redis password (the ACL user's, with the user in --redis-url); it
+    /// replaces a password in the URL. A trailing newline is ignored.
+    #[arg(long, env = "FERRY_REDIS_PASSWORD_FILE")]
+    pub redis_password_file: Option<PathBuf>,
+
+    /// PEM file of the certificate authorities trusted for `rediss://` (e.g. a managed Redis's
+    /// CA); without it, the system's roots.
+    #[arg(long, env = "FERRY_REDIS_CA_FILE")]
+    pub redis_ca_file: Option<PathBuf>,
+
+    /// PEM client certificate for Redis servers that require mutual TLS, with --redis-client-key.
+    #[arg(long, env = "FERRY_REDIS_CLIENT_CERT")]
+    pub redis_client_cert: Option<PathBuf>,
+
+    /// PEM private key of --redis-client-cert.
+    #[arg(long, env = "FERRY_REDIS_CLIENT_KEY")]
+    pub redis_client_key: Option<PathBuf>,
+}
+
+/// The Redis URL setting (one URL, or comma-separated cluster seeds). Its `Debug` hides the
+/// password, so that logging the config never leaks it.
+#[derive(Clone, PartialEq, Eq)]
+pub struct RedisUrl(String);
+
+impl RedisUrl {
+    /// The setting as given, password included, for connecting.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+
+    /// Each URL of the setting.
+    pub fn urls(&self) -> Vec<String> {
+        self.0
+            .split(',')
+            .map(str::trim)
+            .filter(|u| !u.is_empty())
+            .map(str::to_owned)
+            .collect()
+    }
+}
+
+impl From<String> for RedisUrl {
+    fn from(s: String) -> Self {
+        Self(s)
+    }
+}
+
+impl From<&str> for RedisUrl {
+    fn from(s: &str) -> Self {
+        Self(s.to_owned())
+    }
+}
+
+impl fmt::Debug for RedisUrl {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let urls: Vec<String> = self
+            .urls()
+            .iter()
+            .map(|u| ferry_router::redact_url(u))
+            .collect();
+        write!(f, "RedisUrl({urls:?})")
+    }
 }
 
 /// The algorithm tokens must be signed with; exactly one is accepted.
@@ -358,12 +430,52 @@ impl Config {
     }
 
     fn validate_names(&self) -> Result<(), ConfigError> {
-        if let Some(url) = &self.redis_url
-            && !(url.starts_with("redis://") || url.starts_with("rediss://"))
+        if let Some(setting) = &self.redis_url {
+            let urls = setting.urls();
+            if urls.is_empty()
+                || urls
+                    .iter()
+                    .any(|u| !(u.starts_with("redis://") || u.starts_with("rediss://")))
+            {
+                return Err(invalid(
+                    "redis-url",
+                    "must start with redis:// or rediss:// (with --redis-cluster: one or more \
+                     seed URLs, comma-separated)",
+                ));
+            }
+            if urls.len() > 1 && !self.redis_cluster {
+                return Err(invalid(
+                    "redis-url",
+                    "several URLs are seed nodes of a Redis Cluster: add --redis-cluster",
+                ));
+            }
+        }
+        let redis_files = [
+            ("redis-cluster", self.redis_cluster),
+            ("redis-password-file", self.redis_password_file.is_some()),
+            ("redis-ca-file", self.redis_ca_file.is_some()),
+            ("redis-client-cert", self.redis_client_cert.is_some()),
+            ("redis-client-key", self.redis_client_key.is_some()),
+        ];
+        if self.redis_url.is_none()
+            && let Some((flag, _)) = redis_files.iter().find(|(_, set)| *set)
         {
+            return Err(invalid(flag, "needs --redis-url"));
+        }
+        if self.redis_client_cert.is_some() != self.redis_client_key.is_some() {
             return Err(invalid(
-                "redis-url",
-                "must start with redis:// or rediss://",
+                "redis-client-cert",
+                "and --redis-client-key go together (a certificate and its key)",
+            ));
+        }
+        let tls = self
+            .redis_url
+            .as_ref()
+            .is_some_and(|u| u.urls().iter().all(|u| u.starts_with("rediss://")));
+        if !tls && (self.redis_ca_file.is_some() || self.redis_client_cert.is_some()) {
+            return Err(invalid(
+                "redis-ca-file",
+                "and --redis-client-cert need rediss:// URLs (TLS)",
             ));
         }
         let prefix = &self.key_prefix;
@@ -540,10 +652,16 @@ mod tests {
         assert_eq!(c.append_audit_window, secs(10));
         assert_eq!(c.max_catchup_reads, 64);
         assert_eq!(c.listen_backlog, 4096);
+        assert!(!c.redis_cluster);
+        assert_eq!(c.redis_password_file, None);
+        assert_eq!(
+            (c.redis_ca_file, c.redis_client_cert, c.redis_client_key),
+            (None, None, None)
+        );
     }
 
     /// The flag names are an interface (DESIGN.md's table, then the additions).
-    const FLAGS: [&str; 39] = [
+    const FLAGS: [&str; 44] = [
         "listen",
         "admin-listen",
         "redis-url",
@@ -583,6 +701,11 @@ mod tests {
         "allow-redis-eviction",
         "max-catchup-reads",
         "append-audit-window",
+        "redis-cluster",
+        "redis-password-file",
+        "redis-ca-file",
+        "redis-client-cert",
+        "redis-client-key",
     ];
 
     #[test]
@@ -647,6 +770,22 @@ mod tests {
             c.jwt_secret.as_ref().map(JwtSecret::expose),
             Some("hunter2-hunter2")
         );
+    }
+
+    #[test]
+    fn redis_password_is_redacted() {
+        let c = parse(&[
+            "--redis-url",
+            "rediss://ferry:hunter2@a:6380,rediss://ferry:hunter2@b:6380",
+        ]);
+        let debug = format!("{c:?}");
+        assert!(!debug.contains("hunter2"), "{debug}");
+        assert!(debug.contains("ferry:<redacted>@b:6380"), "{debug}");
+        let redis_url = c.redis_url.expect("set");
+        assert_eq!(redis_url.urls().len(), 2);
+        assert!(redis_url.expose().contains("hunter2"));
+        let help = Config::command().render_long_help().to_string();
+        assert!(!help.contains("hunter2"));
     }
 
     #[test]
@@ -793,6 +932,44 @@ mod tests {
         assert_eq!(flag_of(&["--redis-url", "rediss://r.example:6380/0"]), None);
         assert_eq!(flag_of(&["--redis-url", "http://x"]), Some("redis-url"));
         assert_eq!(flag_of(&["--redis-url", ""]), Some("redis-url"));
+        assert_eq!(
+            flag_of(&["--redis-url", "redis://a:1,redis://b:1"]),
+            Some("redis-url")
+        );
+        let cluster = ["--redis-cluster", "--redis-url", "redis://a:1, redis://b:1"];
+        assert_eq!(flag_of(&cluster), None);
+        assert_eq!(
+            flag_of(&["--redis-cluster", "--redis-url", "redis://a:1,http://b"]),
+            Some("redis-url")
+        );
+        assert_eq!(flag_of(&["--redis-url", ","]), Some("redis-url"));
+        for flag in ["--redis-password-file", "--redis-ca-file"] {
+            assert!(flag_of(&[flag, "/x"]).is_some(), "{flag} without a URL");
+        }
+        assert_eq!(flag_of(&["--redis-cluster"]), Some("redis-cluster"));
+        let tls = ["--redis-url", "rediss://a:1"];
+        assert_eq!(
+            flag_of(&[&tls[..], &["--redis-ca-file", "/ca"]].concat()),
+            None
+        );
+        assert_eq!(
+            flag_of(&[&tls[..], &["--redis-client-cert", "/c"]].concat()),
+            Some("redis-client-cert")
+        );
+        assert_eq!(
+            flag_of(
+                &[
+                    &tls[..],
+                    &["--redis-client-cert", "/c", "--redis-client-key", "/k"]
+                ]
+                .concat()
+            ),
+            None
+        );
+        assert_eq!(
+            flag_of(&["--redis-url", "redis://a:1", "--redis-ca-file", "/ca"]),
+            Some("redis-ca-file")
+        );
         assert_eq!(flag_of(&["--key-prefix", "app{1}"]), Some("key-prefix"));
         assert_eq!(flag_of(&["--key-prefix", ""]), Some("key-prefix"));
         assert_eq!(flag_of(&["--key-prefix", "staging:ferry"]), None);

@@ -21,7 +21,9 @@ pub mod store_watch;
 use std::sync::Arc;
 use std::time::Duration;
 
-use ferry_router::{EmbeddedEngine, Engine, EngineOptions, Hub, HubOptions, RedisEngine};
+use ferry_router::{
+    EmbeddedEngine, Engine, EngineError, EngineOptions, Hub, HubOptions, RedisEngine, RedisTarget,
+};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -74,10 +76,47 @@ pub async fn build_engine(config: &Config) -> Result<Arc<dyn Engine>, GatewayErr
         audit_window: config.append_audit_window,
         ..EngineOptions::default()
     };
-    Ok(match &config.redis_url {
-        Some(url) => Arc::new(RedisEngine::connect(url, options, config.redis_pool_size).await?),
+    Ok(match redis_target(config)? {
+        Some(target) => {
+            Arc::new(RedisEngine::connect_to(&target, options, config.redis_pool_size).await?)
+        }
         None => Arc::new(EmbeddedEngine::new(options)),
     })
+}
+
+/// Where the Redis settings point, the password file read; `None` for the embedded engine.
+pub fn redis_target(config: &Config) -> Result<Option<RedisTarget>, GatewayError> {
+    let Some(setting) = &config.redis_url else {
+        return Ok(None);
+    };
+    let password = match &config.redis_password_file {
+        Some(path) => {
+            let text = std::fs::read_to_string(path).map_err(|e| {
+                EngineError::Internal(format!(
+                    "cannot read --redis-password-file {}: {e}",
+                    path.display()
+                ))
+            })?;
+            let password = text.trim_end_matches(['\n', '\r']);
+            if password.is_empty() {
+                return Err(EngineError::Internal(format!(
+                    "--redis-password-file {} is empty",
+                    path.display()
+                ))
+                .into());
+            }
+            Some(password.to_owned())
+        }
+        None => None,
+    };
+    Ok(Some(RedisTarget {
+        urls: setting.urls(),
+        cluster: config.redis_cluster,
+        password,
+        ca_file: config.redis_ca_file.clone(),
+        client_cert: config.redis_client_cert.clone(),
+        client_key: config.redis_client_key.clone(),
+    }))
 }
 
 /// Refuses a store that may evict Ferry's keys, unless `--allow-redis-eviction`. A store that

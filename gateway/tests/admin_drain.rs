@@ -131,7 +131,9 @@ both_engines! {
         // The message answered `sent` before the drain is in the store, for any other node.
         // (The embedded engine's state ends with its process: nothing to check there.)
         let other = match kind {
-            EngineKind::Redis => Some(gateway.another_node("gw-after-drain").await),
+            EngineKind::Redis | EngineKind::RedisCluster => {
+                Some(gateway.another_node("gw-after-drain").await)
+            }
             EngineKind::Embedded => None,
         };
         let _redis = gateway.redis.take();

@@ -1,4 +1,5 @@
-//! One test per guarantee of PROTOCOL.md (G1–G6) and the offline path, each on both engines.
+//! One test per guarantee of PROTOCOL.md (G1–G6) and the offline path, each on both engines and
+//! on a Redis Cluster.
 
 mod common;
 
@@ -8,7 +9,7 @@ use common::*;
 use ferry_shared::client::{RawConnection, RawEvent};
 use ferry_shared::{ClientFrame, ServerFrame};
 
-both_engines! {
+every_engine! {
     // G1: `sent` means stored: the recipient, connecting only afterwards, finds every one.
     async fn g1_durable_acceptance(kind: EngineKind) {
         let gw = TestGateway::start(kind).await;
@@ -18,8 +19,9 @@ both_engines! {
             seqs.push(raw_send(&mut alice, &format!("m{i}"), "bob", "hi").await);
         }
         assert_eq!(seqs, [1, 2, 3, 4, 5]);
-        if kind == EngineKind::Redis {
-            let count = gw.redis().cmd(&["ZCARD", "ferry:{u:bob}:inbox"]);
+        if kind != EngineKind::Embedded {
+            let inbox = gw.key("bob", "inbox");
+            let count = gw.store_cmd(&inbox, &["ZCARD", &inbox]);
             assert_eq!(count, redis::Value::Int(5), "the inbox holds every sent message");
         }
         let (mut bob, welcome) = gw.raw("bob").await;

@@ -73,7 +73,7 @@ async fn min_replicas_ack_without_replicas_is_unavailable() {
 
 async fn run_on(redis: &RedisServer, allow: bool) -> Result<(), GatewayError> {
     let mut config = test_config();
-    config.redis_url = Some(redis.url());
+    config.redis_url = Some(redis.url().into());
     config.allow_redis_eviction = allow;
     let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let admin = TcpListener::bind("127.0.0.1:0").await.expect("bind admin");

@@ -32,7 +32,7 @@ impl Gateway {
         config.dev = false;
         config.jwt_secret = Some(SECRET.into());
         config.node_id = Some("gw-loadtest".into());
-        config.redis_url = redis_url;
+        config.redis_url = redis_url.map(Into::into);
         // Each client sends about 10 msg/s; the default bucket would allow it, but a load run
         // should never measure the rate limiter.
         config.send_rate = 10_000.0;

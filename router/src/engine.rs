@@ -197,9 +197,12 @@ pub type LiveSink = Arc<dyn Fn(LiveEvent) + Send + Sync>;
 pub enum LiveEvent {
     /// Something was stored in `user`'s inbox.
     Message { user: UserId, live: Arc<Live> },
-    /// Live notifications may have been lost (the pub/sub connection dropped and is back, or a
-    /// buffer overflowed): every session must catch up from the store.
+    /// Live notifications may have been lost (a buffer overflowed): every session must catch up
+    /// from the store.
     Resync,
+    /// Live notifications for these users may have been lost (their shard's pub/sub connection
+    /// dropped and is back, or their slot moved): their sessions must catch up from the store.
+    ResyncUsers(Vec<UserId>),
 }
 
 /// Settings shared by both engines.

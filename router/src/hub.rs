@@ -4,7 +4,8 @@
 //! the engine's live task itself).
 //!
 //! A session whose live queue is full is not waited for: it is flagged *lagged* and catches up
-//! from the store. A `Resync` from the engine flags every session. Either way the inbox is the
+//! from the store. A `Resync` from the engine flags every session, a `ResyncUsers` the sessions of
+//! those users. Either way the inbox is the
 //! truth and the live queue only a hint, so nothing is lost and no queue grows without bound.
 
 use std::collections::{HashMap, VecDeque};
@@ -275,6 +276,13 @@ impl Hub {
             }
             LiveEvent::Resync => {
                 for entry in state.users.values() {
+                    for session in entry.sessions.values() {
+                        session.signal.raise(RESYNC);
+                    }
+                }
+            }
+            LiveEvent::ResyncUsers(users) => {
+                for entry in users.iter().filter_map(|user| state.users.get(user)) {
                     for session in entry.sessions.values() {
                         session.signal.raise(RESYNC);
                     }

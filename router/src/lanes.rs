@@ -1,22 +1,34 @@
 //! The Redis engine's command lanes: a few shared connections that carry every store command of
 //! the node, pipelined.
 //!
-//! A lane is a task that owns one multiplexed connection (a `ConnectionManager`, which
-//! reconnects by itself) and a queue. Commands are queued when they are *issued* (no checkout, no
-//! per-command ping), and the task sends whatever is queued as one pipeline: one write and one
-//! read for many sessions' commands, and the next pipeline as soon as the answers are back. So:
+//! A lane is a task that owns one multiplexed connection (a `ConnectionManager` on a standalone
+//! Redis, a cluster connection on a Redis Cluster; both reconnect by themselves) and a queue.
+//! Commands are queued when they are *issued* (no checkout, no per-command ping), and the task
+//! sends whatever is queued as one pipeline: one write and one read for many sessions' commands,
+//! and the next pipeline as soon as the answers are back. On a cluster, the batch is split by
+//! slot (the redis crate refuses a pipeline across slots), and the slots' pipelines go out at
+//! once, each to the primary that owns it. So:
 //! - commands of one lane reach Redis in the order they were issued (a sender's appends all go to
 //!   the lane of its hash, which keeps its sends in order while several are in flight);
 //! - a queue has a bound: a full one answers at once with `Unavailable` instead of growing;
-//! - a script is called by `EVALSHA`; the lane loads it and sends those commands again when Redis
-//!   answers `NOSCRIPT` (after a restart or `SCRIPT FLUSH`; nothing ran, so it is safe);
+//! - a script is called by `EVALSHA`; when Redis answers `NOSCRIPT` (after a restart, a failover
+//!   to a replica with an empty script cache, or `SCRIPT FLUSH`; nothing ran, so it is safe) the
+//!   lane sends those commands again as `EVAL` with the script's body, which runs it on the node
+//!   that owns its keys and caches it there;
 //! - with `--min-replicas-ack`, a pipeline that holds appends ends with one `WAIT`, whose answer
-//!   covers every write before it on the connection: a group commit.
+//!   covers every write before it on the connection: a group commit (per slot on a cluster);
+//! - on a cluster, the redis crate follows `MOVED` and `ASK` and retries `TRYAGAIN` and a
+//!   failover in progress a few times; what is still refused within the store timeout is
+//!   `Unavailable`. Sending again is safe: appends are deduplicated, and everything else is
+//!   idempotent or a compare-and-set.
 
 use std::sync::Arc;
 use std::time::Duration;
 
+use futures_util::future::join_all;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use redis::cluster_async::ClusterConnection;
+use redis::cluster_routing::{Route, SingleNodeRoutingInfo, SlotAddr};
 use redis::{Cmd, ErrorKind, RedisError, ServerErrorKind, Value};
 use tokio::sync::{mpsc, oneshot};
 
@@ -62,6 +74,8 @@ pub(crate) enum Durability {
 /// One queued command and where its answer goes.
 struct Job {
     cmd: Cmd,
+    /// The slot of the command's keys (used on a cluster).
+    slot: u16,
     /// The script it calls, to load on `NOSCRIPT`.
     script: Option<&'static LuaScript>,
     durability: Durability,
@@ -75,26 +89,19 @@ pub(crate) struct Lanes {
 }
 
 impl Lanes {
-    /// Starts `count` lanes on `client` (no I/O here: each connects on its first command).
+    /// Starts `count` lanes, each on a connection made by `connect` (no I/O here: each
+    /// connects on its first command).
     pub fn start(
-        client: &redis::Client,
         count: usize,
         store_timeout: Duration,
+        mut connect: impl FnMut() -> Result<Conn, EngineError>,
     ) -> Result<Lanes, EngineError> {
         let mut lanes = Vec::with_capacity(count.max(1));
         for _ in 0..count.max(1) {
-            let config = ConnectionManagerConfig::new()
-                .set_connection_timeout(Some(store_timeout))
-                .set_response_timeout(Some(store_timeout))
-                .set_number_of_retries(1)
-                .set_max_delay(Duration::from_secs(1))
-                .set_pipeline_buffer_size(64);
-            let conn = ConnectionManager::new_lazy_with_config(client.clone(), config)
-                .map_err(|e| EngineError::Internal(format!("cannot set up a connection: {e}")))?;
             let (tx, rx) = mpsc::channel(QUEUE);
             tokio::spawn(
                 Lane {
-                    conn,
+                    conn: connect()?,
                     rx,
                     store_timeout,
                 }
@@ -115,6 +122,7 @@ impl Lanes {
     pub fn submit(
         &self,
         lane: usize,
+        slot: u16,
         cmd: Cmd,
         script: Option<&'static LuaScript>,
         durability: Durability,
@@ -122,6 +130,7 @@ impl Lanes {
         let (reply, answer) = oneshot::channel();
         let job = Job {
             cmd,
+            slot,
             script,
             durability,
             reply,
@@ -137,9 +146,40 @@ impl Lanes {
     }
 }
 
+/// A lane's connection.
+pub(crate) enum Conn {
+    /// A standalone Redis.
+    Single(ConnectionManager),
+    /// A Redis Cluster: commands go to the primary of their slot.
+    Cluster(ClusterConnection),
+}
+
+impl Conn {
+    /// A standalone connection that reconnects by itself, each attempt and answer bounded by
+    /// `store_timeout`.
+    pub fn single(client: &redis::Client, store_timeout: Duration) -> Result<Conn, EngineError> {
+        let config = ConnectionManagerConfig::new()
+            .set_connection_timeout(Some(store_timeout))
+            .set_response_timeout(Some(store_timeout))
+            .set_number_of_retries(1)
+            .set_max_delay(Duration::from_secs(1))
+            .set_pipeline_buffer_size(64);
+        ConnectionManager::new_lazy_with_config(client.clone(), config)
+            .map(Conn::Single)
+            .map_err(|e| EngineError::Internal(format!("cannot set up a connection: {e}")))
+    }
+
+    /// A cluster connection (it connects on its first command).
+    pub fn cluster(client: &redis::cluster::ClusterClient) -> Conn {
+        Conn::Cluster(
+            client.get_pending_async_connection_with_config(redis::cluster::ClusterConfig::new()),
+        )
+    }
+}
+
 /// One lane's task.
 struct Lane {
-    conn: ConnectionManager,
+    conn: Conn,
     rx: mpsc::Receiver<Job>,
     store_timeout: Duration,
 }
@@ -165,14 +205,17 @@ impl Lane {
         }
     }
 
-    /// Runs `batch` as one pipeline (twice for the commands whose script Redis did not have).
+    /// Runs `batch` (twice for the commands whose script Redis did not have: as `EVAL`).
     async fn execute(&mut self, batch: &mut Vec<Job>) {
-        let answers = self.pipeline(batch).await;
+        let answers = self.send_batch(batch).await;
         let mut missing = Vec::new();
         for (job, answer) in batch.drain(..).zip(answers) {
-            match answer {
-                Err(e) if job.script.is_some() && is_noscript(&e) => missing.push(job),
-                answer => {
+            match (answer, job.script) {
+                (Err(e), Some(script)) if is_noscript(&e) => missing.push(Job {
+                    cmd: as_eval(&job.cmd, script),
+                    ..job
+                }),
+                (answer, _) => {
                     let _ = job.reply.send(answer);
                 }
             }
@@ -180,125 +223,175 @@ impl Lane {
         if missing.is_empty() {
             return;
         }
-        if let Err(e) = self.load_scripts(&missing).await {
-            for job in missing {
-                let _ = job.reply.send(Err(e.clone()));
-            }
-            return;
-        }
-        let answers = self.pipeline(&missing).await;
+        let answers = self.send_batch(&missing).await;
         for (job, answer) in missing.into_iter().zip(answers) {
             let _ = job.reply.send(answer);
         }
     }
 
-    /// Sends `jobs` as one pipeline; an answer per job, in order.
-    async fn pipeline(&mut self, jobs: &[Job]) -> Vec<Result<Value, EngineError>> {
-        let mut pipe = redis::pipe();
-        let mut replicas = 0;
-        for job in jobs {
-            pipe.add_command(job.cmd.clone());
-            if let Durability::Replicas(n) = job.durability {
-                replicas = replicas.max(n);
+    /// Sends `jobs`; an answer per job, in order.
+    async fn send_batch(&mut self, jobs: &[Job]) -> Vec<Result<Value, EngineError>> {
+        let timeout = self.store_timeout;
+        match &mut self.conn {
+            Conn::Single(conn) => {
+                let refs: Vec<&Job> = jobs.iter().collect();
+                pipeline(conn, &refs, timeout).await
+            }
+            Conn::Cluster(conn) => {
+                // One pipeline per slot, in the jobs' order within each, all at once.
+                let mut slots: Vec<(u16, Vec<usize>)> = Vec::new();
+                for (i, job) in jobs.iter().enumerate() {
+                    match slots.iter_mut().find(|(slot, _)| *slot == job.slot) {
+                        Some((_, members)) => members.push(i),
+                        None => slots.push((job.slot, vec![i])),
+                    }
+                }
+                let sent = slots.iter().map(|(slot, members)| {
+                    let mut conn = SlotConn {
+                        conn: conn.clone(),
+                        slot: *slot,
+                    };
+                    let refs: Vec<&Job> = members.iter().map(|&i| &jobs[i]).collect();
+                    async move { pipeline(&mut conn, &refs, timeout).await }
+                });
+                let mut answers: Vec<Option<Result<Value, EngineError>>> =
+                    (0..jobs.len()).map(|_| None).collect();
+                for ((_, members), results) in slots.iter().zip(join_all(sent).await) {
+                    for (&i, result) in members.iter().zip(results) {
+                        answers[i] = Some(result);
+                    }
+                }
+                answers
+                    .into_iter()
+                    .map(|a| a.unwrap_or_else(|| Err(EngineError::Internal("no answer".into()))))
+                    .collect()
             }
         }
-        if replicas > 0 {
-            // WAIT's own limit leaves room for its answer within the store timeout.
-            let wait_ms = u64::try_from(self.store_timeout.mul_f64(0.75).as_millis())
-                .unwrap_or(u64::MAX)
-                .max(1);
-            pipe.cmd("WAIT").arg(replicas).arg(wait_ms);
-        }
+    }
+}
+
+/// A cluster connection bound to the primary of one slot.
+struct SlotConn {
+    conn: ClusterConnection,
+    slot: u16,
+}
+
+/// Where a pipeline goes.
+trait PipelineTarget {
+    /// Sends `pipe`; retries once on a broken connection if that is safe here.
+    async fn send(&mut self, pipe: &redis::Pipeline) -> redis::RedisResult<Vec<Value>>;
+}
+
+impl PipelineTarget for ConnectionManager {
+    async fn send(&mut self, pipe: &redis::Pipeline) -> redis::RedisResult<Vec<Value>> {
         let count = pipe.len();
-        let mut sent = self.send(&pipe, count).await;
-        if matches!(&sent, Ok(Err(e)) if e.is_io_error() || e.is_connection_dropped()) {
+        let sent = self.send_packed_commands(pipe, 0, count).await;
+        if matches!(&sent, Err(e) if e.is_io_error() || e.is_connection_dropped()) {
             // The connection broke (Redis restarted, the network dropped it) before or while the
             // pipeline went out; the manager reconnects for the next try. Sending the pipeline
             // again is safe: appends are deduplicated, and everything else is idempotent or a
             // compare-and-set.
-            sent = self.send(&pipe, count).await;
+            return self.send_packed_commands(pipe, 0, count).await;
         }
-        let values = match sent {
-            Ok(Ok(values)) if values.len() == count => values,
-            Ok(Ok(values)) => {
-                let e = EngineError::Internal(format!(
-                    "{} answers to a pipeline of {count}",
-                    values.len()
-                ));
-                return jobs.iter().map(|_| Err(e.clone())).collect();
-            }
-            Ok(Err(e)) => {
-                let e = redis_error(e);
-                return jobs.iter().map(|_| Err(e.clone())).collect();
-            }
-            Err(_) => {
-                let e =
-                    EngineError::Unavailable(format!("no answer within {:?}", self.store_timeout));
-                return jobs.iter().map(|_| Err(e.clone())).collect();
-            }
+        sent
+    }
+}
+
+impl PipelineTarget for SlotConn {
+    async fn send(&mut self, pipe: &redis::Pipeline) -> redis::RedisResult<Vec<Value>> {
+        // The cluster connection reconnects and retries by itself.
+        let route = SingleNodeRoutingInfo::SpecificNode(Route::new(self.slot, SlotAddr::Master));
+        self.conn
+            .route_pipeline(pipe.clone(), 0, pipe.len(), route)
+            .await
+    }
+}
+
+/// Sends `jobs` as one pipeline (ending with `WAIT` when one of them needs replicas); an answer
+/// per job, in order.
+async fn pipeline(
+    target: &mut impl PipelineTarget,
+    jobs: &[&Job],
+    store_timeout: Duration,
+) -> Vec<Result<Value, EngineError>> {
+    let mut pipe = redis::pipe();
+    let mut replicas = 0;
+    for job in jobs {
+        pipe.add_command(job.cmd.clone());
+        if let Durability::Replicas(n) = job.durability {
+            replicas = replicas.max(n);
+        }
+    }
+    if replicas > 0 {
+        // WAIT's own limit leaves room for its answer within the store timeout.
+        let wait_ms = u64::try_from(store_timeout.mul_f64(0.75).as_millis())
+            .unwrap_or(u64::MAX)
+            .max(1);
+        pipe.cmd("WAIT").arg(replicas).arg(wait_ms);
+    }
+    let count = pipe.len();
+    let values = match tokio::time::timeout(store_timeout, target.send(&pipe)).await {
+        Ok(Ok(values)) if values.len() == count => values,
+        Ok(Ok(values)) => {
+            let e =
+                EngineError::Internal(format!("{} answers to a pipeline of {count}", values.len()));
+            return jobs.iter().map(|_| Err(e.clone())).collect();
+        }
+        Ok(Err(e)) => {
+            let e = redis_error(e);
+            return jobs.iter().map(|_| Err(e.clone())).collect();
+        }
+        Err(_) => {
+            let e = EngineError::Unavailable(format!("no answer within {store_timeout:?}"));
+            return jobs.iter().map(|_| Err(e.clone())).collect();
+        }
+    };
+    let mut values = values.into_iter();
+    let mut answers: Vec<Result<Value, EngineError>> = values
+        .by_ref()
+        .take(jobs.len())
+        .map(|value| match value {
+            Value::ServerError(e) => Err(redis_error(e.into())),
+            value => Ok(value),
+        })
+        .collect();
+    if replicas > 0 {
+        let acked = match values.next() {
+            Some(Value::Int(n)) => n,
+            _ => 0,
         };
-        let mut values = values.into_iter();
-        let mut answers: Vec<Result<Value, EngineError>> = values
-            .by_ref()
-            .take(jobs.len())
-            .map(|value| match value {
-                Value::ServerError(e) => Err(redis_error(e.into())),
-                value => Ok(value),
-            })
-            .collect();
-        if replicas > 0 {
-            let acked = match values.next() {
-                Some(Value::Int(n)) => n,
-                _ => 0,
-            };
-            for (job, answer) in jobs.iter().zip(answers.iter_mut()) {
-                if let Durability::Replicas(n) = job.durability
-                    && answer.is_ok()
-                    && acked < i64::from(n)
-                {
-                    *answer = Err(EngineError::Unavailable(format!(
-                        "{acked} of {n} replicas acknowledged the write in time"
-                    )));
-                }
+        for (job, answer) in jobs.iter().zip(answers.iter_mut()) {
+            if let Durability::Replicas(n) = job.durability
+                && answer.is_ok()
+                && acked < i64::from(n)
+            {
+                *answer = Err(EngineError::Unavailable(format!(
+                    "{acked} of {n} replicas acknowledged the write in time"
+                )));
             }
         }
-        answers
     }
+    answers
+}
 
-    async fn send(
-        &mut self,
-        pipe: &redis::Pipeline,
-        count: usize,
-    ) -> Result<redis::RedisResult<Vec<Value>>, tokio::time::error::Elapsed> {
-        let sent = self.conn.send_packed_commands(pipe, 0, count);
-        tokio::time::timeout(self.store_timeout, sent).await
-    }
-
-    async fn load_scripts(&mut self, jobs: &[Job]) -> Result<(), EngineError> {
-        let mut loaded: Vec<&str> = Vec::new();
-        for script in jobs.iter().filter_map(|job| job.script) {
-            if loaded.contains(&script.hash.as_str()) {
-                continue;
-            }
-            let mut load = redis::cmd("SCRIPT");
-            load.arg("LOAD").arg(script.code);
-            let loading = self.conn.send_packed_command(&load);
-            match tokio::time::timeout(self.store_timeout, loading).await {
-                Ok(Ok(_)) => loaded.push(&script.hash),
-                Ok(Err(e)) => return Err(redis_error(e)),
-                Err(_) => return Err(EngineError::Unavailable("SCRIPT LOAD timed out".into())),
-            }
+/// `EVALSHA <hash> <args…>` as `EVAL <body> <args…>`.
+fn as_eval(cmd: &Cmd, script: &LuaScript) -> Cmd {
+    let mut eval = redis::cmd("EVAL");
+    eval.arg(script.code);
+    for arg in cmd.args_iter().skip(2) {
+        if let redis::Arg::Simple(bytes) = arg {
+            eval.arg(bytes);
         }
-        Ok(())
     }
+    eval
 }
 
 fn is_noscript(e: &EngineError) -> bool {
     matches!(e, EngineError::Internal(m) if m.starts_with("NOSCRIPT"))
 }
 
-/// Transient failures (the network, a Redis loading, failing over, out of memory, unable to
-/// persist or busy) are `Unavailable`, which the client may retry; anything else is `Internal`
+/// Transient failures (the network, a Redis loading, failing over, a slot still moving after the
+/// retries, out of memory, unable to persist or busy) are `Unavailable`, which the client may retry; anything else is `Internal`
 /// (a `NOSCRIPT` keeps its code first, for the lane to see).
 pub(crate) fn redis_error(e: RedisError) -> EngineError {
     let transient = match e.kind() {
@@ -308,7 +401,9 @@ pub(crate) fn redis_error(e: RedisError) -> EngineError {
             | ServerErrorKind::TryAgain
             | ServerErrorKind::ClusterDown
             | ServerErrorKind::MasterDown
-            | ServerErrorKind::ReadOnly,
+            | ServerErrorKind::ReadOnly
+            | ServerErrorKind::Moved
+            | ServerErrorKind::Ask,
         ) => true,
         ErrorKind::Server(ServerErrorKind::NoScript) => {
             return EngineError::Internal(format!("NOSCRIPT {e}"));

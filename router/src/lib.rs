@@ -4,6 +4,7 @@
 //! The router knows nothing of WebSockets; the gateway knows nothing of Redis commands.
 
 mod audit;
+mod cluster;
 mod embedded;
 mod engine;
 mod epoch;
@@ -13,6 +14,7 @@ pub mod metrics;
 mod pubsub;
 mod record;
 mod redis_engine;
+mod redis_target;
 mod script;
 
 #[cfg(feature = "testkit")]
@@ -26,3 +28,4 @@ pub use engine::{
 pub use hub::{CatchUpReason, Hub, HubOptions, LiveSignal, Membership};
 pub use record::{RecordError, decode_member, decode_stored, encode_payload, split_live};
 pub use redis_engine::RedisEngine;
+pub use redis_target::{RedisTarget, redact_url};

@@ -1,11 +1,13 @@
 //! Every metric the router exports, in prometheus's default registry beside the gateway's. Label
-//! values come from closed sets (`StoreOp`); never a user or message id.
+//! values come from closed sets (`StoreOp`) or name a shard by its first slot (bounded by the
+//! shards); never a user or message id.
 
 use std::sync::LazyLock;
 
 use prometheus::{
-    HistogramVec, IntCounter, IntCounterVec, IntGauge, exponential_buckets, register_histogram_vec,
-    register_int_counter, register_int_counter_vec, register_int_gauge,
+    HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, exponential_buckets,
+    register_histogram_vec, register_int_counter, register_int_counter_vec, register_int_gauge,
+    register_int_gauge_vec,
 };
 
 // A registration can only fail on a duplicate or malformed name, which is a bug caught by the
@@ -80,7 +82,8 @@ pub static STORE_ERRORS: LazyLock<IntCounterVec> = LazyLock::new(|| {
 pub static PUBSUB_RECONNECTS: LazyLock<IntCounter> = LazyLock::new(|| {
     register_int_counter!(
         "ferry_pubsub_reconnects_total",
-        "Times the pub/sub connection came back after a drop and resubscribed every user"
+        "Times a pub/sub connection (one per shard) came back after a drop and resubscribed \
+         its users"
     )
     .expect(REGISTERED)
 });
@@ -93,6 +96,56 @@ pub static LIVE_RESYNCS: LazyLock<IntCounter> = LazyLock::new(|| {
     )
     .expect(REGISTERED)
 });
+
+pub static LIVE_SHARD_CONNECTED: LazyLock<IntGaugeVec> = LazyLock::new(|| {
+    register_int_gauge_vec!(
+        "ferry_live_shard_connected",
+        "1 while this node's pub/sub connection to the shard is up (shard: its first slot, \
+         `slots-0` for a standalone Redis)",
+        &["shard"]
+    )
+    .expect(REGISTERED)
+});
+
+pub static LIVE_LOST_SUBSCRIPTIONS: LazyLock<IntCounter> = LazyLock::new(|| {
+    register_int_counter!(
+        "ferry_live_lost_subscriptions_total",
+        "Subscriptions Redis dropped by itself (an unsolicited sunsubscribe: the slot moved); \
+         each is made again where the slot lives, and its user catches up"
+    )
+    .expect(REGISTERED)
+});
+
+pub static LIVE_TOPOLOGY_CHANGES: LazyLock<IntCounter> = LazyLock::new(|| {
+    register_int_counter!(
+        "ferry_live_topology_changes_total",
+        "Changes of the Redis Cluster slot map seen by the live bus (failovers, slot migrations)"
+    )
+    .expect(REGISTERED)
+});
+
+pub static STORE_SHARD_UP: LazyLock<IntGaugeVec> = LazyLock::new(|| {
+    register_int_gauge_vec!(
+        "ferry_store_shard_up",
+        "1 when the shard's primary answered the last store check, 0 when not (shard: its \
+         first slot, `slots-0` for a standalone Redis)",
+        &["shard"]
+    )
+    .expect(REGISTERED)
+});
+
+/// Sets whether the live bus's connection to `shard` is up.
+pub(crate) fn shard_connected(shard: &str, up: bool) {
+    LIVE_SHARD_CONNECTED
+        .with_label_values(&[shard])
+        .set(i64::from(up));
+}
+
+/// Removes a shard's series once it owns no slot (so labels stay bounded by the shards).
+pub(crate) fn forget_shard(shard: &str) {
+    let _ = LIVE_SHARD_CONNECTED.remove_label_values(&[shard]);
+    let _ = STORE_SHARD_UP.remove_label_values(&[shard]);
+}
 
 /// Why an inbox's epoch was replaced by Ferry (the `reason` label of `EPOCHS_REPLACED`).
 pub const EPOCH_REASONS: [&str; 5] = [
@@ -169,6 +222,10 @@ pub fn init() {
     LazyLock::force(&STORE_AUDITS);
     LazyLock::force(&STORE_LOST_APPENDS);
     LazyLock::force(&STORE_MAY_EVICT);
+    LazyLock::force(&LIVE_SHARD_CONNECTED);
+    LazyLock::force(&LIVE_LOST_SUBSCRIPTIONS);
+    LazyLock::force(&LIVE_TOPOLOGY_CHANGES);
+    LazyLock::force(&STORE_SHARD_UP);
 }
 
 /// Counts an epoch replaced for `reason` (one of `EPOCH_REASONS`) and says so in the log.
@@ -204,6 +261,8 @@ mod tests {
             "ferry_store_audits_total",
             "ferry_store_lost_appends_total",
             "ferry_store_may_evict",
+            "ferry_live_lost_subscriptions_total",
+            "ferry_live_topology_changes_total",
         ] {
             assert!(
                 names.iter().any(|n| n == name),

@@ -1,23 +1,29 @@
-//! The Redis engine's live bus: one dedicated pub/sub connection per node, owned by one task that
-//! keeps the set of users this node wants, survives drops, and feeds `LiveEvent`s to the hub.
+//! The Redis engine's live bus: the node's pub/sub connections (one per shard; a standalone
+//! Redis is one shard), owned by one task that keeps the set of users this node wants, survives
+//! drops and slot moves, and feeds `LiveEvent`s to the hub.
 //!
 //! - `subscribe`/`unsubscribe` queue a request on an unbounded channel when they are *called*, so
 //!   requests take effect in call order, and a dropped future cancels nothing.
-//! - The task records each request in the *desired* set at once, whatever the connection's state.
-//!   A subscribe resolves when the connection has confirmed it; while the connection is down that
-//!   is after the reconnect. The caller gives up after `store_timeout` (`Unavailable`), but the
-//!   request stays in the desired set: it is withdrawn by an `unsubscribe`, which the hub sends
-//!   when a join fails. An unsubscribe resolves when confirmed, or at once while disconnected.
-//! - The drop of the connection is seen when its message stream ends (the redis crate ends it on
-//!   EOF or a reset, e.g. after `CLIENT KILL TYPE pubsub` or a Redis restart), or when a periodic
-//!   `PING` goes unanswered for `store_timeout` (a silent network). The task then reconnects with
-//!   jittered exponential backoff (50 ms doubling to 2 s), subscribes every desired user again,
-//!   and only then sends `LiveEvent::Resync`: anything published while it was away was missed.
-//! - Messages go straight to the hub's sink (`Engine::set_live_sink`), called from this task: no
-//!   channel and no task hop between the pub/sub connection and the sessions' queues. The sink
-//!   never waits (a session whose queue is full is flagged to catch up instead).
+//! - The task records each request in the *desired* set at once, whatever the connections'
+//!   state. A subscribe resolves when the shard that owns the user's slot has confirmed it;
+//!   while that connection is down, after the reconnect. The caller gives up after
+//!   `store_timeout` (`Unavailable`), but the request stays in the desired set: it is withdrawn by
+//!   an `unsubscribe`, which the hub sends when a join fails. An unsubscribe resolves at once.
+//! - A drop is seen when the connection ends (EOF or a reset, e.g. after `CLIENT KILL TYPE
+//!   pubsub` or a Redis restart), or when a `PING` sent after 10 s of silence goes unanswered
+//!   for `store_timeout`. The shard reconnects with jittered exponential backoff (50 ms doubling
+//!   to 2 s), subscribes its users again, and only then sends them `LiveEvent::ResyncUsers`:
+//!   anything published while it was away was missed.
+//! - In cluster mode (`SSUBSCRIBE`, sharded pub/sub), the task reads the slot map every 5 s, and
+//!   within 250 ms after a sign that it moved: an unsolicited `sunsubscribe`, a `MOVED` answer,
+//!   a dropped shard. Users whose slot changed owner are subscribed at the new one and resynced.
+//! - Messages go straight from each connection's reader to the hub's sink
+//!   (`Engine::set_live_sink`): no channel and no task hop between the socket and the sessions'
+//!   queues. The sink never waits (a session whose queue is full is flagged to catch up
+//!   instead).
 
 mod backoff;
+mod conn;
 mod task;
 
 use std::sync::{Arc, OnceLock};
@@ -28,7 +34,9 @@ use futures_util::future::BoxFuture;
 use tokio::sync::{mpsc, oneshot};
 
 use crate::engine::{EngineError, LiveSink};
+pub(crate) use conn::Connector;
 use task::LiveTask;
+pub(crate) use task::{Source, TopologyReader};
 
 /// Handle to the live task; the task stops when this is dropped.
 pub(crate) struct LiveBus {
@@ -47,10 +55,22 @@ struct Request {
 
 impl LiveBus {
     /// Starts the live task (inside the current Tokio runtime).
-    pub fn start(client: redis::Client, keys: Keys, store_timeout: Duration) -> LiveBus {
+    pub fn start(
+        source: Source,
+        connector: Connector,
+        keys: Keys,
+        store_timeout: Duration,
+    ) -> LiveBus {
         let (requests, requests_rx) = mpsc::unbounded_channel();
         let sink = Arc::new(OnceLock::new());
-        let task = LiveTask::new(client, keys, store_timeout, requests_rx, Arc::clone(&sink));
+        let task = LiveTask::new(
+            source,
+            connector,
+            keys,
+            store_timeout,
+            requests_rx,
+            Arc::clone(&sink),
+        );
         tokio::spawn(task.run());
         LiveBus {
             requests,

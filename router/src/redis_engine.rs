@@ -1,7 +1,12 @@
-//! The Redis engine: the cluster's shared truth. Store commands go through a few shared,
-//! pipelined connections (`lanes.rs`), each bounded by `store_timeout`; live delivery goes
-//! through one dedicated pub/sub connection (`pubsub.rs`); the store watchdog's checks have a
-//! connection of their own.
+//! The Redis engine: the cluster's shared truth, on a standalone Redis or a Redis Cluster. Store
+//! commands go through a few shared, pipelined connections (`lanes.rs`), each bounded by
+//! `store_timeout`; live delivery goes through dedicated pub/sub connections, one per shard
+//! (`pubsub.rs`); the store watchdog's checks have a connection of their own.
+//!
+//! On a cluster every key of a user shares one hash tag, so each command and script touches one
+//! slot and goes to the primary that owns it; nothing is ever read from a replica (a replica's
+//! stale head would look like data loss). Appends publish with `SPUBLISH` and the live bus
+//! subscribes with `SSUBSCRIBE` on the shard of each user.
 //!
 //! Every read, trim and position check is a script that first checks the session's `Position`
 //! against the inbox (`script.rs`), so nothing is read or trimmed on the strength of a position
@@ -18,21 +23,26 @@ use std::time::Duration;
 
 use ferry_shared::{KeyKind, Keys, UserId, UserKey};
 use futures_util::future::BoxFuture;
+use futures_util::future::join_all;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
-use redis::{Cmd, RedisWrite, ToRedisArgs, Value};
+use redis::cluster_async::ClusterConnection;
+use redis::cluster_routing::{RoutingInfo, SingleNodeRoutingInfo};
+use redis::{Cmd, ConnectionAddr, RedisWrite, ToRedisArgs, Value};
 use tokio::sync::oneshot;
 use tokio::time::Instant;
 
 use crate::audit::{Appended, JOURNAL_CAP, Journal};
+use crate::cluster::{NodeAddr, SlotMap, slot_of_user};
 use crate::engine::{
     AppendOutcome, Checked, Engine, EngineError, EngineOptions, InboxState, LiveSink, NewMessage,
     Opened, Page, Position, StoreReport, Stored,
 };
 use crate::epoch::new_epoch_bytes;
-use crate::lanes::{Durability, Lanes, LuaScript, redis_error};
+use crate::lanes::{Conn, Durability, Lanes, LuaScript, redis_error};
 use crate::metrics::{self, StoreOp};
-use crate::pubsub::LiveBus;
+use crate::pubsub::{Connector, LiveBus, Source, TopologyReader};
 use crate::record::{decode_stored, encode_payload};
+use crate::redis_target::RedisTarget;
 use crate::script::{
     SCRIPTS, VoidReason, int, parse_append, parse_checked, parse_open, parse_state, string,
 };
@@ -40,12 +50,12 @@ use crate::script::{
 /// Dedupe keys per audit script call, so one call never blocks Redis for long.
 const AUDIT_KEYS_PER_CALL: usize = 512;
 
-/// An engine on a standalone Redis (7 or later).
+/// An engine on a standalone Redis or a Redis Cluster (7 or later).
 pub struct RedisEngine {
     /// What the `'static` futures of its operations share.
     core: Arc<Core>,
     /// The store watchdog's own connection (`ping`, `check`).
-    watch: ConnectionManager,
+    watch: Watch,
     /// The pub/sub task's handle; dropping the engine stops the task.
     live: LiveBus,
 }
@@ -53,6 +63,8 @@ pub struct RedisEngine {
 /// The lanes, the names and the audit state.
 struct Core {
     lanes: Lanes,
+    /// On a Redis Cluster: commands are routed by the slot of their user.
+    cluster: bool,
     /// Lanes `0..append_lanes` carry appends (by sender), the rest everything else (by
     /// recipient), so catch-up reads and acks never queue behind a flood of appends.
     append_lanes: usize,
@@ -62,10 +74,21 @@ struct Core {
     store: Mutex<StoreIdentity>,
 }
 
+/// The watchdog's connection.
+enum Watch {
+    Single(ConnectionManager),
+    /// A cluster connection, and a seed's address (for a slot map that leaves a host out).
+    Cluster {
+        conn: ClusterConnection,
+        seed: NodeAddr,
+    },
+}
+
 #[derive(Default)]
 struct StoreIdentity {
-    /// Redis's `run_id` at the last check: a new one means a restart or a failover.
-    run_id: Option<String>,
+    /// The primaries' `run_id`s at the last check: one never seen before means a restart or a
+    /// failover.
+    run_ids: Option<Vec<String>>,
     /// An audit is due (the run id changed) or running.
     audit_due: bool,
     audit_running: bool,
@@ -91,45 +114,72 @@ impl ToRedisArgs for NewEpoch {
 }
 
 impl RedisEngine {
-    /// Prepares the engine on `url` with `connections` pipelined store connections (at least 2:
-    /// appends and the rest have their own). Nothing is connected yet (no I/O happens here): a
-    /// Redis that is down now makes commands fail with `Unavailable` until it is back, and the
-    /// pub/sub task keeps retrying with backoff. Fails only on a malformed URL (`Internal`), or
-    /// outside a Tokio runtime. `rediss://` is refused as malformed until a TLS feature of the
-    /// redis crate is enabled.
-    ///
-    /// Live subscriptions: `subscribe` resolves once Redis confirmed it, which after a pub/sub drop
-    /// is after the reconnect; if that takes longer than `store_timeout` it fails with
-    /// `Unavailable` but stays requested until `unsubscribe` (the hub withdraws a failed join).
-    /// After every reconnect the engine resubscribes every requested user, then emits
-    /// `LiveEvent::Resync`. See `pubsub.rs`.
+    /// Prepares the engine on a standalone Redis at `url`: `connect_to` with the URL alone.
     pub async fn connect(
         url: &str,
         options: EngineOptions,
         connections: usize,
     ) -> Result<RedisEngine, EngineError> {
-        // The URL may carry a password: errors name the problem, never the URL.
-        let client = redis::Client::open(url)
-            .map_err(|e| EngineError::Internal(format!("invalid Redis URL: {e}")))?;
+        Self::connect_to(&RedisTarget::standalone(url), options, connections).await
+    }
+
+    /// Prepares the engine on `target` with `connections` pipelined store connections (at least
+    /// 2: appends and the rest have their own). Nothing is connected yet (no I/O happens here
+    /// but reading the TLS files): a Redis that is down now makes commands fail with
+    /// `Unavailable` until it is back, and the pub/sub connections keep retrying with backoff.
+    /// Fails only on settings that cannot work (`Internal`: a malformed URL, unreadable
+    /// certificates), or outside a Tokio runtime.
+    ///
+    /// Live subscriptions: `subscribe` resolves once Redis confirmed it, which after a pub/sub drop
+    /// is after the reconnect; if that takes longer than `store_timeout` it fails with
+    /// `Unavailable` but stays requested until `unsubscribe` (the hub withdraws a failed join).
+    /// After every reconnect or slot move the engine resubscribes the users concerned, then emits
+    /// `LiveEvent::ResyncUsers` for them. See `pubsub.rs`.
+    pub async fn connect_to(
+        target: &RedisTarget,
+        options: EngineOptions,
+        connections: usize,
+    ) -> Result<RedisEngine, EngineError> {
         if tokio::runtime::Handle::try_current().is_err() {
             return Err(EngineError::Internal(
                 "RedisEngine::connect must be called inside a Tokio runtime".into(),
             ));
         }
+        let resolved = target.resolve()?;
         let connections = connections.max(2);
-        let lanes = Lanes::start(&client, connections, options.store_timeout)?;
-        let watch_config = ConnectionManagerConfig::new()
-            .set_connection_timeout(Some(options.store_timeout))
-            .set_response_timeout(Some(options.store_timeout))
-            .set_number_of_retries(1)
-            .set_max_delay(Duration::from_secs(1));
-        let watch = ConnectionManager::new_lazy_with_config(client.clone(), watch_config)
-            .map_err(|e| EngineError::Internal(format!("cannot set up a connection: {e}")))?;
+        let timeout = options.store_timeout;
         let keys = Keys::new(options.key_prefix.clone());
-        let live = LiveBus::start(client, keys.clone(), options.store_timeout);
+        let seed = node_addr(resolved.nodes[0].addr());
+        let connector = Connector::new(
+            &resolved.nodes[0],
+            resolved.tls.as_ref().map(|tls| Arc::clone(&tls.config)),
+            timeout,
+        );
+        let (lanes, watch, live) = if resolved.cluster {
+            let client = resolved.cluster_client(timeout)?;
+            let lanes = Lanes::start(connections, timeout, || Ok(Conn::cluster(&client)))?;
+            let conn = client
+                .get_pending_async_connection_with_config(redis::cluster::ClusterConfig::new());
+            let topology = topology_reader(conn.clone(), seed.clone());
+            let live = LiveBus::start(Source::Cluster(topology), connector, keys.clone(), timeout);
+            (lanes, Watch::Cluster { conn, seed }, live)
+        } else {
+            let client = resolved.client()?;
+            let lanes = Lanes::start(connections, timeout, || Conn::single(&client, timeout))?;
+            let watch_config = ConnectionManagerConfig::new()
+                .set_connection_timeout(Some(timeout))
+                .set_response_timeout(Some(timeout))
+                .set_number_of_retries(1)
+                .set_max_delay(Duration::from_secs(1));
+            let watch = ConnectionManager::new_lazy_with_config(client, watch_config)
+                .map_err(|e| EngineError::Internal(format!("cannot set up a connection: {e}")))?;
+            let live = LiveBus::start(Source::Standalone(seed), connector, keys.clone(), timeout);
+            (lanes, Watch::Single(watch), live)
+        };
         metrics::init();
         let core = Arc::new(Core {
             lanes,
+            cluster: resolved.cluster,
             append_lanes: connections / 2,
             keys,
             journal: Mutex::new(Journal::new(options.audit_window, JOURNAL_CAP)),
@@ -139,46 +189,101 @@ impl RedisEngine {
         Ok(RedisEngine { core, watch, live })
     }
 
-    /// Reads the store's run id and eviction policy (`INFO server memory`).
-    async fn info(&self) -> Result<(String, StoreReport), EngineError> {
+    /// Reads every primary's run id and eviction policy (`INFO server memory`), and marks each
+    /// shard up or down (`ferry_store_shard_up`). Fails when any primary does not answer, or a
+    /// slot has no primary (the cluster is failing over or down).
+    async fn info(&self) -> Result<(Vec<String>, StoreReport), EngineError> {
         let mut cmd = redis::cmd("INFO");
         cmd.arg("server").arg("memory");
-        let mut conn = self.watch.clone();
-        let value = conn.send_packed_command(&cmd).await.map_err(redis_error)?;
-        let info = string(&value)
-            .ok_or_else(|| EngineError::Internal("INFO answered a non-string".into()))?;
-        let field = |name: &str| {
-            info.lines()
-                .find_map(|l| l.strip_prefix(name)?.strip_prefix(':'))
-                .map(|v| v.trim().to_string())
-        };
-        let run_id = field("run_id").unwrap_or_default();
-        let policy = field("maxmemory_policy");
-        let may_evict = policy.as_deref().is_some_and(|p| p != "noeviction");
-        Ok((
-            run_id,
-            StoreReport {
-                eviction_policy: policy,
-                may_evict,
-            },
-        ))
+        let answers = self.on_every_primary(&cmd).await?;
+        let mut run_ids = Vec::with_capacity(answers.len());
+        let mut report = StoreReport::default();
+        for value in answers {
+            let info = string(&value)
+                .ok_or_else(|| EngineError::Internal("INFO answered a non-string".into()))?;
+            let field = |name: &str| {
+                info.lines()
+                    .find_map(|l| l.strip_prefix(name)?.strip_prefix(':'))
+                    .map(|v| v.trim().to_string())
+            };
+            run_ids.push(field("run_id").unwrap_or_default());
+            let policy = field("maxmemory_policy");
+            if policy.as_deref().is_some_and(|p| p != "noeviction") {
+                report.may_evict = true;
+                report.eviction_policy = policy;
+            } else if report.eviction_policy.is_none() {
+                report.eviction_policy = policy;
+            }
+        }
+        Ok((run_ids, report))
     }
 
-    /// Notes the store's run id; when it changed, starts the audit of recent appends.
-    fn observe_run_id(&self, run_id: String) {
+    /// Runs `cmd` on every primary (the standalone server, or each shard's primary by the
+    /// cluster's current slot map) at once; their answers. Sets each shard's
+    /// `ferry_store_shard_up`.
+    async fn on_every_primary(&self, cmd: &Cmd) -> Result<Vec<Value>, EngineError> {
+        match &self.watch {
+            Watch::Single(conn) => {
+                let answer = conn.clone().send_packed_command(cmd).await;
+                metrics::STORE_SHARD_UP
+                    .with_label_values(&["slots-0"])
+                    .set(i64::from(answer.is_ok()));
+                Ok(vec![answer.map_err(redis_error)?])
+            }
+            Watch::Cluster { conn, seed } => {
+                let map = read_slot_map(conn.clone(), seed.clone())
+                    .await
+                    .map_err(EngineError::Unavailable)?;
+                let primaries = map.primaries();
+                let asked = primaries.iter().map(|node| {
+                    let route = RoutingInfo::SingleNode(SingleNodeRoutingInfo::ByAddress {
+                        host: node.host.clone(),
+                        port: node.port,
+                    });
+                    let mut conn = conn.clone();
+                    let cmd = cmd.clone();
+                    async move { conn.route_command(cmd, route).await }
+                });
+                let mut answers = Vec::with_capacity(primaries.len());
+                let mut down = None;
+                for (node, answer) in primaries.iter().zip(join_all(asked).await) {
+                    let label = map.shard_label(node);
+                    metrics::STORE_SHARD_UP
+                        .with_label_values(&[&label])
+                        .set(i64::from(answer.is_ok()));
+                    match answer {
+                        Ok(value) => answers.push(value),
+                        Err(e) => down = Some(format!("shard {label} ({node}): {e}")),
+                    }
+                }
+                if let Some(down) = down {
+                    return Err(EngineError::Unavailable(down));
+                }
+                if !map.is_complete() {
+                    return Err(EngineError::Unavailable(
+                        "some slots have no primary: the cluster is failing over or down".into(),
+                    ));
+                }
+                Ok(answers)
+            }
+        }
+    }
+
+    /// Notes the primaries' run ids; when one was never seen before (a restart, or a replica
+    /// promoted), starts the audit of recent appends.
+    fn observe_run_ids(&self, run_ids: Vec<String>) {
         let start = {
             let mut store = lock(&self.core.store);
-            match &store.run_id {
-                Some(seen) if *seen != run_id => {
-                    tracing::warn!(
-                        "the store restarted or failed over (new run id); auditing this node's \
-                         recent appends"
-                    );
-                    store.audit_due = true;
-                }
-                _ => {}
+            if let Some(seen) = &store.run_ids
+                && run_ids.iter().any(|id| !seen.contains(id))
+            {
+                tracing::warn!(
+                    "the store restarted or failed over (a new run id); auditing this node's \
+                     recent appends"
+                );
+                store.audit_due = true;
             }
-            store.run_id = Some(run_id);
+            store.run_ids = Some(run_ids);
             let start = store.audit_due && !store.audit_running;
             store.audit_running |= start;
             start
@@ -189,9 +294,50 @@ impl RedisEngine {
     }
 }
 
+/// A node's address from its connection settings.
+fn node_addr(addr: &ConnectionAddr) -> NodeAddr {
+    match addr {
+        ConnectionAddr::Tcp(host, port) | ConnectionAddr::TcpTls { host, port, .. } => NodeAddr {
+            host: host.clone(),
+            port: *port,
+        },
+        // Refused by `RedisTarget::resolve`.
+        _ => NodeAddr {
+            host: String::new(),
+            port: 0,
+        },
+    }
+}
+
+/// Reads the cluster's slot map through `conn` (from any node).
+async fn read_slot_map(mut conn: ClusterConnection, seed: NodeAddr) -> Result<SlotMap, String> {
+    let mut cmd = redis::cmd("CLUSTER");
+    cmd.arg("SLOTS");
+    let route = RoutingInfo::SingleNode(SingleNodeRoutingInfo::Random);
+    let value = conn
+        .route_command(cmd, route)
+        .await
+        .map_err(|e| format!("CLUSTER SLOTS failed: {e}"))?;
+    SlotMap::parse(&value, &seed)
+}
+
+/// The live bus's way to read the slot map.
+fn topology_reader(conn: ClusterConnection, seed: NodeAddr) -> TopologyReader {
+    Arc::new(move || Box::pin(read_slot_map(conn.clone(), seed.clone())))
+}
+
 impl Core {
     fn key<'a>(&'a self, user: &'a UserId, kind: KeyKind<'a>) -> Key<'a> {
         Key(self.keys.key(user, kind))
+    }
+
+    /// The slot of `user`'s keys (0 on a standalone Redis, where it does not matter).
+    fn slot(&self, user: &UserId) -> u16 {
+        if self.cluster {
+            slot_of_user(&self.keys, user)
+        } else {
+            0
+        }
     }
 
     /// The append lane of `sender`: all its appends in one FIFO.
@@ -223,17 +369,23 @@ impl Core {
         for arg in extra {
             cmd.arg(*arg);
         }
-        self.submit(self.inbox_lane(user), cmd, script)
+        self.submit(user, cmd, script)
     }
 
+    /// Queues a script call about `user`'s inbox on its lane.
     fn submit(
         &self,
-        lane: usize,
+        user: &UserId,
         cmd: Cmd,
         script: &'static LuaScript,
     ) -> oneshot::Receiver<Result<Value, EngineError>> {
-        self.lanes
-            .submit(lane, cmd, Some(script), Durability::Primary)
+        self.lanes.submit(
+            self.inbox_lane(user),
+            self.slot(user),
+            cmd,
+            Some(script),
+            Durability::Primary,
+        )
     }
 
     /// Moves an undecodable member out of `user`'s inbox into its quarantine set.
@@ -245,7 +397,7 @@ impl Core {
             .arg(member)
             .arg(seq)
             .arg(millis(self.options.inbox_ttl));
-        let answer = self.submit(self.inbox_lane(user), cmd, script);
+        let answer = self.submit(user, cmd, script);
         let moved = timed(StoreOp::Repair, self.options.store_timeout, async {
             Ok(int(&received(answer).await?) == Some(1))
         })
@@ -428,7 +580,7 @@ async fn audit_chunk(
     for entry in chunk {
         cmd.arg(entry.seq);
     }
-    let answer = core.submit(core.inbox_lane(user), cmd, script);
+    let answer = core.submit(user, cmd, script);
     timed(StoreOp::Repair, core.options.store_timeout, async {
         match received(answer).await? {
             Value::Array(items) => match items.as_slice() {
@@ -467,15 +619,20 @@ impl Engine for RedisEngine {
             .arg(millis(core.options.dedupe_window))
             .arg(millis(core.options.inbox_ttl))
             .arg(core.key(&msg.to, KeyKind::Live))
-            .arg(if replicas > 0 { "1" } else { "0" });
+            .arg(if replicas > 0 { "1" } else { "0" })
+            .arg(if core.cluster { "1" } else { "0" });
         let durability = if replicas > 0 {
             Durability::Replicas(replicas)
         } else {
             Durability::Primary
         };
-        let answer = core
-            .lanes
-            .submit(core.append_lane(&msg.from), cmd, Some(script), durability);
+        let answer = core.lanes.submit(
+            core.append_lane(&msg.from),
+            core.slot(&msg.to),
+            cmd,
+            Some(script),
+            durability,
+        );
         let core = Arc::clone(core);
         let (to, from, id) = (msg.to.clone(), msg.from.clone(), msg.id.clone());
         Box::pin(async move {
@@ -588,7 +745,7 @@ impl Engine for RedisEngine {
             .arg(millis(core.options.inbox_ttl))
             .arg(claimed_epoch)
             .arg(last_seq);
-        let answer = core.submit(core.inbox_lane(user), cmd, script);
+        let answer = core.submit(user, cmd, script);
         let (user, timeout) = (user.clone(), core.options.store_timeout);
         Box::pin(timed(StoreOp::Open, timeout, async move {
             let (state, stamp, ended, adopted) = parse_open(&received(answer).await?)?;
@@ -615,9 +772,13 @@ impl Engine for RedisEngine {
         cmd.arg(core.key(user, KeyKind::Meta))
             .arg("epoch")
             .arg("seq");
-        let answer = core
-            .lanes
-            .submit(core.inbox_lane(user), cmd, None, Durability::Primary);
+        let answer = core.lanes.submit(
+            core.inbox_lane(user),
+            core.slot(user),
+            cmd,
+            None,
+            Durability::Primary,
+        );
         Box::pin(timed(
             StoreOp::State,
             core.options.store_timeout,
@@ -636,7 +797,7 @@ impl Engine for RedisEngine {
         cmd.arg(core.key(user, KeyKind::Meta))
             .arg(epoch)
             .arg(NewEpoch);
-        let answer = core.submit(core.inbox_lane(user), cmd, script);
+        let answer = core.submit(user, cmd, script);
         let (user, timeout) = (user.clone(), core.options.store_timeout);
         Box::pin(timed(StoreOp::Position, timeout, async move {
             let ended = int(&received(answer).await?) == Some(1);
@@ -663,23 +824,17 @@ impl Engine for RedisEngine {
         Box::pin(timed(
             StoreOp::Ping,
             self.core.options.store_timeout,
-            async move {
-                let mut conn = self.watch.clone();
-                conn.send_packed_command(&redis::cmd("PING"))
-                    .await
-                    .map(|_| ())
-                    .map_err(redis_error)
-            },
+            async move { self.on_every_primary(&redis::cmd("PING")).await.map(|_| ()) },
         ))
     }
 
     fn check(&self) -> BoxFuture<'_, Result<StoreReport, EngineError>> {
         Box::pin(async move {
-            let (run_id, report) =
+            let (run_ids, report) =
                 timed(StoreOp::Check, self.core.options.store_timeout, self.info()).await?;
             metrics::STORE_MAY_EVICT.set(i64::from(report.may_evict));
-            if !run_id.is_empty() {
-                self.observe_run_id(run_id);
+            if run_ids.iter().all(|id| !id.is_empty()) {
+                self.observe_run_ids(run_ids);
             }
             Ok(report)
         })

@@ -53,7 +53,8 @@ end
 
 /// KEYS: inbox, meta, dedupe.
 /// ARGV: payload, max_inbox, new epoch, dedupe window (ms), inbox ttl (ms), live channel, `1` when
-/// replicas must acknowledge (a duplicate then writes too, so that `WAIT` covers the original).
+/// replicas must acknowledge (a duplicate then writes too, so that `WAIT` covers the original),
+/// `1` on a Redis Cluster (publish with `SPUBLISH`, to the shard's subscribers only).
 /// Returns `{0, seq, epoch, adopted}` stored, `{1, seq}` duplicate, `{2}` inbox full.
 ///
 /// - The epoch is created if absent. A new incarnation adopts whatever inbox is left under the
@@ -97,7 +98,11 @@ redis.call('ZADD', KEYS[1], seq, member)
 redis.call('SET', KEYS[3], seq, 'PX', ARGV[4])
 redis.call('PEXPIRE', KEYS[1], ARGV[5])
 redis.call('PEXPIRE', KEYS[2], ARGV[5])
-redis.call('PUBLISH', ARGV[6], epoch .. ':' .. member)
+if ARGV[8] == '1' then
+  redis.call('SPUBLISH', ARGV[6], epoch .. ':' .. member)
+else
+  redis.call('PUBLISH', ARGV[6], epoch .. ':' .. member)
+end
 return {0, seq, epoch, adopted}
 "#;
 

@@ -104,16 +104,17 @@ on_both_engines!(
     live_overflow_resyncs_then_resumes,
     tiny_live_buffer(),
     |engine| async move {
-        let mut events = live_events(&*engine);
+        let (mut events, gate) = gated_live_events(&*engine);
         engine.subscribe(&user("bob")).await.unwrap();
         fill(&*engine, "bob", "m", 6).await;
+        gate.open();
         // Whatever was left out is announced by a resync before anything newer arrives live.
         let mut seen = Vec::new();
         let mut resynced = false;
         while !resynced && seen.last() != Some(&6) {
             match next_event(&mut events).await {
                 LiveEvent::Message { live, .. } => seen.push(live.entry.seq()),
-                LiveEvent::Resync => resynced = true,
+                LiveEvent::Resync | LiveEvent::ResyncUsers(_) => resynced = true,
             }
         }
         assert!(seen.windows(2).all(|w| w[0] < w[1]), "in order: {seen:?}");
@@ -122,15 +123,19 @@ on_both_engines!(
             "lost without a resync: {seen:?}"
         );
         if engine.name() == "embedded" {
-            // The embedded bus hands events over inside append, so the overflow is certain.
-            assert!(resynced && seen == [1, 2], "{seen:?}");
+            // Nothing got past the sink while the six appends went in: the embedded bus's
+            // buffer of two (and the one event its forwarder may hold) overflowed for certain.
+            assert!(
+                resynced && (seen == [1, 2] || seen == [1, 2, 3]),
+                "{seen:?}"
+            );
         }
         stored(&*engine, &message("alice", "bob", "after", b"x")).await;
         loop {
             match next_event(&mut events).await {
                 LiveEvent::Message { live, .. } if live.entry.seq() == 7 => break,
                 LiveEvent::Message { live, .. } => assert!(live.entry.seq() < 7),
-                LiveEvent::Resync => {}
+                LiveEvent::Resync | LiveEvent::ResyncUsers(_) => {}
             }
         }
     }

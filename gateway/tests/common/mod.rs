@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use ferry_gateway::Config;
 use ferry_gateway::auth::Authenticator;
-use ferry_router::testkit::{RedisOptions, RedisServer};
+use ferry_router::testkit::{RedisCluster, RedisOptions, RedisServer};
 use ferry_shared::client::{Client, ClientConfig, Event, Events, RawConnection, RawEvent};
 use ferry_shared::{ClientFrame, ServerFrame, UserId};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -24,22 +24,43 @@ pub const WAIT: Duration = Duration::from_secs(10);
 pub enum EngineKind {
     Embedded,
     Redis,
+    /// The process's shared 3 × 1 Redis Cluster (`RedisCluster::shared()`), under a key prefix
+    /// of the gateway's own.
+    RedisCluster,
 }
 
 /// Runs the same async test body on both engines, as `<name>::embedded` and `<name>::redis`.
 #[macro_export]
 macro_rules! both_engines {
     ($(async fn $name:ident($kind:ident: EngineKind) $body:block)*) => {$(
+        $crate::engine_tests! { [embedded: Embedded, redis: Redis]
+            async fn $name($kind: EngineKind) $body }
+    )*};
+}
+
+/// `both_engines!` plus a third test, `<name>::redis_cluster`, on a Redis Cluster.
+#[macro_export]
+macro_rules! every_engine {
+    ($(async fn $name:ident($kind:ident: EngineKind) $body:block)*) => {$(
+        $crate::engine_tests! { [embedded: Embedded, redis: Redis, redis_cluster: RedisCluster]
+            async fn $name($kind: EngineKind) $body }
+    )*};
+}
+
+/// `mod <name>` with one test per `<test>: <EngineKind variant>` pair, each running the body.
+#[macro_export]
+macro_rules! engine_tests {
+    ([$($test:ident: $variant:ident),*] async fn $name:ident($kind:ident: EngineKind) $body:block) => {
         mod $name {
             #[allow(unused_imports)]
             use super::*;
             async fn body($kind: EngineKind) $body
-            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-            async fn embedded() { body(EngineKind::Embedded).await }
-            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-            async fn redis() { body(EngineKind::Redis).await }
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $test() { body(EngineKind::$variant).await }
+            )*
         }
-    )*};
+    };
 }
 
 /// A running gateway. Dropping it stops the gateway task and the Redis it started.
@@ -72,6 +93,15 @@ impl TestGateway {
         let redis = match kind {
             EngineKind::Redis => Some(RedisServer::start()),
             EngineKind::Embedded => None,
+            EngineKind::RedisCluster => {
+                let cluster = RedisCluster::shared();
+                let mut config = test_config();
+                config.redis_url = Some(cluster.seed_urls().join(",").into());
+                config.redis_cluster = true;
+                config.key_prefix = ferry_router::testkit::unique_prefix();
+                tweak(&mut config);
+                return Self::launch(kind, None, config).await;
+            }
         };
         Self::start_on(kind, redis, tweak).await
     }
@@ -93,7 +123,7 @@ impl TestGateway {
         tweak: impl FnOnce(&mut Config),
     ) -> Self {
         let mut config = test_config();
-        config.redis_url = redis.as_ref().map(RedisServer::url);
+        config.redis_url = redis.as_ref().map(|r| r.url().into());
         tweak(&mut config);
         Self::launch(kind, redis, config).await
     }
@@ -147,6 +177,23 @@ impl TestGateway {
         self.redis
             .as_ref()
             .expect("this test gateway runs on Redis")
+    }
+
+    /// Runs one command on the Redis node that holds `key` (its slot's primary on a cluster).
+    pub fn store_cmd(&self, key: &str, args: &[&str]) -> redis::Value {
+        match self.kind {
+            EngineKind::RedisCluster => {
+                let cluster = RedisCluster::shared();
+                let port = cluster.primary_for_slot(cluster.slot_of(key));
+                cluster.node_by_port(port).cmd(args)
+            }
+            _ => self.redis().cmd(args),
+        }
+    }
+
+    /// A key of `user` under this gateway's prefix, e.g. `key("bob", "inbox")`.
+    pub fn key(&self, user: &str, suffix: &str) -> String {
+        format!("{}:{{u:{user}}}:{suffix}", self.config.key_prefix)
     }
 
     pub fn redis_mut(&mut self) -> &mut RedisServer {

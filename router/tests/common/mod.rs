@@ -1,6 +1,8 @@
 //! Helpers shared by the router's integration tests: ids and messages, bounded waits, an engine
 //! wrapper that records subscriptions, and `on_both_engines!`, which runs one test body against
-//! the embedded engine and against a Redis engine on its own fresh `redis-server`.
+//! the embedded engine, against a Redis engine on its own fresh `redis-server`, and against a
+//! Redis engine in cluster mode on the process's shared Redis Cluster (under a prefix of its
+//! own).
 
 #![allow(dead_code, unused_macros)]
 
@@ -45,6 +47,26 @@ macro_rules! on_both_engines {
                 );
                 common::bounded($body).await;
                 drop(server);
+            }
+
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn redis_cluster() {
+                let cluster = ferry_router::testkit::RedisCluster::shared();
+                let target = ferry_router::RedisTarget {
+                    urls: cluster.seed_urls(),
+                    cluster: true,
+                    ..ferry_router::RedisTarget::default()
+                };
+                let options = ferry_router::EngineOptions {
+                    key_prefix: ferry_router::testkit::unique_prefix(),
+                    ..$options
+                };
+                let $engine: std::sync::Arc<dyn ferry_router::Engine> = std::sync::Arc::new(
+                    ferry_router::RedisEngine::connect_to(&target, options, 4)
+                        .await
+                        .expect("valid seed URLs"),
+                );
+                common::bounded($body).await;
             }
         }
     };
@@ -170,6 +192,36 @@ pub fn live_events(engine: &dyn Engine) -> mpsc::UnboundedReceiver<LiveEvent> {
     });
     engine.set_live_sink(sink);
     rx
+}
+
+/// Like `live_events`, but the sink holds every event until `Gate::open` is called: the engine's
+/// own buffering between its appends and the sink is then certain to fill up.
+pub fn gated_live_events(engine: &dyn Engine) -> (mpsc::UnboundedReceiver<LiveEvent>, Gate) {
+    let (tx, rx) = mpsc::unbounded_channel();
+    let gate = Gate::default();
+    let held = gate.clone();
+    let sink: LiveSink = Arc::new(move |event| {
+        held.wait();
+        let _ = tx.send(event);
+    });
+    engine.set_live_sink(sink);
+    (rx, gate)
+}
+
+/// A one-way gate threads wait at until it opens (at most `WAIT`).
+#[derive(Clone, Default)]
+pub struct Gate(Arc<(Mutex<bool>, std::sync::Condvar)>);
+
+impl Gate {
+    pub fn open(&self) {
+        *self.0.0.lock().unwrap() = true;
+        self.0.1.notify_all();
+    }
+
+    fn wait(&self) {
+        let open = self.0.0.lock().unwrap();
+        let _ = self.0.1.wait_timeout_while(open, WAIT, |open| !*open);
+    }
 }
 
 /// Opens `name`'s inbox without a claim: its (epoch, head).

@@ -1,5 +1,6 @@
-//! The `ferry-gateway` binary itself: it refuses to start without a JWT key unless `--dev`, and
-//! SIGTERM drains it to a clean exit. Stops only the process it started, by its PID.
+//! The `ferry-gateway` binary itself: it refuses to start without a JWT key unless `--dev`,
+//! SIGTERM drains it to a clean exit, and the Redis password is in neither `--help` nor the
+//! logs. Stops only the process it started, by its PID.
 
 use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, Stdio};
@@ -76,4 +77,73 @@ fn sigterm_drains_to_a_clean_exit() {
         rest.iter().any(|l| l.contains("drained")),
         "the drain was logged: {rest:?}"
     );
+}
+
+#[test]
+fn the_redis_password_stays_out_of_help_and_logs() {
+    const PASSWORD: &str = "hunter2-a9f3e1";
+    // A URL with a password, to a port where nothing listens: the gateway logs its store
+    // failures, and none of those lines may carry the password.
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let port = closed.local_addr().expect("addr").port();
+    drop(closed);
+    let url = format!("redis://ferry:{PASSWORD}@127.0.0.1:{port}/");
+
+    let help = gateway(&["--help"])
+        .env("FERRY_REDIS_URL", &url)
+        .output()
+        .expect("run --help");
+    assert!(help.status.success());
+    let text = String::from_utf8_lossy(&help.stdout);
+    assert!(
+        text.contains("--redis-url"),
+        "the help lists the flag: {text}"
+    );
+    assert!(
+        !text.contains(PASSWORD),
+        "--help shows the password: {text}"
+    );
+
+    let mut child = gateway(&[
+        "--dev",
+        "--listen",
+        "127.0.0.1:0",
+        "--admin-listen",
+        "127.0.0.1:0",
+        "--store-timeout",
+        "200ms",
+    ])
+    .env("FERRY_REDIS_URL", &url)
+    .env("FERRY_LOG", "debug")
+    .stdout(Stdio::piped())
+    .stderr(Stdio::piped())
+    .spawn()
+    .expect("start the gateway");
+    let stdout = child.stdout.take().expect("stdout");
+    let stderr = child.stderr.take().expect("stderr");
+    let read = |pipe: Box<dyn std::io::Read + Send>| {
+        std::thread::spawn(move || {
+            BufReader::new(pipe)
+                .lines()
+                .map_while(Result::ok)
+                .collect::<Vec<_>>()
+        })
+    };
+    let (out, err) = (read(Box::new(stdout)), read(Box::new(stderr)));
+    // Long enough for start-up, failed connections and a few watchdog rounds.
+    std::thread::sleep(Duration::from_secs(3));
+    let _ = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status();
+    wait_bounded(&mut child, Duration::from_secs(30));
+    let lines: Vec<String> = [out, err]
+        .into_iter()
+        .flat_map(|reader| reader.join().expect("reader"))
+        .collect();
+    assert!(
+        lines.iter().any(|l| l.contains(&port.to_string())),
+        "the logs name the Redis it tried: {lines:#?}"
+    );
+    let leaks: Vec<&String> = lines.iter().filter(|l| l.contains(PASSWORD)).collect();
+    assert!(leaks.is_empty(), "the password is in the logs: {leaks:#?}");
 }

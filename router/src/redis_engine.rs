@@ -23,16 +23,16 @@ use std::time::Duration;
 
 use ferry_shared::{KeyKind, Keys, UserId, UserKey};
 use futures_util::future::BoxFuture;
-use futures_util::future::join_all;
+use futures_util::future::{join_all, select_ok};
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::cluster_async::ClusterConnection;
-use redis::cluster_routing::{RoutingInfo, SingleNodeRoutingInfo};
+use redis::cluster_routing::{Route, RoutingInfo, SingleNodeRoutingInfo, SlotAddr};
 use redis::{Cmd, ConnectionAddr, RedisWrite, ToRedisArgs, Value};
 use tokio::sync::oneshot;
 use tokio::time::Instant;
 
 use crate::audit::{Appended, JOURNAL_CAP, Journal};
-use crate::cluster::{NodeAddr, SlotMap, slot_of_user};
+use crate::cluster::{NodeAddr, SLOTS, SlotMap, slot_of_user};
 use crate::engine::{
     AppendOutcome, Checked, Engine, EngineError, EngineOptions, InboxState, LiveSink, NewMessage,
     Opened, Page, Position, StoreReport, Stored,
@@ -310,12 +310,22 @@ fn node_addr(addr: &ConnectionAddr) -> NodeAddr {
 }
 
 /// Reads the cluster's slot map through `conn` (from any node).
-async fn read_slot_map(mut conn: ClusterConnection, seed: NodeAddr) -> Result<SlotMap, String> {
-    let mut cmd = redis::cmd("CLUSTER");
-    cmd.arg("SLOTS");
-    let route = RoutingInfo::SingleNode(SingleNodeRoutingInfo::Random);
-    let value = conn
-        .route_command(cmd, route)
+async fn read_slot_map(conn: ClusterConnection, seed: NodeAddr) -> Result<SlotMap, String> {
+    // Asked of primaries only, the owners of slots spread over the range, at once: a replica
+    // or a node that is down (frozen, failing over) must not stall the read.
+    let asked = [0, SLOTS / 3, 2 * SLOTS / 3, SLOTS - 1].map(|slot| {
+        let mut conn = conn.clone();
+        let route = RoutingInfo::SingleNode(SingleNodeRoutingInfo::SpecificNode(Route::new(
+            slot,
+            SlotAddr::Master,
+        )));
+        Box::pin(async move {
+            let mut cmd = redis::cmd("CLUSTER");
+            cmd.arg("SLOTS");
+            conn.route_command(cmd, route).await
+        })
+    });
+    let (value, _) = select_ok(asked)
         .await
         .map_err(|e| format!("CLUSTER SLOTS failed: {e}"))?;
     SlotMap::parse(&value, &seed)

@@ -317,3 +317,28 @@ fn announced_ports(slots: &redis::Value) -> Vec<u16> {
     }
     ports
 }
+
+#[test]
+fn slots_are_computed_as_redis_computes_them() {
+    // `slot_of` is the router's own function (crate::cluster::slot_of_key): checked here against
+    // the server, hash tags and their edge cases included.
+    let cluster = RedisCluster::shared();
+    let port = cluster.primaries()[0];
+    let mut keys: Vec<String> = (0..300)
+        .map(|i| format!("ferry:{{u:user{i}}}:meta"))
+        .collect();
+    keys.extend(
+        [
+            "", "a", "{}", "{}x", "x{}y", "{a}{b}", "{{a}}", "a{b", "a}b{c}", "é{ü}", "{u:Ω}",
+        ]
+        .map(String::from),
+    );
+    for key in &keys {
+        let redis = cluster.cli(port, &["CLUSTER", "KEYSLOT", key]);
+        assert_eq!(
+            redis,
+            cluster.slot_of(key).to_string(),
+            "the slot of {key:?}"
+        );
+    }
+}

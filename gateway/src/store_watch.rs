@@ -1,6 +1,8 @@
 //! The store watchdog: checks the store every `--store-check` and, when it has failed every check
 //! for `--store-outage-grace`, declares an outage: readiness fails and every session is asked to
-//! reconnect, so clients move to a node that still reaches the store. The first check that
+//! reconnect, so clients move to a node that still reaches the store. On a Redis Cluster a check
+//! fails only when no primary answers (this node is cut off); some shards down is logged and
+//! exported per shard (`ferry_store_shard_up`), not an outage, since every node sees the same. The first check that
 //! answers ends the outage. The check also reads the store's eviction policy (exported as
 //! `ferry_store_may_evict`, logged when it turns evicting) and lets the engine notice a store
 //! that restarted or failed over (the Redis engine then audits its recent appends).
@@ -76,6 +78,7 @@ pub async fn run(node: Arc<Node>, stop: CancellationToken) {
     ticks.set_missed_tick_behavior(MissedTickBehavior::Delay);
     let mut outage = Outage::new(node.config.store_outage_grace);
     let mut evicting = false;
+    let mut shards_down = false;
     loop {
         tokio::select! {
             () = stop.cancelled() => return,
@@ -93,6 +96,19 @@ pub async fn run(node: Arc<Node>, stop: CancellationToken) {
                         );
                     }
                     evicting = report.may_evict;
+                    // A partial outage of a Redis Cluster: every node sees the same, so moving
+                    // clients would not help; readiness stays, and the users of those shards
+                    // get `unavailable` until the cluster fails over.
+                    if !report.shards_down.is_empty() && !shards_down {
+                        tracing::warn!(
+                            down = ?report.shards_down,
+                            "Redis Cluster shards unreachable: their users' sends and reads are \
+                             unavailable until they fail over (readiness is kept)"
+                        );
+                    } else if report.shards_down.is_empty() && shards_down {
+                        tracing::info!("every Redis Cluster shard answers again");
+                    }
+                    shards_down = !report.shards_down.is_empty();
                     true
                 }
                 _ => false,

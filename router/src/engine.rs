@@ -185,6 +185,10 @@ pub struct StoreReport {
     /// `noeviction` (with or without a memory limit now: one set later would make it evict).
     /// Eviction can take an inbox's `meta` or its messages.
     pub may_evict: bool,
+    /// On a Redis Cluster, the shards whose primary did not answer this check, and slots with
+    /// no primary at all (each with why): their users' commands are `unavailable` until the
+    /// cluster fails over. The check itself fails only when no primary answers.
+    pub shards_down: Vec<String>,
 }
 
 /// Where the engine hands its live events: the hub's dispatch, called from the engine's own task

@@ -196,9 +196,12 @@ impl RedisEngine {
         let mut cmd = redis::cmd("INFO");
         cmd.arg("server").arg("memory");
         let answers = self.on_every_primary(&cmd).await?;
-        let mut run_ids = Vec::with_capacity(answers.len());
-        let mut report = StoreReport::default();
-        for value in answers {
+        let mut run_ids = Vec::with_capacity(answers.values.len());
+        let mut report = StoreReport {
+            shards_down: answers.down,
+            ..StoreReport::default()
+        };
+        for value in answers.values {
             let info = string(&value)
                 .ok_or_else(|| EngineError::Internal("INFO answered a non-string".into()))?;
             let field = |name: &str| {
@@ -219,16 +222,20 @@ impl RedisEngine {
     }
 
     /// Runs `cmd` on every primary (the standalone server, or each shard's primary by the
-    /// cluster's current slot map) at once; their answers. Sets each shard's
-    /// `ferry_store_shard_up`.
-    async fn on_every_primary(&self, cmd: &Cmd) -> Result<Vec<Value>, EngineError> {
+    /// cluster's current slot map) at once. Sets each shard's `ferry_store_shard_up`. Fails if
+    /// no primary answered (or the slot map could not be read); a cluster's primaries that did
+    /// not answer, and slots without a primary, are listed in `down`.
+    async fn on_every_primary(&self, cmd: &Cmd) -> Result<Answers, EngineError> {
         match &self.watch {
             Watch::Single(conn) => {
                 let answer = conn.clone().send_packed_command(cmd).await;
                 metrics::STORE_SHARD_UP
                     .with_label_values(&["slots-0"])
                     .set(i64::from(answer.is_ok()));
-                Ok(vec![answer.map_err(redis_error)?])
+                Ok(Answers {
+                    values: vec![answer.map_err(redis_error)?],
+                    down: Vec::new(),
+                })
             }
             Watch::Cluster { conn, seed } => {
                 let map = read_slot_map(conn.clone(), seed.clone())
@@ -244,25 +251,30 @@ impl RedisEngine {
                     let cmd = cmd.clone();
                     async move { conn.route_command(cmd, route).await }
                 });
-                let mut answers = Vec::with_capacity(primaries.len());
-                let mut down = None;
+                let mut answers = Answers::default();
+                let mut last_error = None;
                 for (node, answer) in primaries.iter().zip(join_all(asked).await) {
                     let label = map.shard_label(node);
                     metrics::STORE_SHARD_UP
                         .with_label_values(&[&label])
                         .set(i64::from(answer.is_ok()));
                     match answer {
-                        Ok(value) => answers.push(value),
-                        Err(e) => down = Some(format!("shard {label} ({node}): {e}")),
+                        Ok(value) => answers.values.push(value),
+                        Err(e) => {
+                            answers.down.push(format!("{label} ({node}): {e}"));
+                            last_error = Some(redis_error(e));
+                        }
                     }
                 }
-                if let Some(down) = down {
-                    return Err(EngineError::Unavailable(down));
-                }
                 if !map.is_complete() {
-                    return Err(EngineError::Unavailable(
-                        "some slots have no primary: the cluster is failing over or down".into(),
-                    ));
+                    answers
+                        .down
+                        .push("slots without a primary (the cluster is failing over)".into());
+                }
+                if answers.values.is_empty() {
+                    return Err(last_error.unwrap_or_else(|| {
+                        EngineError::Unavailable("no primary in the slot map".into())
+                    }));
                 }
                 Ok(answers)
             }
@@ -310,6 +322,14 @@ fn node_addr(addr: &ConnectionAddr) -> NodeAddr {
 }
 
 /// Reads the cluster's slot map through `conn` (from any node).
+/// What the primaries answered to one command.
+#[derive(Default)]
+struct Answers {
+    values: Vec<Value>,
+    /// The shards that did not answer, each with why.
+    down: Vec<String>,
+}
+
 async fn read_slot_map(conn: ClusterConnection, seed: NodeAddr) -> Result<SlotMap, String> {
     // Asked of primaries only, the owners of slots spread over the range, at once: a replica
     // or a node that is down (frozen, failing over) must not stall the read.

@@ -311,12 +311,14 @@ impl LiveTask {
         }
     }
 
-    /// The shard of `addr`, created (to be connected) if new.
+    /// The shard of `addr`, created (to be connected) if new; a new shard's series reads 0
+    /// until it connects, so an alert on `== 0` sees a shard that never came up.
     fn shard(&mut self, addr: &NodeAddr) -> &mut Shard {
         let label = self.map.shard_label(addr);
-        self.shards
-            .entry(addr.clone())
-            .or_insert_with(|| Shard::new(label))
+        self.shards.entry(addr.clone()).or_insert_with(|| {
+            metrics::shard_connected(&label, false);
+            Shard::new(label)
+        })
     }
 
     // ---- events ----
@@ -765,7 +767,7 @@ impl LiveTask {
             return Vec::new();
         }
         let mut add: HashMap<u16, Vec<UserId>> = HashMap::new();
-        let mut remove = Vec::new();
+        let mut remove: HashMap<u16, Vec<UserId>> = HashMap::new();
         for user in std::mem::take(&mut shard.touched) {
             let wanted = self
                 .desired
@@ -773,7 +775,10 @@ impl LiveTask {
                 .filter(|slot| self.map.owner(**slot) == Some(addr));
             match (wanted, shard.subscribed.contains(&user)) {
                 (Some(slot), false) => add.entry(*slot).or_default().push(user),
-                (None, true) => remove.push(user),
+                (None, true) => {
+                    let slot = slot_of_user(&self.keys, &user);
+                    remove.entry(slot).or_default().push(user);
+                }
                 (Some(_), true) => {
                     for done in self.waiting.remove(&user).unwrap_or_default() {
                         let _ = done.send(());
@@ -802,18 +807,21 @@ impl LiveTask {
                 channels,
             });
         };
-        for chunk in remove.chunks(CHANNELS_PER_COMMAND) {
-            command(unsubscribe, chunk, false);
-        }
-        if sharded {
-            // One command per slot: Redis refuses channels of several slots in one.
-            for users in add.values() {
-                for chunk in users.chunks(CHANNELS_PER_COMMAND) {
-                    command(subscribe, chunk, true);
-                }
+        // Sharded: one command per slot, both ways (Redis refuses channels of several slots in
+        // one SSUBSCRIBE or SUNSUBSCRIBE with CROSSSLOT). Standalone: any mix.
+        let batches = |by_slot: HashMap<u16, Vec<UserId>>| -> Vec<Vec<UserId>> {
+            if sharded {
+                by_slot.into_values().collect()
+            } else {
+                vec![by_slot.into_values().flatten().collect()]
             }
-        } else {
-            let users: Vec<UserId> = add.into_values().flatten().collect();
+        };
+        for users in batches(remove) {
+            for chunk in users.chunks(CHANNELS_PER_COMMAND) {
+                command(unsubscribe, chunk, false);
+            }
+        }
+        for users in batches(add) {
             for chunk in users.chunks(CHANNELS_PER_COMMAND) {
                 command(subscribe, chunk, true);
             }

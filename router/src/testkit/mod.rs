@@ -354,3 +354,9 @@ pub fn unique_prefix() -> String {
         NEXT.fetch_add(1, Ordering::Relaxed)
     )
 }
+
+/// The Redis Cluster hash slot of `key` (CRC16 of the key, or of its `{hash tag}`, mod 16384):
+/// the router's own function.
+pub fn slot_of(key: &str) -> u16 {
+    crate::cluster::slot_of_key(key.as_bytes())
+}

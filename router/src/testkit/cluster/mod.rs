@@ -172,14 +172,14 @@ impl RedisCluster {
 
     /// The hash slot of `key`: CRC16 (XMODEM) of the key, or of its `{hash tag}`, mod 16384.
     pub fn slot_of(&self, key: &str) -> u16 {
-        crate::cluster::slot_of_key(key.as_bytes())
+        super::slot_of(key)
     }
 
     /// A hash tag (`{…}`, braces included) whose keys are all in `slot`.
     pub fn hash_tag_for_slot(&self, slot: u16) -> String {
         (0u64..)
             .map(|n| format!("{{t{n}}}"))
-            .find(|tag| crate::cluster::slot_of_key(tag.as_bytes()) == slot)
+            .find(|tag| super::slot_of(tag) == slot)
             .unwrap_or_else(|| unreachable!("every slot has a tag"))
     }
 

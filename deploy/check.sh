@@ -193,7 +193,8 @@ if pr.get("spec") != rules:
 want = {"FerryDeliveryLatencyHigh", "FerrySendErrorsHigh", "FerryRedisUnreachable",
         "FerryStoreErrors", "FerryPubSubReconnecting", "FerryCatchUpStorm",
         "FerrySessionsLagging", "FerryNodeNearConnectionCapacity", "FerryNoDeliveries",
-        "FerryStoreMayEvict", "FerryStoreLostData", "FerryAdmissionLimiting"}
+        "FerryStoreMayEvict", "FerryStoreLostData", "FerryAdmissionLimiting",
+        "FerryRedisShardDown", "FerryLiveShardDisconnected"}
 alerts = [r for g in rules["groups"] for r in g["rules"] if "alert" in r]
 names = {r["alert"] for r in alerts}
 if names != want:

@@ -58,6 +58,35 @@ async fn min_replicas_ack_waits_for_the_replica() {
     no_message(&mut bob, Duration::from_millis(300)).await;
 }
 
+// A connected recipient sees a message live only once the replicas have it: what it saw can
+// then not vanish in a failover to one of them (which would end its epoch: `reset`). The retry
+// that gets the write acknowledged publishes it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn min_replicas_ack_delivers_live_only_what_the_replica_has() {
+    let gw = TestGateway::start_with(EngineKind::Redis, |c| {
+        c.min_replicas_ack = 1;
+        c.store_timeout = Duration::from_millis(600);
+    })
+    .await;
+    let replica = gw.redis().start_replica();
+    let (alice, _events) = gw.client("alice").await;
+    let (mut bob, _) = gw.raw("bob").await;
+    alice.send("bob", "first", "x").await.expect("sent");
+    assert_eq!(raw_messages(&mut bob, 1).await, [(1, "first".to_string())]);
+
+    replica.pause();
+    let frozen = alice.send_once("bob", "second", "y").await;
+    assert!(is_unavailable(&frozen), "{frozen:?}");
+    no_message(&mut bob, Duration::from_millis(500)).await;
+    replica.resume();
+    let retried = alice.send("bob", "second", "y").await.expect("sent");
+    assert_eq!((retried.seq, retried.duplicate), (2, true));
+    assert_eq!(raw_messages(&mut bob, 1).await, [(2, "second".to_string())]);
+    // A message acknowledged at once is live at once.
+    alice.send("bob", "third", "z").await.expect("sent");
+    assert_eq!(raw_messages(&mut bob, 1).await, [(3, "third".to_string())]);
+}
+
 // Without any replica, nothing is answered `sent`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn min_replicas_ack_without_replicas_is_unavailable() {

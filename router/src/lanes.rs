@@ -150,8 +150,12 @@ impl Lanes {
 pub(crate) enum Conn {
     /// A standalone Redis.
     Single(ConnectionManager),
-    /// A Redis Cluster: commands go to the primary of their slot.
-    Cluster(ClusterConnection),
+    /// A Redis Cluster: commands go to the primary of their slot. The client makes a fresh
+    /// connection when this one stops answering.
+    Cluster {
+        conn: ClusterConnection,
+        client: Box<redis::cluster::ClusterClient>,
+    },
 }
 
 impl Conn {
@@ -171,10 +175,15 @@ impl Conn {
 
     /// A cluster connection (it connects on its first command).
     pub fn cluster(client: &redis::cluster::ClusterClient) -> Conn {
-        Conn::Cluster(
-            client.get_pending_async_connection_with_config(redis::cluster::ClusterConfig::new()),
-        )
+        Conn::Cluster {
+            conn: cluster_connection(client),
+            client: Box::new(client.clone()),
+        }
     }
+}
+
+fn cluster_connection(client: &redis::cluster::ClusterClient) -> ClusterConnection {
+    client.get_pending_async_connection_with_config(redis::cluster::ClusterConfig::new())
 }
 
 /// One lane's task.
@@ -235,9 +244,9 @@ impl Lane {
         match &mut self.conn {
             Conn::Single(conn) => {
                 let refs: Vec<&Job> = jobs.iter().collect();
-                pipeline(conn, &refs, timeout).await
+                pipeline(conn, &refs, timeout).await.0
             }
-            Conn::Cluster(conn) => {
+            Conn::Cluster { conn, client } => {
                 // One pipeline per slot, in the jobs' order within each, all at once.
                 let mut slots: Vec<(u16, Vec<usize>)> = Vec::new();
                 for (i, job) in jobs.iter().enumerate() {
@@ -256,10 +265,20 @@ impl Lane {
                 });
                 let mut answers: Vec<Option<Result<Value, EngineError>>> =
                     (0..jobs.len()).map(|_| None).collect();
-                for ((_, members), results) in slots.iter().zip(join_all(sent).await) {
+                let mut stuck = false;
+                for ((_, members), (results, timed_out)) in slots.iter().zip(join_all(sent).await) {
+                    stuck |= timed_out;
                     for (&i, result) in members.iter().zip(results) {
                         answers[i] = Some(result);
                     }
+                }
+                if stuck {
+                    // The crate's connection can stay wedged after a failover (seen in the
+                    // cluster-primary-kill fault scenario: a lane's pipelines, healthy shards'
+                    // included, timed out from the failover to the end of the run). A fresh
+                    // one rereads the slot map and connects to the current primaries.
+                    tracing::debug!("a cluster pipeline timed out; replacing the connection");
+                    *conn = cluster_connection(client);
                 }
                 answers
                     .into_iter()
@@ -308,12 +327,12 @@ impl PipelineTarget for SlotConn {
 }
 
 /// Sends `jobs` as one pipeline (ending with `WAIT` when one of them needs replicas); an answer
-/// per job, in order.
+/// per job, in order, and whether the pipeline went unanswered within `store_timeout`.
 async fn pipeline(
     target: &mut impl PipelineTarget,
     jobs: &[&Job],
     store_timeout: Duration,
-) -> Vec<Result<Value, EngineError>> {
+) -> (Vec<Result<Value, EngineError>>, bool) {
     let mut pipe = redis::pipe();
     let mut replicas = 0;
     for job in jobs {
@@ -335,15 +354,15 @@ async fn pipeline(
         Ok(Ok(values)) => {
             let e =
                 EngineError::Internal(format!("{} answers to a pipeline of {count}", values.len()));
-            return jobs.iter().map(|_| Err(e.clone())).collect();
+            return (jobs.iter().map(|_| Err(e.clone())).collect(), false);
         }
         Ok(Err(e)) => {
             let e = redis_error(e);
-            return jobs.iter().map(|_| Err(e.clone())).collect();
+            return (jobs.iter().map(|_| Err(e.clone())).collect(), false);
         }
         Err(_) => {
             let e = EngineError::Unavailable(format!("no answer within {store_timeout:?}"));
-            return jobs.iter().map(|_| Err(e.clone())).collect();
+            return (jobs.iter().map(|_| Err(e.clone())).collect(), true);
         }
     };
     let mut values = values.into_iter();
@@ -371,7 +390,7 @@ async fn pipeline(
             }
         }
     }
-    answers
+    (answers, false)
 }
 
 /// `EVALSHA <hash> <args…>` as `EVAL <body> <args…>`.

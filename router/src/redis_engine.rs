@@ -44,7 +44,8 @@ use crate::pubsub::{Connector, LiveBus, Source, TopologyReader};
 use crate::record::{decode_stored, encode_payload};
 use crate::redis_target::RedisTarget;
 use crate::script::{
-    SCRIPTS, VoidReason, int, parse_append, parse_checked, parse_open, parse_state, string,
+    AppendAnswer, SCRIPTS, VoidReason, int, parse_append, parse_checked, parse_open, parse_state,
+    string,
 };
 
 /// Dedupe keys per audit script call, so one call never blocks Redis for long.
@@ -370,6 +371,28 @@ impl Core {
         }
     }
 
+    /// Publishes `live`, the message the append script stored for `to` without publishing it
+    /// (replicas had to acknowledge it first), on `from`'s append lane. Not awaited: the
+    /// sender's answer does not wait for it; a publish that fails leaves the message to the
+    /// recipient's next catch-up read, like any live message missed.
+    fn publish_after_wait(&self, from: &UserId, to: &UserId, live: Vec<u8>) {
+        let mut cmd = redis::cmd(if self.cluster { "SPUBLISH" } else { "PUBLISH" });
+        cmd.arg(self.key(to, KeyKind::Live)).arg(live);
+        let published = self.lanes.submit(
+            self.append_lane(from),
+            self.slot(to),
+            cmd,
+            None,
+            Durability::Primary,
+        );
+        // The lane drops a job whose caller is gone: keep the answer awaited.
+        tokio::spawn(async move {
+            if let Ok(Err(e)) = published.await {
+                tracing::debug!(error = %e, "publish after WAIT failed");
+            }
+        });
+    }
+
     /// The append lane of `sender`: all its appends in one FIFO.
     fn append_lane(&self, sender: &UserId) -> usize {
         spread(sender) % self.append_lanes
@@ -668,7 +691,15 @@ impl Engine for RedisEngine {
         Box::pin(async move {
             let timeout = core.options.store_timeout;
             timed(StoreOp::Append, timeout, async {
-                let (outcome, detail) = parse_append(&received(answer).await?)?;
+                let AppendAnswer {
+                    outcome,
+                    detail,
+                    publish,
+                } = parse_append(&received(answer).await?)?;
+                if let Some(live) = publish {
+                    // Replicas have it (the answer passed `WAIT`): now it may be seen live.
+                    core.publish_after_wait(&from, &to, live);
+                }
                 if let (AppendOutcome::Stored { seq }, Some(detail)) = (outcome, detail) {
                     if detail.adopted {
                         metrics::epoch_replaced(&to, "meta_lost");

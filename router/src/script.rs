@@ -53,9 +53,15 @@ end
 
 /// KEYS: inbox, meta, dedupe.
 /// ARGV: payload, max_inbox, new epoch, dedupe window (ms), inbox ttl (ms), live channel, `1` when
-/// replicas must acknowledge (a duplicate then writes too, so that `WAIT` covers the original),
-/// `1` on a Redis Cluster (publish with `SPUBLISH`, to the shard's subscribers only).
+/// replicas must acknowledge, `1` on a Redis Cluster (publish with `SPUBLISH`, to the shard's
+/// subscribers only).
 /// Returns `{0, seq, epoch, adopted}` stored, `{1, seq}` duplicate, `{2}` inbox full.
+///
+/// - When replicas must acknowledge, the script does not publish: it returns the live message
+///   last (`{0, seq, epoch, adopted, live}`, and `{1, seq, live}` for a duplicate whose message
+///   is still there), and the engine publishes it once `WAIT` has confirmed the write, so that a
+///   recipient never sees live what a failover to a replica could take back. A duplicate writes
+///   too (its dedupe key's TTL), so that `WAIT` covers the original.
 ///
 /// - The epoch is created if absent. A new incarnation adopts whatever inbox is left under the
 ///   key (`meta` was evicted or lost on its own): those messages stay deliverable under the new
@@ -71,6 +77,11 @@ if dup then
     local ttl = redis.call('PTTL', KEYS[3])
     if ttl > 0 then
       redis.call('PEXPIRE', KEYS[3], ttl)
+    end
+    local epoch = redis.call('HGET', KEYS[2], 'epoch')
+    local stored = redis.call('ZRANGE', KEYS[1], dup, dup, 'BYSCORE')
+    if epoch and stored[1] then
+      return {1, dup, epoch .. ':' .. stored[1]}
     end
   end
   return {1, dup}
@@ -98,6 +109,9 @@ redis.call('ZADD', KEYS[1], seq, member)
 redis.call('SET', KEYS[3], seq, 'PX', ARGV[4])
 redis.call('PEXPIRE', KEYS[1], ARGV[5])
 redis.call('PEXPIRE', KEYS[2], ARGV[5])
+if ARGV[7] == '1' then
+  return {0, seq, epoch, adopted, epoch .. ':' .. member}
+end
 if ARGV[8] == '1' then
   redis.call('SPUBLISH', ARGV[6], epoch .. ':' .. member)
 else
@@ -281,6 +295,16 @@ pub(crate) struct AppendDetail {
     pub adopted: bool,
 }
 
+/// The append script's answer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct AppendAnswer {
+    pub outcome: AppendOutcome,
+    pub detail: Option<AppendDetail>,
+    /// The live message for the engine to publish once replicas have the write (only when
+    /// replicas must acknowledge).
+    pub publish: Option<Vec<u8>>,
+}
+
 /// Reads the open script's answer: the state, the stamp, whether it ended the claimed epoch
 /// and whether it adopted a leftover inbox.
 pub(crate) fn parse_open(value: &Value) -> Result<(InboxState, u64, bool, bool), EngineError> {
@@ -301,30 +325,41 @@ pub(crate) fn parse_open(value: &Value) -> Result<(InboxState, u64, bool, bool),
 }
 
 /// Reads the append script's answer.
-pub(crate) fn parse_append(
-    value: &Value,
-) -> Result<(AppendOutcome, Option<AppendDetail>), EngineError> {
+pub(crate) fn parse_append(value: &Value) -> Result<AppendAnswer, EngineError> {
     let bad = || EngineError::Internal(format!("unexpected append answer: {value:?}"));
     let Value::Array(items) = value else {
         return Err(bad());
     };
+    let bytes = |v: &Value| match v {
+        Value::BulkString(b) => Some(b.clone()),
+        _ => None,
+    };
+    let answer = |outcome, detail, publish| AppendAnswer {
+        outcome,
+        detail,
+        publish,
+    };
     match items.as_slice() {
-        [code, seq, epoch, adopted] if int(code) == Some(0) => Ok((
-            AppendOutcome::Stored {
-                seq: int(seq).ok_or_else(bad)?,
-            },
-            Some(AppendDetail {
-                epoch: string(epoch).ok_or_else(bad)?,
-                adopted: int(adopted) == Some(1),
-            }),
-        )),
-        [code, seq] if int(code) == Some(1) => Ok((
+        [code, seq, epoch, adopted, rest @ ..] if int(code) == Some(0) && rest.len() <= 1 => {
+            Ok(answer(
+                AppendOutcome::Stored {
+                    seq: int(seq).ok_or_else(bad)?,
+                },
+                Some(AppendDetail {
+                    epoch: string(epoch).ok_or_else(bad)?,
+                    adopted: int(adopted) == Some(1),
+                }),
+                rest.first().map(|v| bytes(v).ok_or_else(bad)).transpose()?,
+            ))
+        }
+        [code, seq, rest @ ..] if int(code) == Some(1) && rest.len() <= 1 => Ok(answer(
             AppendOutcome::Duplicate {
                 seq: int(seq).ok_or_else(bad)?,
             },
             None,
+            rest.first().map(|v| bytes(v).ok_or_else(bad)).transpose()?,
         )),
-        [code] if int(code) == Some(2) => Ok((AppendOutcome::InboxFull, None)),
+        [code] if int(code) == Some(2) => Ok(answer(AppendOutcome::InboxFull, None, None)),
         _ => Err(bad()),
     }
 }
@@ -380,28 +415,57 @@ mod tests {
     #[test]
     fn append_answers() {
         let stored = Value::Array(vec![Value::Int(0), bulk("7"), bulk("e1"), Value::Int(0)]);
+        let detail = Some(AppendDetail {
+            epoch: "e1".into(),
+            adopted: false,
+        });
         assert_eq!(
             parse_append(&stored).unwrap(),
-            (
-                AppendOutcome::Stored { seq: 7 },
-                Some(AppendDetail {
-                    epoch: "e1".into(),
-                    adopted: false
-                })
-            )
+            AppendAnswer {
+                outcome: AppendOutcome::Stored { seq: 7 },
+                detail: detail.clone(),
+                publish: None
+            }
+        );
+        let to_publish = Value::Array(vec![
+            Value::Int(0),
+            bulk("7"),
+            bulk("e1"),
+            Value::Int(0),
+            bulk("e1:7:1:x"),
+        ]);
+        assert_eq!(
+            parse_append(&to_publish).unwrap(),
+            AppendAnswer {
+                outcome: AppendOutcome::Stored { seq: 7 },
+                detail,
+                publish: Some(b"e1:7:1:x".to_vec())
+            }
         );
         let dup = Value::Array(vec![Value::Int(1), bulk("3")]);
         assert_eq!(
             parse_append(&dup).unwrap(),
-            (AppendOutcome::Duplicate { seq: 3 }, None)
+            AppendAnswer {
+                outcome: AppendOutcome::Duplicate { seq: 3 },
+                detail: None,
+                publish: None
+            }
+        );
+        let dup = Value::Array(vec![Value::Int(1), bulk("3"), bulk("e1:3:1:x")]);
+        assert_eq!(
+            parse_append(&dup).unwrap().publish,
+            Some(b"e1:3:1:x".to_vec())
         );
         let full = Value::Array(vec![Value::Int(2)]);
         assert_eq!(
-            parse_append(&full).unwrap(),
-            (AppendOutcome::InboxFull, None)
+            parse_append(&full).unwrap().outcome,
+            AppendOutcome::InboxFull
         );
         assert!(parse_append(&Value::Okay).is_err());
         assert!(parse_append(&Value::Array(vec![Value::Int(0), bulk("x")])).is_err());
+        assert!(
+            parse_append(&Value::Array(vec![Value::Int(1), bulk("3"), Value::Int(1)])).is_err()
+        );
     }
 
     #[test]

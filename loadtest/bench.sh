@@ -9,7 +9,7 @@
 # all traffic stays on loopback.
 #
 # Usage: loadtest/bench.sh [step...]
-#   steps: ceiling throughput latency overload acks codecs ramp storm ramp3 storm3
+#   steps: ceiling throughput latency overload acks codecs ramp storm ramp3 storm3 cluster
 #   (default: ceiling throughput latency)
 # Settings (environment; durations as whole seconds or ms: 20s, 250ms):
 #   CONNECTIONS=1000 RATE=60000 DURATION=20s BODY=100 MAX_IN_FLIGHT=200   throughput run
@@ -27,6 +27,8 @@
 #   GATEWAYS=3 GENERATORS=4 MULTI_SOURCE_ADDRS=8            ramp3 and storm3: processes
 #   RAMP3_CONNECTIONS=50000 RAMP3_STEPS=5                   ramp3 (each generator in 5 steps)
 #   STORM3_CONNECTIONS=50000                                storm3 (backlog STORM_BACKLOG)
+#   CLUSTER_RATE=10000 CLUSTER_DURATION=20s                 cluster: the same load on the
+#     standalone Redis, then on a 3-primary Redis Cluster (Redis CPU per message, per shard)
 #   SOURCE_ADDRS=4 CEILING_REQUESTS=2000000 APPENDONLY=no (yes: appendfsync everysec)
 #   SKIP_BUILD=1 (use the existing release binaries)  OUT=dir (keep JSON reports there)
 #   GATEWAY_BIN=path (another gateway build, e.g. an older commit's, to compare in one session)
@@ -68,6 +70,8 @@ RAMP3_CONNECTIONS=${RAMP3_CONNECTIONS:-50000}
 RAMP3_STEPS=${RAMP3_STEPS:-5}
 STORM3_CONNECTIONS=${STORM3_CONNECTIONS:-50000}
 SOURCE_ADDRS=${SOURCE_ADDRS:-4}
+CLUSTER_RATE=${CLUSTER_RATE:-10000}
+CLUSTER_DURATION=${CLUSTER_DURATION:-20s}
 CEILING_REQUESTS=${CEILING_REQUESTS:-2000000}
 APPENDONLY=${APPENDONLY:-no}
 ACK_INTERVAL=${ACK_INTERVAL:-100ms}
@@ -155,6 +159,8 @@ wait_for 10 redis-cli -p "$REDIS_PORT" ping
 echo "redis-server pid $REDIS_PID on 127.0.0.1:$REDIS_PORT (appendonly $APPENDONLY)"
 
 # --- gateways: a fresh one (or several) for every step, so no step inherits another's heap ---
+# Where they store: the standalone Redis above; the cluster step points them at its cluster.
+GATEWAY_REDIS=(--redis-url "redis://127.0.0.1:$REDIS_PORT")
 GW_PIDS=()
 URLS=()
 ADMIN_PORTS=()
@@ -164,7 +170,7 @@ start_gateways() {
   for i in $(seq 1 "$count"); do
     port=$(free_port)
     admin=$(free_port)
-    FERRY_LOG=${FERRY_LOG:-warn} "$GATEWAY_BIN" --redis-url "redis://127.0.0.1:$REDIS_PORT" \
+    FERRY_LOG=${FERRY_LOG:-warn} "$GATEWAY_BIN" "${GATEWAY_REDIS[@]}" \
       --jwt-secret "$SECRET" --listen "127.0.0.1:$port" --admin-listen "127.0.0.1:$admin" \
       --send-rate 1000000 --send-burst 1000000 --max-connections 100000 --node-id "bench-$i" \
       --drain-timeout 1s >>"$WORK/gateway.log" 2>&1 &
@@ -589,9 +595,114 @@ storm() {
   jq -r '"storm: \(.reconnected) of \(.connections) resumed in \(.resumed_secs) s, caught up (\(.stored) messages) in \(.caught_up_secs) s; lost \(.lost), out of order \(.out_of_order)"' "$OUT/storm.json"
 }
 
+# The same load on the standalone Redis and on a Redis Cluster of 3 primaries (no replicas, like
+# the standalone server), each with a fresh gateway: Redis CPU per delivered message (the sum
+# over the cluster's nodes), and how it spreads over the shards (CPU and append calls per node).
+CLUSTER_PIDS=()
+cluster_run() {
+  local name=$1
+  shift
+  local -a pids=("$@") before=() after=()
+  local pid i
+  stop_gateway
+  start_gateway
+  wait_quiet
+  echo
+  echo "== $name: ferry-loadtest run -c $CONNECTIONS -r $CLUSTER_RATE -d $CLUSTER_DURATION"
+  for pid in "${pids[@]}"; do before+=("$(proc_ticks "$pid")"); done
+  FERRY_JWT_SECRET="$SECRET" timeout "$(run_limit "$CLUSTER_DURATION" 30s)" "$LOADTEST_BIN" --json \
+    run -c "$CONNECTIONS" -r "$CLUSTER_RATE" -d "$CLUSTER_DURATION" -b "$BODY" --drain 30s \
+    --max-in-flight "$MAX_IN_FLIGHT" --ack-interval "$ACK_INTERVAL" --codec "$CODEC" \
+    --url "$URL" --gateway-pid "$GW_PID" --source-addrs "$SOURCE_ADDRS" >"$OUT/$name.json" || true
+  for pid in "${pids[@]}"; do after+=("$(proc_ticks "$pid")"); done
+  [[ -s "$OUT/$name.json" ]] || { echo "bench.sh: $name produced no report" >&2; return 1; }
+  jq -r '"delivered \(.delivered) (\(.delivered_per_sec | floor) msg/s); lost \(.lost), out of order \(.out_of_order), errors \(.send_errors); gateway \(.cpu_per_message.gateway_us * 10 | floor / 10) µs CPU per message"' \
+    "$OUT/$name.json"
+  local delivered total=0 ticks
+  delivered=$(jq -r '.delivered' "$OUT/$name.json")
+  for i in "${!pids[@]}"; do
+    ticks=$((after[i] - before[i]))
+    total=$((total + ticks))
+    CLUSTER_TICKS[i]=$ticks
+  done
+  # Clock ticks are 1/100 s.
+  awk -v t="$total" -v d="$delivered" -v n="${#pids[@]}" 'BEGIN {
+    printf "redis CPU per delivered message: %.2f µs (%d node%s, %.1f s of CPU in all)\n",
+      t * 10000 / (d > 0 ? d : 1), n, (n > 1 ? "s" : ""), t / 100 }'
+}
+
+cluster() {
+  # Standalone first, on the script's own Redis.
+  GATEWAY_REDIS=(--redis-url "redis://127.0.0.1:$REDIS_PORT")
+  CLUSTER_TICKS=()
+  cluster_run cluster-standalone "$REDIS_PID" || return 0
+
+  # Three primaries, each on a free port whose bus port (+10000) is free too.
+  local ports=() port i seeds=() calls
+  while [[ ${#ports[@]} -lt 3 ]]; do
+    port=$(free_port)
+    (exec 3<>"/dev/tcp/127.0.0.1/$((port + 10000))") 2>/dev/null && continue
+    ports+=("$port")
+  done
+  CLUSTER_PIDS=()
+  for port in "${ports[@]}"; do
+    mkdir -p "$WORK/redis/c$port"
+    redis-server --port "$port" --bind 127.0.0.1 --dir "$WORK/redis/c$port" --save '' \
+      --appendonly "$APPENDONLY" --logfile "$WORK/redis/c$port/redis.log" --maxclients 10000 \
+      --cluster-enabled yes --cluster-config-file nodes.conf --cluster-node-timeout 2000 &
+    PIDS+=("$!")
+    CLUSTER_PIDS+=("$!")
+    seeds+=("redis://127.0.0.1:$port")
+  done
+  sleep 0.5
+  for i in "${!ports[@]}"; do
+    if ! kill -0 "${CLUSTER_PIDS[i]}" 2>/dev/null; then
+      echo "bench.sh: the cluster node on ${ports[i]} exited:" >&2
+      tail -5 "$WORK/redis/c${ports[i]}/redis.log" >&2
+      return 1
+    fi
+    wait_for 10 redis-cli -p "${ports[i]}" ping
+  done
+  redis-cli --cluster create "${ports[@]/#/127.0.0.1:}" --cluster-replicas 0 --cluster-yes >/dev/null
+  for port in "${ports[@]}"; do
+    wait_for 30 bash -c "redis-cli -p $port CLUSTER INFO | grep -q cluster_state:ok"
+  done
+  echo "redis cluster: 3 primaries on ${ports[*]} (pids ${CLUSTER_PIDS[*]})"
+  GATEWAY_REDIS=(--redis-cluster --redis-url "$(IFS=,; echo "${seeds[*]}")")
+  for port in "${ports[@]}"; do redis-cli -p "$port" CONFIG RESETSTAT >/dev/null; done
+  CLUSTER_TICKS=()
+  cluster_run cluster-3-primaries "${CLUSTER_PIDS[@]}" || true
+  # Spread: each shard's share of the CPU and of the append calls (EVALSHA, EVAL).
+  local total_ticks=0 total_calls=0 shard_calls=()
+  for i in "${!ports[@]}"; do
+    calls=$(redis-cli -p "${ports[i]}" INFO commandstats | tr -d '\r' |
+      awk -F'[:=,]' '/^cmdstat_(evalsha|eval):/ {c += $3} END {print c + 0}')
+    shard_calls+=("$calls")
+    total_ticks=$((total_ticks + ${CLUSTER_TICKS[i]:-0}))
+    total_calls=$((total_calls + calls))
+  done
+  for i in "${!ports[@]}"; do
+    awk -v p="${ports[i]}" -v t="${CLUSTER_TICKS[i]:-0}" -v tt="$total_ticks" \
+      -v c="${shard_calls[i]}" -v tc="$total_calls" 'BEGIN {
+        printf "  shard on %s: %4.1f%% of the Redis CPU, %4.1f%% of the script calls (%d)\n",
+          p, 100 * t / (tt > 0 ? tt : 1), 100 * c / (tc > 0 ? tc : 1), c }'
+  done
+  stop_gateway
+  GATEWAY_REDIS=(--redis-url "redis://127.0.0.1:$REDIS_PORT")
+  for i in "${!CLUSTER_PIDS[@]}"; do
+    kill "${CLUSTER_PIDS[i]}" 2>/dev/null || true
+    wait "${CLUSTER_PIDS[i]}" 2>/dev/null || true
+  done
+  CLUSTER_PIDS=()
+  jq -rs '
+    def f: . * 100 | floor / 100;
+    "cluster vs standalone at the same offered load: delivered \(.[1].delivered) vs \(.[0].delivered); gateway CPU per message \(.[1].cpu_per_message.gateway_us | f) vs \(.[0].cpu_per_message.gateway_us | f) µs"
+  ' "$OUT/cluster-standalone.json" "$OUT/cluster-3-primaries.json"
+}
+
 for step in "${STEPS[@]}"; do
   case "$step" in
-  ceiling | throughput | latency | overload | acks | codecs | ramp | storm | ramp3 | storm3) ;;
+  ceiling | throughput | latency | overload | acks | codecs | ramp | storm | ramp3 | storm3 | cluster) ;;
   *)
     echo "bench.sh: unknown step $step" >&2
     exit 2

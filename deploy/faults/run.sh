@@ -3,11 +3,13 @@
 # with AOF fsync always, 3 gateway nodes, HAProxy health-checking /readyz), the load generator
 # driving traffic through HAProxy with reconnecting clients, one fault injected at a fixed point,
 # then the verifier's verdict: every message answered `sent` delivered exactly once, in order.
-# In the three scenarios where Redis loses data (redis-amnesia, redis-aof-rollback,
-# replica-promote), a message answered `sent` before the incident may instead be reported lost
+# In the scenarios where Redis loses data (redis-amnesia, redis-aof-rollback, replica-promote,
+# cluster-async-loss), a message answered `sent` before the incident may instead be reported lost
 # to its recipient through `reset`; everything answered after it must be delivered.
 #
-#   deploy/faults/run.sh [scenario...]      (all by default; see --list)
+#   deploy/faults/run.sh [scenario...]            (the standalone-Redis ones by default)
+#   deploy/faults/run.sh --cluster [scenario...]  (on a Redis Cluster: deploy/faults/cluster.sh)
+#   deploy/faults/run.sh --list                   (both sets)
 #
 # Exits non-zero if any scenario failed. Results (a JSON report per scenario, logs, the table) go
 # to $FERRY_FAULTS_DIR (default /tmp/ferry-faults). See docs/RELIABILITY.md.
@@ -19,6 +21,49 @@ LOCAL="$ROOT/deploy/local"
 
 ALL_SCENARIOS=(kill-node rolling-restart pubsub-kill redis-restart redis-pause node-cut
     redis-amnesia redis-aof-rollback replica-promote)
+# On a Redis Cluster of 3 primaries x 1 replica (deploy/local/up.sh --cluster).
+ALL_CLUSTER_SCENARIOS=(cluster-primary-kill cluster-failover cluster-reshard cluster-pubsub-kill
+    cluster-async-loss cluster-async-loss-acked)
+
+log() { printf '%s faults: %s\n' "$(date +%H:%M:%S)" "$*"; }
+die() {
+    printf 'faults: error: %s\n' "$*" >&2
+    exit 2
+}
+
+CLUSTER=0
+case "${1:-}" in
+-h | --help)
+    sed -n '2,15p' "$0" | sed 's/^# \{0,1\}//'
+    echo "scenarios: ${ALL_SCENARIOS[*]}"
+    echo "with --cluster: ${ALL_CLUSTER_SCENARIOS[*]}"
+    exit 0
+    ;;
+--list)
+    printf '%s\n' "${ALL_SCENARIOS[@]}" "${ALL_CLUSTER_SCENARIOS[@]}"
+    exit 0
+    ;;
+--cluster)
+    CLUSTER=1
+    shift
+    ;;
+esac
+SCENARIOS=("$@")
+if ((CLUSTER)); then
+    ((${#SCENARIOS[@]})) || SCENARIOS=("${ALL_CLUSTER_SCENARIOS[@]}")
+    KNOWN=("${ALL_CLUSTER_SCENARIOS[@]}")
+else
+    ((${#SCENARIOS[@]})) || SCENARIOS=("${ALL_SCENARIOS[@]}")
+    KNOWN=("${ALL_SCENARIOS[@]}")
+fi
+for s in "${SCENARIOS[@]}"; do
+    if [[ " ${KNOWN[*]} " != *" $s "* ]]; then
+        if ((CLUSTER == 0)) && [[ " ${ALL_CLUSTER_SCENARIOS[*]} " == *" $s "* ]]; then
+            die "'$s' runs on a Redis Cluster: deploy/faults/run.sh --cluster $s"
+        fi
+        die "unknown scenario '$s' (known: ${KNOWN[*]})"
+    fi
+done
 
 BIN_DIR=${FERRY_BIN_DIR:-$ROOT/target/debug}
 OUT=${FERRY_FAULTS_DIR:-/tmp/ferry-faults}
@@ -39,12 +84,16 @@ REPLICA_LAG=${FERRY_FAULTS_REPLICA_LAG:-1.5} # replica-promote: seconds of write
 NODES=3
 
 # Ports (loopback), below Linux's ephemeral range: HAProxy PORT_BASE, stats +4, node i WebSocket
-# +i, admin +10+i, Redis -1, the replica (replica-promote) +5. The TCP proxies take free ports of
-# their own.
+# +i, admin +10+i, Redis -1, the replica (replica-promote) +5; with --cluster, Redis node i (of 6)
+# +19+i and its cluster bus +29+i. The TCP proxies take free ports of their own.
+CLUSTER_REDIS_OFFSET=20
+CLUSTER_BUS_OFFSET=10
+CLUSTER_NODES=6
 port_busy() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
 ports_free() {
-    local p
-    for p in $(seq $(($1 - 1)) $(($1 + 10 + NODES))); do
+    local p last=$(($1 + 10 + NODES))
+    ((CLUSTER == 0)) || last=$(($1 + CLUSTER_REDIS_OFFSET + CLUSTER_BUS_OFFSET + CLUSTER_NODES - 1))
+    for p in $(seq $(($1 - 1)) "$last"); do
         if port_busy "$p"; then return 1; fi
     done
 }
@@ -55,7 +104,7 @@ if [[ -z "$PORT_BASE" ]]; then
             break
         fi
     done
-    [[ -n "$PORT_BASE" ]] || die "no free port range in 27379..28293; set FERRY_FAULTS_PORT_BASE"
+    [[ -n "$PORT_BASE" ]] || die "no free port range in 27379..28315; set FERRY_FAULTS_PORT_BASE"
 fi
 LB_PORT=$PORT_BASE
 STATS_PORT=$((PORT_BASE + 4))
@@ -63,32 +112,10 @@ WS_BASE=$PORT_BASE
 ADMIN_BASE=$((PORT_BASE + 10))
 REDIS_PORT=$((PORT_BASE - 1))
 REPLICA_PORT=$((PORT_BASE + 5))
+CLUSTER_BASE=$((PORT_BASE + CLUSTER_REDIS_OFFSET)) # redis-1's port; redis-i's is CLUSTER_BASE+i-1
 
 GATEWAY="$BIN_DIR/ferry-gateway"
 LOADTEST="$BIN_DIR/ferry-loadtest"
-
-log() { printf '%s faults: %s\n' "$(date +%H:%M:%S)" "$*"; }
-die() {
-    printf 'faults: error: %s\n' "$*" >&2
-    exit 2
-}
-
-case "${1:-}" in
--h | --help)
-    sed -n '2,13p' "$0" | sed 's/^# \{0,1\}//'
-    echo "scenarios: ${ALL_SCENARIOS[*]}"
-    exit 0
-    ;;
---list)
-    printf '%s\n' "${ALL_SCENARIOS[@]}"
-    exit 0
-    ;;
-esac
-SCENARIOS=("$@")
-((${#SCENARIOS[@]})) || SCENARIOS=("${ALL_SCENARIOS[@]}")
-for s in "${SCENARIOS[@]}"; do
-    [[ " ${ALL_SCENARIOS[*]} " == *" $s "* ]] || die "unknown scenario '$s' (known: ${ALL_SCENARIOS[*]})"
-done
 
 # --- prerequisites ------------------------------------------------------------------------------
 missing=()
@@ -119,7 +146,9 @@ HAS_WATCHDOG=0
 if "$GATEWAY" --help 2>/dev/null | grep -q -- '--store-outage-grace'; then HAS_WATCHDOG=1; fi
 
 mkdir -p "$OUT"
-RESULTS="$OUT/results.jsonl"
+# A --cluster run keeps its own results and table, so that it does not overwrite the other's.
+RESULTS="$OUT/results.jsonl" TABLE="$OUT/table.md"
+((CLUSTER == 0)) || RESULTS="$OUT/cluster-results.jsonl" TABLE="$OUT/cluster-table.md"
 : >"$RESULTS"
 
 # --- what runs now, for the cleanup -------------------------------------------------------------
@@ -139,6 +168,9 @@ cluster_env() {
     export FERRY_LOCAL_WS_BASE=$WS_BASE FERRY_LOCAL_ADMIN_BASE=$ADMIN_BASE
     export FERRY_LOCAL_REDIS_PORT=$REDIS_PORT FERRY_LOCAL_DRAIN_TIMEOUT=2s
     export FERRY_LOCAL_DEADLINE=60 FERRY_LOCAL_STOP_TIMEOUT=10
+    if ((CLUSTER)); then
+        export FERRY_LOCAL_REDIS_PORT=$CLUSTER_BASE FERRY_LOCAL_REDIS_BUS_OFFSET=$CLUSTER_BUS_OFFSET
+    fi
 }
 
 stop_pid() { # PID: SIGTERM, then SIGKILL after 5 s; only processes this script started
@@ -220,7 +252,8 @@ wait_until() {
 # sample NODE: append one metrics sample of node NODE to $SAMPLES:
 # time node pid delivered connections_open sends_unavailable sends_duplicate pubsub_reconnects
 # epochs_replaced (all reasons) and by reason: head_behind seq_reused resume_beyond_head
-# append_lost meta_lost; store_audits store_lost_appends. judge.py reads the columns in this order.
+# append_lost meta_lost; store_audits store_lost_appends; live_resyncs live_topology_changes
+# live_lost_subscriptions. judge.py reads the columns in this order.
 sample() {
     local i=$1 pid
     pid=$(pid_of "gw-$i")
@@ -238,10 +271,13 @@ sample() {
         }
         /^ferry_store_audits_total/ { a = $2 }
         /^ferry_store_lost_appends_total/ { l = $2 }
+        /^ferry_live_resyncs_total/ { rs = $2 }
+        /^ferry_live_topology_changes_total/ { tc = $2 }
+        /^ferry_live_lost_subscriptions_total/ { ls = $2 }
         END {
-            if (NR > 0) printf "%s %s %s %d %d %d %d %d %d %d %d %d %d %d %d %d\n", t, n, pid, d, c,
-                u, dup, p, e, r["head_behind"], r["seq_reused"], r["resume_beyond_head"],
-                r["append_lost"], r["meta_lost"], a, l
+            if (NR > 0) printf "%s %s %s %d %d %d %d %d %d %d %d %d %d %d %d %d %d %d %d\n", t, n,
+                pid, d, c, u, dup, p, e, r["head_behind"], r["seq_reused"], r["resume_beyond_head"],
+                r["append_lost"], r["meta_lost"], a, l, rs, tc, ls
         }' >>"$SAMPLES" || true
 }
 sample_all() {
@@ -257,6 +293,24 @@ start_sampler() {
         done
     ) &
     SAMPLER_PID=$!
+}
+# snapshot LABEL: every node's /metrics into $STATE/metrics/gw-I.LABEL.txt, and on a cluster what
+# each Redis node says of the cluster and of its replication into $STATE/redis.LABEL.txt: the
+# evidence to compare before the fault and after the run.
+snapshot() {
+    local i
+    mkdir -p "$STATE/metrics"
+    for i in $(seq 1 "$NODES"); do
+        curl -s --max-time 1 "$(admin "$i")/metrics" >"$STATE/metrics/gw-$i.$1.txt" 2>/dev/null
+    done
+    if ((CLUSTER)); then cluster_snapshot >"$STATE/redis.$1.txt"; fi
+}
+# metric_sum NAME: NAME (all its series) summed over the nodes that answer.
+metric_sum() {
+    local i
+    for i in $(seq 1 "$NODES"); do
+        curl -s --max-time 1 "$(admin "$i")/metrics" 2>/dev/null
+    done | awk -v m="$1" '$1 == m || index($1, m "{") == 1 { s += $2 } END { printf "%d\n", s }'
 }
 # connections NODE: connections open on NODE now (empty if it does not answer).
 connections() {
@@ -390,7 +444,9 @@ setup_node-cut() {
         --target "127.0.0.1:$REDIS_PORT" >"$STATE/proxy.log" 2>&1 </dev/null &
     PROXY_PID=$!
     wait_until 10 test -s "$STATE/proxy.port" >/dev/null || die "the TCP proxy did not start; see $STATE/proxy.log"
-    export FERRY_LOCAL_REDIS_URL_3="redis://127.0.0.1:$(<"$STATE/proxy.port")"
+    local port
+    port=$(<"$STATE/proxy.port")
+    export FERRY_LOCAL_REDIS_URL_3="redis://127.0.0.1:$port"
     log "gw-3 reaches Redis through the proxy at $FERRY_LOCAL_REDIS_URL_3"
     if ((HAS_WATCHDOG)); then
         export FERRY_LOCAL_GATEWAY_ARGS="--store-outage-grace ${FERRY_FAULTS_OUTAGE_GRACE:-2s}"
@@ -415,10 +471,15 @@ incident_over() {
     note "incident_end_unix_ms=$(now_ms)"
     log "incident over: Redis serves the nodes again"
 }
-# Offline users across the incident, reported losses allowed (see OFFLINE_* at the top).
+# Offline users across the incident (see OFFLINE_* at the top); data_loss_load: and reported
+# losses allowed.
+offline_load() {
+    LOAD_ARGS=(--offline-fraction "$OFFLINE_FRACTION" --offline-at "${OFFLINE_AT}s"
+        --offline-for "${OFFLINE_FOR}s")
+}
 data_loss_load() {
-    LOAD_ARGS=(--allow-reported-loss --offline-fraction "$OFFLINE_FRACTION"
-        --offline-at "${OFFLINE_AT}s" --offline-for "${OFFLINE_FOR}s")
+    offline_load
+    LOAD_ARGS=(--allow-reported-loss "${LOAD_ARGS[@]}")
 }
 redis_cli() { redis-cli -h 127.0.0.1 -p "$1" "${@:2}" 2>&1 | tr -d '\r'; }
 # info_field PORT SECTION FIELD: one field of INFO.
@@ -600,6 +661,12 @@ all_ready() {
     done
 }
 
+# --- the faults on a Redis Cluster (run.sh --cluster) ---------------------------------------------
+# shellcheck source=deploy/local/redis-cluster.sh
+. "$LOCAL/redis-cluster.sh"
+# shellcheck source=deploy/faults/cluster.sh
+. "$HERE/cluster.sh"
+
 # --- one scenario --------------------------------------------------------------------------------
 # What a scenario's setup may have set for up.sh, cleared before and after each scenario.
 unset_cluster_overrides() {
@@ -608,17 +675,23 @@ unset_cluster_overrides() {
     for i in $(seq 1 "$NODES"); do unset "FERRY_LOCAL_REDIS_URL_$i"; done
 }
 run_scenario() {
-    local name=$1 t_start=$SECONDS rc limit
+    local name=$1 t_start=$SECONDS rc limit up_args=("$NODES")
     STATE="$OUT/$name"
     SAMPLES="$STATE/samples.txt"
+    RUN_ID="$name-$$" # the users are lt-$RUN_ID-0 .. lt-$RUN_ID-(CLIENTS-1)
     CHECKS=() NOTES=() LOAD_ARGS=()
     rm -rf "$STATE"
     mkdir -p "$STATE"
     cluster_env
     unset_cluster_overrides
-    log "=== $name: starting a 3-node cluster in $STATE"
+    if ((CLUSTER)); then
+        up_args=(--cluster "$NODES")
+        log "=== $name: starting a 3-node cluster on a Redis Cluster (3 primaries x 1 replica) in $STATE"
+    else
+        log "=== $name: starting a 3-node cluster in $STATE"
+    fi
     if declare -F "setup_$name" >/dev/null; then "setup_$name"; fi
-    if ! "$LOCAL/up.sh" "$NODES" >"$STATE/up.log" 2>&1; then
+    if ! "$LOCAL/up.sh" "${up_args[@]}" >"$STATE/up.log" 2>&1; then
         check 1 "the cluster starts (see $STATE/up.log)"
         finish_scenario "$name" "$t_start" 99
         return
@@ -628,7 +701,7 @@ run_scenario() {
     start_sampler
     limit=$((DURATION + DRAIN + 90))
     FERRY_JWT_SECRET=$(<"$STATE/jwt-secret") timeout -k 10 "$limit" "$LOADTEST" --json run \
-        --url "ws://127.0.0.1:$LB_PORT/v1/ws" --run-id "$name-$$" \
+        --url "ws://127.0.0.1:$LB_PORT/v1/ws" --run-id "$RUN_ID" \
         -c "$CLIENTS" -r "$RATE" -d "${DURATION}s" --drain "${DRAIN}s" -b 64 \
         ${LOAD_ARGS[@]+"${LOAD_ARGS[@]}"} >"$STATE/report.json" 2>"$STATE/loadtest.log" </dev/null &
     LOAD_PID=$!
@@ -636,6 +709,9 @@ run_scenario() {
     if wait_until 30 all_connected >/dev/null; then
         sleep "$FAULT_AT"
         if kill -0 "$LOAD_PID" 2>/dev/null; then
+            snapshot before
+            # The machine's load at the fault: figures from a busy machine are not comparable.
+            note "load_avg=$(cut -d' ' -f1-3 /proc/loadavg)"
             "fault_$name"
         else
             check 1 "the load generator is running when the fault comes"
@@ -650,6 +726,7 @@ run_scenario() {
     stop_pid "$SAMPLER_PID"
     SAMPLER_PID=""
     sample_all
+    snapshot after
     finish_scenario "$name" "$t_start" "$rc"
 }
 
@@ -666,11 +743,13 @@ finish_scenario() {
     STATE=""
 }
 
-log "Ferry fault suite: ${SCENARIOS[*]} (binaries: $BIN_DIR; results: $OUT; ports $((PORT_BASE - 1))..$((PORT_BASE + 10 + NODES)))"
+last_port=$((PORT_BASE + 10 + NODES))
+((CLUSTER == 0)) || last_port=$((CLUSTER_BASE + CLUSTER_BUS_OFFSET + CLUSTER_NODES - 1))
+log "Ferry fault suite: ${SCENARIOS[*]} (binaries: $BIN_DIR; results: $OUT; ports $((PORT_BASE - 1))..$last_port)"
 if ((HAS_WATCHDOG == 0)); then
     log "NOTE: $GATEWAY has no --store-outage-grace: node-cut cannot pass (its clients never move)"
 fi
 t0=$SECONDS
 for s in "${SCENARIOS[@]}"; do run_scenario "$s"; done
-python3 "$HERE/judge.py" table --results "$RESULTS" --secs $((SECONDS - t0)) | tee "$OUT/table.md"
+python3 "$HERE/judge.py" table --results "$RESULTS" --secs $((SECONDS - t0)) | tee "$TABLE"
 python3 "$HERE/judge.py" verdict --results "$RESULTS"

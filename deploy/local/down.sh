@@ -63,18 +63,25 @@ stop() {
     done
 }
 
+# named PATTERN: the names of the recorded processes whose name matches PATTERN (gw-*, redis-*).
+named() {
+    local f n
+    for f in "$STATE"/pids/$1.pid; do
+        [[ -e "$f" ]] || continue
+        n=${f##*/}
+        echo "${n%.pid}"
+    done
+}
+
 stopped=0
-gateways=()
-for f in "$STATE"/pids/gw-*.pid; do
-    [[ -e "$f" ]] || continue
-    n=${f##*/}
-    gateways+=("${n%.pid}")
-done
+mapfile -t gateways < <(named 'gw-*')
+# A Redis Cluster's nodes (up.sh --cluster): redis-1, redis-2, ...
+mapfile -t redis_nodes < <(named 'redis-*')
 
 # Front to back: the load balancer and the scraper first, then the nodes (which drain), Redis last.
 stop haproxy prometheus
 ((${#gateways[@]} == 0)) || stop "${gateways[@]}"
-stop redis
+stop redis ${redis_nodes[@]+"${redis_nodes[@]}"}
 
 left=()
 for f in "$STATE"/pids/*.pid; do [[ -e "$f" ]] && left+=("$f"); done

@@ -3,21 +3,32 @@
 # mode, HAProxy in front of them and Prometheus scraping them. Usage: deploy/local/up.sh [N]
 # Stop it with deploy/local/down.sh. See deploy/local/README.md.
 #
-# deploy/local/up.sh --restart NAME (re)starts one stopped process of a running cluster (`redis`
-# or `gw-I`) exactly as up.sh first started it (its launcher in $STATE/launch/), and waits until
-# it is ready. The fault suite (deploy/faults/run.sh) uses it.
+# deploy/local/up.sh --cluster [N]: the same with a Redis Cluster of 3 primaries and 1 replica
+# each (`redis-1`..`redis-6`) instead of one Redis, and the nodes started with --redis-cluster.
+#
+# deploy/local/up.sh --restart NAME (re)starts one stopped process of a running cluster (`redis`,
+# `redis-I` or `gw-I`) exactly as up.sh first started it (its launcher in $STATE/launch/), and
+# waits until it is ready. The fault suite (deploy/faults/run.sh) uses it.
 set -euo pipefail
 
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 ROOT=$(cd "$HERE/../.." && pwd)
+# shellcheck source=deploy/local/redis-cluster.sh
+. "$HERE/redis-cluster.sh"
 
 RESTART=""
-if [[ "${1:-}" == --restart ]]; then
-    RESTART=${2:?usage: up.sh --restart redis|gw-I}
+CLUSTER=0
+case "${1:-}" in
+--restart)
+    RESTART=${2:?usage: up.sh --restart redis|redis-I|gw-I}
     N=1
-else
-    N=${1:-3}
-fi
+    ;;
+--cluster)
+    CLUSTER=1
+    N=${2:-3}
+    ;;
+*) N=${1:-3} ;;
+esac
 STATE=${FERRY_LOCAL_DIR:-/tmp/ferry-local}
 REDIS_PORT=${FERRY_LOCAL_REDIS_PORT:-6390}
 LB_PORT=${FERRY_LOCAL_LB_PORT:-8080}
@@ -30,6 +41,12 @@ DRAIN_TIMEOUT=${FERRY_LOCAL_DRAIN_TIMEOUT:-5s}
 DEADLINE_SECS=${FERRY_LOCAL_DEADLINE:-60}
 # Redis's appendfsync: always (a write is on disk before Redis answers), everysec or no.
 APPENDFSYNC=${FERRY_LOCAL_REDIS_APPENDFSYNC:-always}
+# Redis Cluster (--cluster): node redis-i listens on REDIS_PORT+i-1 (6390..6395) and its cluster
+# bus on that port + BUS_OFFSET (16390..16395); a primary unreachable for NODE_TIMEOUT ms is
+# failed over to its replica.
+CLUSTER_NODES=6
+BUS_OFFSET=${FERRY_LOCAL_REDIS_BUS_OFFSET:-10000}
+NODE_TIMEOUT=${FERRY_LOCAL_CLUSTER_NODE_TIMEOUT:-1500}
 # Extra flags for every gateway node (split on spaces), e.g. "--store-timeout 1s".
 GATEWAY_ARGS=${FERRY_LOCAL_GATEWAY_ARGS:-}
 BIN_DIR=${FERRY_LOCAL_BIN_DIR:-$ROOT/target/release}
@@ -46,6 +63,8 @@ case "$APPENDFSYNC" in
 always | everysec | no) ;;
 *) die "FERRY_LOCAL_REDIS_APPENDFSYNC must be always, everysec or no, got '$APPENDFSYNC'" ;;
 esac
+[[ "$BUS_OFFSET" =~ ^[1-9][0-9]*$ ]] || die "FERRY_LOCAL_REDIS_BUS_OFFSET must be a positive number"
+[[ "$NODE_TIMEOUT" =~ ^[1-9][0-9]*$ ]] || die "FERRY_LOCAL_CLUSTER_NODE_TIMEOUT must be milliseconds"
 
 # --- 1. prerequisites -------------------------------------------------------------------------
 need_curl=""
@@ -128,12 +147,20 @@ if [[ -n "$RESTART" ]]; then
         start redis redis-server
         check() { redis_ping; }
         ;;
+    redis-[1-9])
+        # Its port, as up.sh --cluster recorded it.
+        port=$(awk -v n="$RESTART" '$1 == n { print $2 }' "$STATE/redis-nodes" 2>/dev/null)
+        [[ -n "$port" ]] || die "no port for $RESTART in $STATE/redis-nodes"
+        start "$RESTART" redis-server
+        # Ready once it has loaded its data and rejoined: it answers PING and sees the cluster ok.
+        check() { rc_ping "$port" && [[ "$(rc_field "$port" cluster_state CLUSTER INFO)" == ok ]]; }
+        ;;
     gw-[1-9])
         i=${RESTART#gw-}
         start "$RESTART" ferry-gateway
         check() { http_ok "http://127.0.0.1:$((ADMIN_BASE + i))/readyz"; }
         ;;
-    *) die "--restart takes redis or gw-I, got '$RESTART'" ;;
+    *) die "--restart takes redis, redis-I or gw-I, got '$RESTART'" ;;
     esac
     read -r pid _ <"$STATE/pids/$RESTART.pid"
     deadline=$((SECONDS + DEADLINE_SECS))
@@ -147,7 +174,12 @@ if [[ -n "$RESTART" ]]; then
 fi
 
 # --- 2. state dir, refusing to start twice ----------------------------------------------------
-mkdir -p "$STATE/pids" "$STATE/logs" "$STATE/redis" "$STATE/launch"
+mkdir -p "$STATE/pids" "$STATE/logs" "$STATE/launch"
+if ((CLUSTER)); then
+    for i in $(seq 1 "$CLUSTER_NODES"); do mkdir -p "$STATE/redis-cluster/redis-$i"; done
+else
+    mkdir -p "$STATE/redis"
+fi
 [[ "$PROMETHEUS" == 0 ]] || mkdir -p "$STATE/prometheus"
 for f in "$STATE"/pids/*.pid; do
     [[ -e "$f" ]] || continue
@@ -158,7 +190,14 @@ for f in "$STATE"/pids/*.pid; do
     rm -f "$f"
 done
 
-ports=("$REDIS_PORT" "$LB_PORT" "$STATS_PORT")
+ports=("$LB_PORT" "$STATS_PORT")
+if ((CLUSTER)); then
+    for i in $(seq 0 $((CLUSTER_NODES - 1))); do
+        ports+=($((REDIS_PORT + i)) $((REDIS_PORT + i + BUS_OFFSET)))
+    done
+else
+    ports+=("$REDIS_PORT")
+fi
 [[ "$PROMETHEUS" == 0 ]] || ports+=("$PROM_PORT")
 for i in $(seq 1 "$N"); do ports+=($((WS_BASE + i)) $((ADMIN_BASE + i))); done
 busy=()
@@ -174,7 +213,8 @@ if ((${#busy[@]})); then
         ))\b" || true)"
     fi
     msg+=$'\n'"Free them (e.g. 'systemctl stop prometheus' if it is Debian's service), or set"
-    msg+=" FERRY_LOCAL_REDIS_PORT / FERRY_LOCAL_PROM_PORT / FERRY_LOCAL_LB_PORT /"
+    msg+=" FERRY_LOCAL_REDIS_PORT / FERRY_LOCAL_REDIS_BUS_OFFSET / FERRY_LOCAL_PROM_PORT /"
+    msg+=" FERRY_LOCAL_LB_PORT /"
     msg+=" FERRY_LOCAL_STATS_PORT / FERRY_LOCAL_WS_BASE / FERRY_LOCAL_ADMIN_BASE."
     die "$msg"
 fi
@@ -230,11 +270,67 @@ wait_for() {
 rm -f "$STATE"/logs/*.log
 
 # --- 3. Redis ---------------------------------------------------------------------------------
-launcher redis redis-server --bind 127.0.0.1 --port "$REDIS_PORT" \
-    --dir "$STATE/redis" --appendonly yes --appendfsync "$APPENDFSYNC" \
-    --save '' --daemonize no --protected-mode yes
-start redis redis-server
-wait_for "redis PING on 127.0.0.1:$REDIS_PORT" redis_ping
+# cluster_ports: the ports of the cluster's nodes, redis-1 first.
+cluster_ports() { seq "$REDIS_PORT" $((REDIS_PORT + CLUSTER_NODES - 1)); }
+# cluster_shaped: every node sees the cluster settled, with 3 primaries and a replica of each.
+cluster_shaped() {
+    # shellcheck disable=SC2046 # one argument per port
+    cluster_settled $(cluster_ports) || return 1
+    local table
+    table=$(cluster_table "$REDIS_PORT")
+    [[ $(awk '$3 == "primary" && $6 != "-"' <<<"$table" | wc -l) == 3 &&
+        $(awk '$3 == "replica" && $4 != "-"' <<<"$table" | wc -l) == 3 ]]
+}
+if ((CLUSTER)); then
+    : >"$STATE/redis-nodes"
+    for i in $(seq 1 "$CLUSTER_NODES"); do
+        port=$((REDIS_PORT + i - 1))
+        dir="$STATE/redis-cluster/redis-$i"
+        # repl-diskless-sync-delay 0: a replica syncs at once instead of 5 s later (at creation,
+        # and when a failed primary comes back as a replica). repl-ping-replica-period 1: Redis
+        # 7.0 lists a replica in CLUSTER SLOTS only once its offset moves; pings move it.
+        launcher "redis-$i" redis-server --bind 127.0.0.1 --port "$port" \
+            --dir "$dir" --appendonly yes --appendfsync "$APPENDFSYNC" \
+            --save '' --daemonize no --protected-mode yes \
+            --cluster-enabled yes --cluster-config-file "$dir/nodes.conf" \
+            --cluster-port $((port + BUS_OFFSET)) --cluster-node-timeout "$NODE_TIMEOUT" \
+            --repl-diskless-sync-delay 0 --repl-ping-replica-period 1
+        start "redis-$i" redis-server
+        echo "redis-$i $port" >>"$STATE/redis-nodes"
+    done
+    for port in $(cluster_ports); do wait_for "redis PING on 127.0.0.1:$port" rc_ping "$port"; done
+    # Fresh nodes (no nodes.conf yet) know only themselves; nodes from an earlier run rejoin.
+    fresh=0
+    for port in $(cluster_ports); do
+        if [[ "$(rc_field "$port" cluster_known_nodes CLUSTER INFO)" == 1 &&
+            "$(rc_field "$port" cluster_slots_assigned CLUSTER INFO)" == 0 ]]; then
+            fresh=$((fresh + 1))
+        fi
+    done
+    if ((fresh == CLUSTER_NODES)); then
+        seeds=()
+        for port in $(cluster_ports); do seeds+=("127.0.0.1:$port"); done
+        log "creating the Redis Cluster (3 primaries, 1 replica each)"
+        redis-cli --cluster create "${seeds[@]}" --cluster-replicas 1 --cluster-yes \
+            >"$STATE/logs/redis-cluster-create.log" 2>&1 </dev/null ||
+            die "redis-cli --cluster create failed; see $STATE/logs/redis-cluster-create.log"
+    elif ((fresh > 0)); then
+        die "$fresh of the $CLUSTER_NODES Redis nodes have no cluster state and the others do;" \
+            "delete $STATE/redis-cluster for a fresh cluster"
+    fi
+    wait_for "Redis Cluster settled (cluster_state:ok everywhere, replicas in sync)" cluster_shaped
+    REDIS_URL=""
+    for port in $(cluster_ports); do REDIS_URL+="${REDIS_URL:+,}redis://127.0.0.1:$port"; done
+    CLUSTER_ARGS=(--redis-cluster)
+else
+    launcher redis redis-server --bind 127.0.0.1 --port "$REDIS_PORT" \
+        --dir "$STATE/redis" --appendonly yes --appendfsync "$APPENDFSYNC" \
+        --save '' --daemonize no --protected-mode yes
+    start redis redis-server
+    wait_for "redis PING on 127.0.0.1:$REDIS_PORT" redis_ping
+    REDIS_URL="redis://127.0.0.1:$REDIS_PORT"
+    CLUSTER_ARGS=()
+fi
 
 # --- 4. gateway nodes -------------------------------------------------------------------------
 # One HS256 secret shared by every node. Without it each --dev node draws its own random secret,
@@ -253,8 +349,9 @@ for i in $(seq 1 "$N"); do
     PRELUDE="export FERRY_JWT_SECRET=\$(<$(printf %q "$SECRET_FILE"))" \
         launcher "gw-$i" env NO_COLOR=1 "$GATEWAY" --dev \
         --listen "127.0.0.1:$((WS_BASE + i))" --admin-listen "127.0.0.1:$((ADMIN_BASE + i))" \
-        --redis-url "${!url_var:-redis://127.0.0.1:$REDIS_PORT}" --node-id "gw-$i" \
-        --drain-timeout "$DRAIN_TIMEOUT" --log-format text ${extra_args[@]+"${extra_args[@]}"}
+        --redis-url "${!url_var:-$REDIS_URL}" ${CLUSTER_ARGS[@]+"${CLUSTER_ARGS[@]}"} \
+        --node-id "gw-$i" --drain-timeout "$DRAIN_TIMEOUT" --log-format text \
+        ${extra_args[@]+"${extra_args[@]}"}
     start "gw-$i" ferry-gateway
 done
 
@@ -302,15 +399,24 @@ fi
 started_ok=1
 cat <<EOF
 
-Ferry local cluster is up ($N nodes). State, logs and PIDs: $STATE
+Ferry local cluster is up ($N nodes$( ((CLUSTER == 0)) || echo ", Redis Cluster")). State, logs and PIDs: $STATE
   WebSocket (via HAProxy): ws://127.0.0.1:$LB_PORT/v1/ws   (subprotocol ferry.v1.json)
   Dev token (via HAProxy): curl 'http://127.0.0.1:$LB_PORT/dev/token?user=alice'
   HAProxy stats:           http://127.0.0.1:$STATS_PORT/   (CSV: http://127.0.0.1:$STATS_PORT/;csv)
 $(if [[ "$PROMETHEUS" == 1 ]]; then
     echo "  Prometheus:              http://127.0.0.1:$PROM_PORT/   (targets: /targets)"
 else echo "  Prometheus:              not started (FERRY_LOCAL_PROMETHEUS=0)"; fi)
-  Redis:                   redis://127.0.0.1:$REDIS_PORT   (AOF on, appendfsync $APPENDFSYNC; data in $STATE/redis)
 EOF
+if ((CLUSTER)); then
+    echo "  Redis Cluster:           3 primaries x 1 replica (AOF on, appendfsync $APPENDFSYNC, node timeout ${NODE_TIMEOUT} ms; data in $STATE/redis-cluster)"
+    while read -r name port; do
+        cluster_table "$port" | awk -v n="$name" -v p="$port" '$1 == p {
+            printf "    %-8s redis://127.0.0.1:%s  %s%s\n", n, p, $3,
+                ($3 == "primary" ? " of slots " $6 : " of 127.0.0.1:" $4) }'
+    done <"$STATE/redis-nodes"
+else
+    echo "  Redis:                   redis://127.0.0.1:$REDIS_PORT   (AOF on, appendfsync $APPENDFSYNC; data in $STATE/redis)"
+fi
 for i in $(seq 1 "$N"); do
     a=$((ADMIN_BASE + i))
     echo "  gw-$i: ws://127.0.0.1:$((WS_BASE + i))/v1/ws  admin http://127.0.0.1:$a/{healthz,readyz,metrics}"

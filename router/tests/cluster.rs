@@ -38,6 +38,27 @@ async fn engine_on(cluster: &RedisCluster) -> Arc<RedisEngine> {
     )
 }
 
+/// A Redis engine on `cluster` with its live events, and `per_shard` users of every shard
+/// subscribed.
+async fn subscribed_engine(
+    cluster: &RedisCluster,
+    per_shard: usize,
+) -> (
+    Arc<RedisEngine>,
+    mpsc::UnboundedReceiver<LiveEvent>,
+    Vec<String>,
+) {
+    let engine = engine_on(cluster).await;
+    let events = live_events(&*engine);
+    let users = users_on_every_shard(cluster, per_shard);
+    for name in &users {
+        within("subscribe", engine.subscribe(&user(name)))
+            .await
+            .expect("subscribed");
+    }
+    (engine, events, users)
+}
+
 /// Runs the kit's blocking call without stalling the runtime.
 fn blocking<T>(work: impl FnOnce() -> T) -> T {
     tokio::task::block_in_place(work)
@@ -190,16 +211,9 @@ async fn until_all_live(
 async fn killed_pubsub_connections_resubscribe_every_slot_and_resync() {
     bounded(async {
         let cluster = RedisCluster::start(ClusterOptions::default());
-        let engine = engine_on(&cluster).await;
-        let mut events = live_events(&*engine);
         // Many slots on every shard: a resubscribe that put several slots in one SSUBSCRIBE
         // would be refused with CROSSSLOT.
-        let users = users_on_every_shard(&cluster, 8);
-        for name in &users {
-            within("subscribe", engine.subscribe(&user(name)))
-                .await
-                .expect("subscribed");
-        }
+        let (engine, mut events, users) = subscribed_engine(&cluster, 8).await;
         until_all_live(&*engine, &mut events, &users, "before").await;
 
         for port in cluster.primaries() {
@@ -227,14 +241,7 @@ async fn killed_pubsub_connections_resubscribe_every_slot_and_resync() {
 async fn a_moved_slot_is_followed_and_its_users_resynced() {
     bounded(async {
         let cluster = RedisCluster::start(ClusterOptions::default());
-        let engine = engine_on(&cluster).await;
-        let mut events = live_events(&*engine);
-        let users = users_on_every_shard(&cluster, 2);
-        for name in &users {
-            within("subscribe", engine.subscribe(&user(name)))
-                .await
-                .expect("subscribed");
-        }
+        let (engine, mut events, users) = subscribed_engine(&cluster, 2).await;
         until_all_live(&*engine, &mut events, &users, "before").await;
 
         let bob = users[0].clone();
@@ -269,14 +276,7 @@ async fn a_moved_slot_is_followed_and_its_users_resynced() {
 async fn failover_and_a_killed_primary_keep_the_store_and_live_path_working() {
     bounded(async {
         let mut cluster = RedisCluster::start(ClusterOptions::default());
-        let engine = engine_on(&cluster).await;
-        let mut events = live_events(&*engine);
-        let users = users_on_every_shard(&cluster, 2);
-        for name in &users {
-            within("subscribe", engine.subscribe(&user(name)))
-                .await
-                .expect("subscribed");
-        }
+        let (engine, mut events, users) = subscribed_engine(&cluster, 2).await;
         until_all_live(&*engine, &mut events, &users, "start").await;
         within("check", engine.check())
             .await
@@ -333,14 +333,7 @@ async fn failover_and_a_killed_primary_keep_the_store_and_live_path_working() {
 async fn frozen_replicas_change_nothing_since_only_primaries_are_read() {
     bounded(async {
         let cluster = RedisCluster::start(ClusterOptions::default());
-        let engine = engine_on(&cluster).await;
-        let mut events = live_events(&*engine);
-        let users = users_on_every_shard(&cluster, 2);
-        for name in &users {
-            within("subscribe", engine.subscribe(&user(name)))
-                .await
-                .expect("subscribed");
-        }
+        let (engine, mut events, users) = subscribed_engine(&cluster, 2).await;
         let primaries = cluster.primaries();
         let replicas: Vec<u16> = primaries
             .iter()
@@ -371,16 +364,9 @@ async fn unsubscribes_leave_no_subscription_behind() {
         // Not disruptive: the shared cluster, under the default prefix no other test here uses
         // on it.
         let cluster = RedisCluster::shared();
-        let engine = engine_on(cluster).await;
-        let _events = live_events(&*engine);
         // Several slots on every shard: an unsubscribe naming channels of several slots in one
         // SUNSUBSCRIBE is refused with CROSSSLOT and would leave them all subscribed.
-        let users = users_on_every_shard(cluster, 8);
-        for name in &users {
-            within("subscribe", engine.subscribe(&user(name)))
-                .await
-                .expect("subscribed");
-        }
+        let (engine, _events, users) = subscribed_engine(cluster, 8).await;
         let counts = |expected: i64| {
             users
                 .iter()

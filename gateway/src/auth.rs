@@ -93,6 +93,30 @@ pub struct Authenticator {
 struct Claims {
     #[serde(default)]
     sub: Option<serde_json::Value>,
+    /// Required, so always there once `Validation` passed.
+    #[serde(default)]
+    exp: u64,
+}
+
+/// Who a token names, and until when it is good.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Verified {
+    pub user: UserId,
+    /// The token's `exp`, unix seconds.
+    pub expires_at: u64,
+}
+
+impl Verified {
+    /// How long until the token is refused, from now: its `exp` plus the leeway tokens get at
+    /// `hello` (so a session ends exactly when a new `hello` with it would be refused).
+    pub fn remaining(&self) -> Duration {
+        let now = jsonwebtoken::get_current_timestamp();
+        Duration::from_secs(
+            self.expires_at
+                .saturating_add(LEEWAY_SECS)
+                .saturating_sub(now),
+        )
+    }
 }
 
 #[derive(Serialize)]
@@ -162,15 +186,21 @@ impl Authenticator {
 
     /// Checks `token`'s algorithm, signature and claims, and returns the user it names (`sub`).
     pub fn verify(&self, token: &str) -> Result<UserId, AuthError> {
+        self.verify_with_expiry(token).map(|verified| verified.user)
+    }
+
+    /// As `verify`, with the token's expiry.
+    pub fn verify_with_expiry(&self, token: &str) -> Result<Verified, AuthError> {
         if token.is_empty() {
             return Err(AuthError::Missing);
         }
         let data = jsonwebtoken::decode::<Claims>(token, &self.decoding, &self.validation)
             .map_err(AuthError::from_jwt)?;
+        let expires_at = data.claims.exp;
         match data.claims.sub {
-            Some(serde_json::Value::String(sub)) => {
-                UserId::parse(&sub).map_err(|e| AuthError::BadClaims(format!("sub: {e}")))
-            }
+            Some(serde_json::Value::String(sub)) => UserId::parse(&sub)
+                .map(|user| Verified { user, expires_at })
+                .map_err(|e| AuthError::BadClaims(format!("sub: {e}"))),
             Some(_) => Err(AuthError::BadClaims("sub is not a string".into())),
             None => Err(AuthError::BadClaims("missing sub".into())),
         }

@@ -10,6 +10,7 @@ use futures_util::{Stream, StreamExt};
 use tokio::time::Instant;
 use tokio_tungstenite::tungstenite::{Error as WsError, Message};
 
+use crate::auth::Verified;
 use crate::close;
 use crate::metrics;
 use crate::node::Node;
@@ -18,6 +19,8 @@ use crate::session::{Incoming, classify};
 /// A session that said a good `hello`.
 pub struct Opened {
     pub user: UserId,
+    /// The token's expiry: the session ends then unless an `auth` frame brings a fresh token.
+    pub token: Verified,
     pub membership: Membership,
     pub epoch: String,
     /// Everything at or below this seq is processed by the client (and acknowledged).
@@ -125,10 +128,11 @@ where
     let Some(token) = token.or(upgrade_token) else {
         return Err(Refusal::unauthorized("no token in hello or at the upgrade"));
     };
-    let user = node.auth.verify(&token).map_err(|e| {
+    let token = node.auth.verify_with_expiry(&token).map_err(|e| {
         tracing::info!(error = %e, "hello refused");
         Refusal::unauthorized(e.to_string())
     })?;
+    let user = token.user.clone();
 
     // Live delivery first, then the inbox: a message stored in between is both live and read,
     // and the session drops the copy at or below what it delivered.
@@ -159,9 +163,11 @@ where
         head: inbox.head,
         reset,
         heartbeat_ms: duration_ms(node.config.heartbeat),
+        expires_at: Some(token.expires_at),
     };
     Ok(Opened {
         user,
+        token,
         membership,
         epoch: inbox.epoch,
         resume,

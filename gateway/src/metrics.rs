@@ -196,10 +196,18 @@ pub fn init() {
     for outcome in ["ok", "unauthorized", "bad_frame", "timeout", "unavailable"] {
         HELLOS.with_label_values(&[outcome]);
     }
-    for kind in ["hello", "send", "ack", "ping"] {
+    for kind in ["hello", "send", "ack", "ping", "auth"] {
         FRAMES_IN.with_label_values(&[kind]);
     }
-    for kind in ["welcome", "msg", "sent", "error", "reconnect", "pong"] {
+    for kind in [
+        "welcome",
+        "msg",
+        "sent",
+        "error",
+        "reconnect",
+        "pong",
+        "authed",
+    ] {
         FRAMES_OUT.with_label_values(&[kind]);
     }
     for outcome in SEND_OUTCOMES {
@@ -229,10 +237,11 @@ pub const SEND_OUTCOMES: [&str; 8] = [
     "internal",
 ];
 
-pub const CLOSE_REASONS: [&str; 9] = [
+pub const CLOSE_REASONS: [&str; 10] = [
     "client",
     "protocol",
     "unauthorized",
+    "token_expired",
     "heartbeat",
     "write_timeout",
     "drain",

@@ -219,6 +219,9 @@ struct Session {
     out: Outbound,
     user: UserId,
     membership: Membership,
+    /// When the session's token stops being good (its `exp` plus the leeway); an `auth` frame
+    /// with a fresh token moves it.
+    token_expiry: Instant,
     epoch: String,
     /// Highest seq written to the client (the resume point at first).
     delivered: u64,
@@ -256,6 +259,7 @@ impl Session {
             out,
             user: opened.user,
             membership: opened.membership,
+            token_expiry: Instant::now() + opened.token.remaining(),
             epoch: opened.epoch,
             delivered: opened.resume,
             stamp: opened.stamp,
@@ -295,10 +299,24 @@ impl Session {
         heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let position_check = tokio::time::sleep(Node::jittered(node.config.position_check));
         tokio::pin!(position_check);
+        let token_expiry = tokio::time::sleep_until(self.token_expiry);
+        tokio::pin!(token_expiry);
 
         loop {
             let trim_due = self.trim_due();
+            if token_expiry.deadline() != self.token_expiry {
+                token_expiry.as_mut().reset(self.token_expiry);
+            }
             tokio::select! {
+                () = &mut token_expiry => {
+                    let error = ServerFrame::error(
+                        ErrorCode::TokenExpired,
+                        "the session's token expired; reconnect with a fresh one, or send `auth` \
+                         before it expires",
+                    );
+                    self.reply(error);
+                    return End::closing("token_expired", close::POLICY);
+                }
                 () = &mut drain_turn => {
                     return Box::pin(self.leave("drain", close::SERVICE_RESTART)).await;
                 }
@@ -395,6 +413,7 @@ impl Session {
             ClientFrame::Send { id, to, body } => self.on_send(id, to, body),
             ClientFrame::Ack { seq } => self.on_ack(seq),
             ClientFrame::Ping => self.reply(ServerFrame::Pong),
+            ClientFrame::Auth { token } => return self.on_auth(&token),
             ClientFrame::Hello { .. } => {
                 let error = ServerFrame::error(ErrorCode::BadFrame, "hello was already said");
                 self.reply(error);
@@ -402,6 +421,33 @@ impl Session {
             }
         }
         None
+    }
+
+    /// A fresh token: the session now lasts as long as it does. One that does not verify is
+    /// refused and changes nothing (the current token still holds); one naming another user ends
+    /// the session.
+    fn on_auth(&mut self, token: &str) -> Option<End> {
+        match self.node.auth.verify_with_expiry(token) {
+            Ok(fresh) if fresh.user == self.user => {
+                self.token_expiry = Instant::now() + fresh.remaining();
+                self.reply(ServerFrame::Authed {
+                    expires_at: fresh.expires_at,
+                });
+                None
+            }
+            Ok(other) => {
+                tracing::info!(user = %self.user, other = %other.user, "auth for another user");
+                let error =
+                    ServerFrame::error(ErrorCode::Unauthorized, "the token names another user");
+                self.reply(error);
+                Some(End::closing("unauthorized", close::POLICY))
+            }
+            Err(e) => {
+                tracing::info!(user = %self.user, error = %e, "auth refused");
+                self.reply(ServerFrame::error(ErrorCode::Unauthorized, e.to_string()));
+                None
+            }
+        }
     }
 
     /// Queues an answer (the loop writes it; while the queue is full, nothing more is read from

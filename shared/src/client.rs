@@ -57,7 +57,7 @@ mod transport;
 #[cfg(test)]
 mod tests;
 
-pub use config::{ClientConfig, TokenPlacement};
+pub use config::{ClientConfig, TokenPlacement, TokenSource};
 pub use error::{ClientError, SendError};
 pub use events::{Delivered, Event, Events, Sent, TryRecvError, Welcome};
 pub use handle::Client;

@@ -96,6 +96,9 @@ pub enum ClientFrame {
     Ack { seq: u64 },
     /// Application keepalive.
     Ping,
+    /// A fresh token for the session (after `welcome`), before the current one expires; it must
+    /// name the same user.
+    Auth { token: String },
 }
 
 /// Error codes of `PROTOCOL.md`, each with its fixed meaning.
@@ -110,6 +113,9 @@ pub enum ErrorCode {
     InboxFull,
     Unavailable,
     Internal,
+    /// The session's token expired (and no fresh one came in an `auth` frame): close 1008
+    /// follows.
+    TokenExpired,
     /// A code this version does not know (a newer server); clients treat it as `internal`.
     #[serde(other)]
     Unknown,
@@ -126,6 +132,7 @@ impl ErrorCode {
             ErrorCode::InboxFull => "inbox_full",
             ErrorCode::Unavailable => "unavailable",
             ErrorCode::Internal => "internal",
+            ErrorCode::TokenExpired => "token_expired",
             ErrorCode::Unknown => "unknown",
         }
     }
@@ -142,6 +149,10 @@ pub enum ServerFrame {
         head: u64,
         reset: bool,
         heartbeat_ms: u64,
+        /// When the session's token expires (its `exp`, unix seconds): send `auth` with a fresh
+        /// one before then. Absent from servers before token lifetimes.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        expires_at: Option<u64>,
     },
     Msg {
         seq: u64,
@@ -168,6 +179,10 @@ pub enum ServerFrame {
         after_ms: u64,
     },
     Pong,
+    /// The token of an `auth` frame was taken: the session now expires at `expires_at`.
+    Authed {
+        expires_at: u64,
+    },
 }
 
 impl ServerFrame {
@@ -180,6 +195,7 @@ impl ServerFrame {
             ServerFrame::Error { .. } => "error",
             ServerFrame::Reconnect { .. } => "reconnect",
             ServerFrame::Pong => "pong",
+            ServerFrame::Authed { .. } => "authed",
         }
     }
 
@@ -201,6 +217,7 @@ impl ClientFrame {
             ClientFrame::Send { .. } => "send",
             ClientFrame::Ack { .. } => "ack",
             ClientFrame::Ping => "ping",
+            ClientFrame::Auth { .. } => "auth",
         }
     }
 }

@@ -203,10 +203,13 @@ impl TestGateway {
     }
 
     pub fn token(&self, user: &str) -> String {
+        self.token_for(user, Duration::from_secs(3600))
+    }
+
+    /// A token for `user` that expires `ttl` from now (whole seconds).
+    pub fn token_for(&self, user: &str, ttl: Duration) -> String {
         let user = UserId::parse(user).expect("valid user");
-        self.auth
-            .mint_dev_token(&user, Duration::from_secs(3600))
-            .expect("mint")
+        self.auth.mint_dev_token(&user, ttl).expect("mint")
     }
 
     pub fn client_config(&self, user: &str) -> ClientConfig {

@@ -7,6 +7,11 @@ use std::time::Duration;
 use crate::client::error::ClientError;
 use crate::codec::Codec;
 
+/// Fetches a fresh token (for example from the application's backend); `Err` says why not.
+pub type TokenSource = std::sync::Arc<
+    dyn Fn() -> futures_util::future::BoxFuture<'static, Result<String, String>> + Send + Sync,
+>;
+
 /// Where the token travels (`PROTOCOL.md`, Authentication).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash)]
 pub enum TokenPlacement {
@@ -38,8 +43,14 @@ pub enum TokenPlacement {
 pub struct ClientConfig {
     /// The gateway's WebSocket endpoint, `ws://host:port/v1/ws` (TLS is not supported).
     pub url: String,
-    /// The JWT that authenticates this client; sent where `token_in` says.
+    /// The JWT that authenticates this client; sent where `token_in` says. Unused when
+    /// `token_source` is set.
     pub token: String,
+    /// Where fresh tokens come from: called before every (re)connect, and before the session's
+    /// token expires (the client then sends it in an `auth` frame), so a session outlives any
+    /// one token. `None`: `token` for every connect, and the session ends when it expires
+    /// (`token_expired`).
+    pub token_source: Option<TokenSource>,
     /// The subprotocol to ask for: MessagePack (default) or JSON.
     pub codec: Codec,
     /// Resume point of the first `hello`: everything up to here is already processed.
@@ -83,6 +94,7 @@ impl ClientConfig {
         ClientConfig {
             url: url.into(),
             token: token.into(),
+            token_source: None,
             codec: Codec::MsgPack,
             last_seq: 0,
             epoch: None,

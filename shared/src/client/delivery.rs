@@ -241,6 +241,7 @@ mod tests {
             reset,
             heartbeat_ms: 0,
             resumed_from,
+            expires_at: None,
         })
     }
 

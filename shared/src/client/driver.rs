@@ -8,6 +8,7 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
+use futures_util::future::BoxFuture;
 use futures_util::{SinkExt, StreamExt};
 use tokio::sync::{mpsc, oneshot};
 use tokio::time::{Instant, Sleep};
@@ -73,6 +74,8 @@ struct Open {
     idle_check: Option<Instant>,
     /// The server is draining: reconnect no earlier than this.
     drain_at: Option<Instant>,
+    /// With a token source: when to fetch a fresh token and send it in `auth`.
+    refresh_at: Option<Instant>,
 }
 
 enum ConnEvent {
@@ -110,6 +113,8 @@ pub(crate) struct Driver {
     last_close: Option<u16>,
     timer: Pin<Box<Sleep>>,
     timer_at: Option<Instant>,
+    /// A token being fetched from the token source, to send in `auth`.
+    refreshing: Option<BoxFuture<'static, Result<String, String>>>,
     /// New sends are held until then: the server answered `rate_limited`, and its
     /// `retry_after_ms` applies to the client's sending, not only to the refused send.
     hold_until: Option<Instant>,
@@ -144,6 +149,7 @@ impl Driver {
             last_close: None,
             timer: Box::pin(tokio::time::sleep_until(Instant::now())),
             timer_at: None,
+            refreshing: None,
             hold_until: None,
         };
         driver.opened(ws, welcome);
@@ -168,6 +174,12 @@ impl Driver {
                 () = &mut self.timer, if self.timer_at.is_some() => {
                     self.timer_at = None;
                     self.on_timer().await
+                }
+                token = async { self.refreshing.as_mut().expect("guarded").await },
+                    if self.refreshing.is_some() =>
+                {
+                    self.refreshing = None;
+                    self.on_fresh_token(token).await
                 }
             };
             match flow {
@@ -207,7 +219,9 @@ impl Driver {
             last_rx: now,
             idle_check: idle_limit.map(|limit| now + limit),
             drain_at: None,
+            refresh_at: self.refresh_time(welcome.expires_at),
         }));
+        self.refreshing = None;
         tracing::debug!(
             node = %welcome.node, epoch = %welcome.epoch, head = welcome.head,
             reset = welcome.reset, resumed_from = welcome.resumed_from, "welcome"
@@ -449,6 +463,13 @@ impl Driver {
             ServerFrame::Welcome { .. } => {
                 tracing::warn!("a second welcome on one connection, ignored");
             }
+            ServerFrame::Authed { expires_at } => {
+                tracing::debug!(expires_at, "fresh token taken");
+                let refresh_at = self.refresh_time(Some(expires_at));
+                if let Conn::Open(open) = &mut self.conn {
+                    open.refresh_at = refresh_at;
+                }
+            }
         }
     }
 
@@ -560,10 +581,15 @@ impl Driver {
     /// a hold on sends.
     fn arm_timer(&mut self) {
         let next = match &self.conn {
-            Conn::Open(open) => [self.delivery.ack_due_at(), open.idle_check, self.hold_until]
-                .into_iter()
-                .flatten()
-                .min(),
+            Conn::Open(open) => [
+                self.delivery.ack_due_at(),
+                open.idle_check,
+                self.hold_until,
+                open.refresh_at.filter(|_| self.refreshing.is_none()),
+            ]
+            .into_iter()
+            .flatten()
+            .min(),
             _ => None,
         };
         if next != self.timer_at {
@@ -596,9 +622,53 @@ impl Driver {
         {
             return self.disconnected(None, e.to_string()).await;
         }
+        if self.refreshing.is_none()
+            && let Conn::Open(open) = &mut self.conn
+            && open.refresh_at.is_some_and(|at| at <= now)
+            && let Some(source) = &self.config.token_source
+        {
+            open.refresh_at = None;
+            self.refreshing = Some(source());
+        }
         if self.hold_until.is_some_and(|at| at <= now) {
             self.hold_until = None;
             return self.write_held().await;
+        }
+        Flow::Continue
+    }
+
+    /// When to fetch the next token for a session whose token expires at `expires_at` (unix
+    /// seconds): at 80 % of the time left, and at least a second before it. `None` without a
+    /// token source (or an expiry).
+    fn refresh_time(&self, expires_at: Option<u64>) -> Option<Instant> {
+        self.config.token_source.as_ref()?;
+        let unix_now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        let left = Duration::from_secs(expires_at?.saturating_sub(unix_now));
+        let at = left
+            .mul_f64(0.8)
+            .min(left.saturating_sub(Duration::from_secs(1)));
+        Some(Instant::now() + at)
+    }
+
+    /// A token from the token source: sent in `auth`; on failure asked again in a second.
+    async fn on_fresh_token(&mut self, token: Result<String, String>) -> Flow {
+        let Conn::Open(open) = &mut self.conn else {
+            return Flow::Continue;
+        };
+        match token {
+            Ok(token) => {
+                if let Some(frame) = encode(&self.config, &ClientFrame::Auth { token })
+                    && let Err(e) = open.ws.send(frame).await
+                {
+                    return self.disconnected(None, e.to_string()).await;
+                }
+            }
+            Err(why) => {
+                tracing::warn!(%why, "the token source failed; asking again in a second");
+                open.refresh_at = Some(Instant::now() + Duration::from_secs(1));
+            }
         }
         Flow::Continue
     }

@@ -30,6 +30,9 @@ pub enum ClientError {
         /// The close frame's reason text.
         reason: String,
     },
+    /// The token source failed (it is asked again at the next attempt).
+    #[error("no token: {0}")]
+    Token(String),
     /// The server answered `hello` with an `error` frame.
     #[error("server error {}: {message}", .code.as_str())]
     Server {

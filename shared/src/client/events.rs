@@ -28,6 +28,8 @@ pub struct Welcome {
     pub heartbeat_ms: u64,
     /// The `last_seq` this connection's `hello` gave (where delivery resumes unless `reset`).
     pub resumed_from: u64,
+    /// When the session's token expires (unix seconds), if the server says.
+    pub expires_at: Option<u64>,
 }
 
 /// One message from the inbox, delivered once: duplicates (seq at or below one already

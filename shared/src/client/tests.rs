@@ -204,6 +204,7 @@ fn welcome(epoch: &str, head: u64, reset: bool, heartbeat_ms: u64) -> ServerFram
         head,
         reset,
         heartbeat_ms,
+        expires_at: None,
     }
 }
 

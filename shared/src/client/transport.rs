@@ -127,20 +127,24 @@ pub(crate) async fn open_session(
     resume: &Position,
 ) -> Result<(Ws, Welcome), ClientError> {
     let open = async {
+        let token = match &config.token_source {
+            Some(source) => Cow::Owned(source().await.map_err(ClientError::Token)?),
+            None => Cow::Borrowed(config.token.as_str()),
+        };
         let url = match config.token_in {
-            TokenPlacement::Query => Cow::Owned(with_query_token(&config.url, &config.token)),
+            TokenPlacement::Query => Cow::Owned(with_query_token(&config.url, &token)),
             _ => Cow::Borrowed(config.url.as_str()),
         };
         let bearer;
         let mut headers = Vec::new();
         if config.token_in == TokenPlacement::Header {
-            bearer = format!("Bearer {}", config.token);
+            bearer = format!("Bearer {token}");
             headers.push((AUTHORIZATION.as_str(), bearer.as_str()));
         }
         let subprotocol = config.codec.subprotocol();
         let (mut ws, _) = dial(&url, config.local_addr, &[subprotocol], &headers).await?;
         let hello = ClientFrame::Hello {
-            token: (config.token_in == TokenPlacement::Hello).then(|| config.token.clone()),
+            token: (config.token_in == TokenPlacement::Hello).then(|| token.into_owned()),
             last_seq: resume.last_seq,
             epoch: resume.epoch.clone(),
         };
@@ -189,6 +193,7 @@ async fn await_welcome(
                 head,
                 reset,
                 heartbeat_ms,
+                expires_at,
             } => Ok(Welcome {
                 user,
                 node,
@@ -197,6 +202,7 @@ async fn await_welcome(
                 reset,
                 heartbeat_ms,
                 resumed_from,
+                expires_at,
             }),
             ServerFrame::Error { code, message, .. } => Err(ClientError::Server { code, message }),
             other => Err(ClientError::Protocol(format!(

@@ -93,9 +93,10 @@ pub struct Authenticator {
 struct Claims {
     #[serde(default)]
     sub: Option<serde_json::Value>,
-    /// Required, so always there once `Validation` passed.
+    /// Required and checked as a time by `Validation`; read as a value so that a malformed one
+    /// is reported by the validation (`BadClaims`), not as an undecodable token.
     #[serde(default)]
-    exp: u64,
+    exp: Option<serde_json::Value>,
 }
 
 /// Who a token names, and until when it is good.
@@ -196,7 +197,12 @@ impl Authenticator {
         }
         let data = jsonwebtoken::decode::<Claims>(token, &self.decoding, &self.validation)
             .map_err(AuthError::from_jwt)?;
-        let expires_at = data.claims.exp;
+        let expires_at = data
+            .claims
+            .exp
+            .as_ref()
+            .and_then(|exp| exp.as_f64())
+            .map_or(0, |exp| exp as u64);
         match data.claims.sub {
             Some(serde_json::Value::String(sub)) => UserId::parse(&sub)
                 .map(|user| Verified { user, expires_at })

@@ -12,11 +12,18 @@ export interface FerryStorage {
 }
 
 export interface FerryClientOptions {
-  /** A JWT, sent in `hello` (browsers cannot set headers on a WebSocket). */
+  /**
+   * A JWT, sent in `hello` (browsers cannot set headers on a WebSocket). A fixed token lasts
+   * until its `exp`: then the server ends the session (`token_expired`) and the client stops.
+   */
   token?: string;
   /**
-   * Fetches a token: before the first connection when `token` is not given, and once more
-   * after an `unauthorized` close (without it, `unauthorized` stops the client).
+   * Fetches a fresh token (takes precedence over `token`): before every connection, and to
+   * refresh the session's token before it expires (at about 80% of the time left until the
+   * server's `expiresAt`, at least 1 s before it), sent in an `auth` frame. A failed or refused
+   * refresh is retried with backoff until expiry; an expired session reconnects with a fresh
+   * token. After an `unauthorized` close it is tried once more at once (without `getToken`,
+   * `unauthorized` stops the client).
    */
   getToken?: () => Promise<string> | string;
   /** Persists `{ lastSeq, epoch }` on every delivery; read back at construction. */
@@ -66,6 +73,12 @@ export interface WelcomeDetail {
   head: number;
   reset: boolean;
   heartbeatMs: number;
+  /** When the session's token expires (its `exp`, unix seconds); null from older servers. */
+  expiresAt: number | null;
+}
+export interface AuthedDetail {
+  /** The refreshed token's `exp` (unix seconds): the session now lasts until then. */
+  expiresAt: number;
 }
 export interface ResetDetail {
   previousEpoch: string | null;
@@ -85,6 +98,12 @@ export interface SentDetail {
   seq: number;
   duplicate: boolean;
 }
+/**
+ * `code` is a PROTOCOL.md error code. The client goes on (state `reconnecting` or `open`) unless
+ * its state turns `closed`: after `unauthorized` that no fresh token fixed, or `token_expired`
+ * without `getToken`. A failed `getToken` (at connect or refresh) and a refused refresh are
+ * reported as `unauthorized` while the client retries.
+ */
 export interface ErrorDetail {
   code: string;
   message: string;
@@ -102,6 +121,7 @@ export interface FerryEventMap {
   sent: CustomEvent<SentDetail>;
   error: CustomEvent<ErrorDetail>;
   reconnect: CustomEvent<ReconnectDetail>;
+  authed: CustomEvent<AuthedDetail>;
 }
 
 export declare class FerryClient extends EventTarget {

@@ -3,13 +3,15 @@
 // It speaks the `ferry.v1.json` subprotocol of PROTOCOL.md (JSON text frames; a body is a
 // string, or `body_b64` when it is bytes). It keeps the inbox position (`last_seq`, `epoch`),
 // optionally in a storage such as `localStorage`, reconnects with jittered exponential backoff,
-// drops duplicate seqs, acknowledges cumulatively, retries sends with the same `id`, and sends
-// application pings. See ferry-client.d.ts for the API.
+// drops duplicate seqs, acknowledges cumulatively, retries sends with the same `id`, sends
+// application pings, and, given `getToken`, keeps the session's token fresh (`auth` before it
+// expires). See ferry-client.d.ts for the API.
 
 export const SUBPROTOCOL = 'ferry.v1.json';
 
 const ID_PATTERN = /^[A-Za-z0-9._:-]{1,64}$/;
 const DEFAULT_HEARTBEAT_MS = 25000;
+const MIN_REFRESH_MS = 1000; // the soonest a token refresh is planned (a skewed clock cannot spin it)
 
 function newId() {
   const c = globalThis.crypto;
@@ -56,13 +58,17 @@ export class FerryClient extends EventTarget {
   #acked = 0; // highest seq acknowledged on the current connection
   #heartbeatMs = DEFAULT_HEARTBEAT_MS;
   #attempt = 0; // failed connection attempts since the last welcome
+  #opens = 0; // counts #open calls and stops, so an #open that awaited getToken knows it is stale
   #tokenRetried = false;
   #authFailed = null; // the `unauthorized` error frame of the current connection
+  #expired = null; // the `token_expired` error frame of the current connection
+  #expiresAtMs = null; // when the current connection's token expires (its `exp`), local clock
+  #refreshAttempt = 0; // failed token refreshes since the last welcome or authed
   #drainAfterMs = null; // set by a `reconnect` frame
   #welcomed = false;
   #pending = new Map(); // id -> { id, to, frame, resolve, reject, attempt, timer }
   #holdUntil = 0; // no send is written before this (Date.now() ms): a `rate_limited` answer's wait
-  #timers = { reconnect: null, ack: null, ping: null, dead: null, drain: null };
+  #timers = { reconnect: null, ack: null, ping: null, dead: null, drain: null, refresh: null };
 
   constructor(url, options = {}) {
     super();
@@ -153,20 +159,22 @@ export class FerryClient extends EventTarget {
   // ---- connection ----
 
   async #open() {
-    const failedAuth = this.#authFailed;
+    const run = ++this.#opens;
     this.#authFailed = null;
+    this.#expired = null;
     this.#drainAfterMs = null;
     this.#welcomed = false;
-    if ((this.#token === undefined || failedAuth) && typeof this.#options.getToken === 'function') {
+    if (typeof this.#options.getToken === 'function') {
+      // A fresh token for every connection: the last one may have expired meanwhile.
       try {
         this.#token = await this.#options.getToken();
       } catch (e) {
+        if (run !== this.#opens || this.#isStopped()) return;
         this.#emit('error', { code: 'unauthorized', message: 'getToken failed: ' + (e && e.message) });
-        if (this.#isStopped()) return;
         this.#scheduleReconnect();
         return;
       }
-      if (this.#isStopped()) return;
+      if (run !== this.#opens || this.#isStopped()) return;
     }
     let ws;
     try {
@@ -222,16 +230,27 @@ export class FerryClient extends EventTarget {
   #dropped(code, reason) {
     this.#detach();
     if (this.#isStopped()) return;
-    const auth = this.#authFailed || (code === 1008 && /unauthori[sz]ed/i.test(reason || '') ? { message: reason } : null);
-    if (auth) {
-      if (typeof this.#options.getToken === 'function' && !this.#tokenRetried) {
+    const canFetch = typeof this.#options.getToken === 'function';
+    const policy = code === 1008;
+    const expired = this.#expired || (policy && reason === 'token_expired' ? { message: reason } : null);
+    if (expired) {
+      // The session outlived its token: a reconnect with a fresh one from getToken, or, with a
+      // fixed token, the end.
+      this.#emit('error', { code: 'token_expired', message: expired.message || 'token expired' });
+      if (!canFetch) {
+        this.close();
+        return;
+      }
+    } else if (policy && (this.#authFailed || /unauthori[sz]ed/i.test(reason || ''))) {
+      // Refused: one more try at once with a fresh token, then (or without getToken) the end.
+      if (canFetch && !this.#tokenRetried) {
         this.#tokenRetried = true;
-        this.#authFailed = auth;
         this.#setState('reconnecting');
         this.#open();
         return;
       }
-      this.#emit('error', { code: 'unauthorized', message: auth.message || 'unauthorized' });
+      const message = (this.#authFailed && this.#authFailed.message) || reason || 'unauthorized';
+      this.#emit('error', { code: 'unauthorized', message });
       this.close();
       return;
     }
@@ -245,11 +264,16 @@ export class FerryClient extends EventTarget {
     }
   }
 
-  #scheduleReconnect() {
+  /** The wait before retry number `attempt` (from 0): jittered, doubling up to backoffMaxMs. */
+  #backoff(attempt) {
     const { backoffMinMs, backoffMaxMs } = this.#options;
-    const ceiling = Math.min(backoffMaxMs, backoffMinMs * 2 ** Math.min(this.#attempt, 30));
+    const ceiling = Math.min(backoffMaxMs, backoffMinMs * 2 ** Math.min(attempt, 30));
+    return ceiling / 2 + Math.random() * (ceiling / 2);
+  }
+
+  #scheduleReconnect() {
+    const delay = this.#backoff(this.#attempt);
     this.#attempt += 1;
-    const delay = ceiling / 2 + Math.random() * (ceiling / 2);
     clearTimeout(this.#timers.reconnect);
     if (!this.#isStopped()) this.#setState('reconnecting');
     this.#timers.reconnect = setTimeout(() => this.#reopen(), delay);
@@ -266,7 +290,8 @@ export class FerryClient extends EventTarget {
     const ws = this.#ws;
     this.#ws = null;
     this.#welcomed = false;
-    for (const name of ['ack', 'ping', 'dead', 'drain']) {
+    this.#expiresAtMs = null;
+    for (const name of ['ack', 'ping', 'dead', 'drain', 'refresh']) {
       clearTimeout(this.#timers[name]);
       clearInterval(this.#timers[name]);
       this.#timers[name] = null;
@@ -282,6 +307,7 @@ export class FerryClient extends EventTarget {
   }
 
   #stop() {
+    this.#opens += 1; // an #open still awaiting getToken gives up
     clearTimeout(this.#timers.reconnect);
     this.#timers.reconnect = null;
     this.#detach();
@@ -319,6 +345,8 @@ export class FerryClient extends EventTarget {
         return this.#onSent(frame);
       case 'error':
         return this.#onError(frame);
+      case 'authed':
+        return this.#onAuthed(frame);
       case 'reconnect': {
         const afterMs = Number(frame.after_ms) || 0;
         this.#drainAfterMs = afterMs;
@@ -340,6 +368,7 @@ export class FerryClient extends EventTarget {
     this.#welcomed = true;
     this.#attempt = 0;
     this.#tokenRetried = false;
+    this.#refreshAttempt = 0;
     this.#heartbeatMs = Number(frame.heartbeat_ms) || DEFAULT_HEARTBEAT_MS;
     this.#armDeadTimer();
     if (frame.reset) {
@@ -363,11 +392,64 @@ export class FerryClient extends EventTarget {
       head: frame.head,
       reset: !!frame.reset,
       heartbeatMs: this.#heartbeatMs,
+      expiresAt: typeof frame.expires_at === 'number' ? frame.expires_at : null,
     });
     // Sends that never got an answer go again, with the same id.
     for (const entry of this.#pending.values()) {
       if (entry.timer === null) this.#transmit(entry);
     }
+    this.#planRefresh(frame.expires_at);
+  }
+
+  // ---- token lifetime ----
+
+  #onAuthed(frame) {
+    this.#authFailed = null;
+    this.#refreshAttempt = 0;
+    this.#emit('authed', { expiresAt: frame.expires_at });
+    this.#planRefresh(frame.expires_at);
+  }
+
+  /**
+   * After `welcome` or `authed`: with getToken, the next refresh comes at 80% of the time left
+   * until `expiresAt` (unix seconds, read against the local clock), at least 1 s before it, but
+   * never sooner than MIN_REFRESH_MS from now. Without getToken the session ends at expiry.
+   */
+  #planRefresh(expiresAt) {
+    clearTimeout(this.#timers.refresh);
+    this.#timers.refresh = null;
+    this.#expiresAtMs = typeof expiresAt === 'number' ? expiresAt * 1000 : null;
+    if (this.#expiresAtMs === null || typeof this.#options.getToken !== 'function') return;
+    const left = this.#expiresAtMs - Date.now();
+    const delay = Math.max(MIN_REFRESH_MS, Math.min(left * 0.8, left - 1000));
+    this.#timers.refresh = setTimeout(() => this.#refresh(), delay);
+  }
+
+  /** Fetches a token and sends it in `auth`; the answer is `authed`, or `unauthorized`. */
+  async #refresh() {
+    this.#timers.refresh = null;
+    const ws = this.#ws;
+    let token;
+    try {
+      token = await this.#options.getToken();
+    } catch (e) {
+      if (ws !== this.#ws) return;
+      this.#emit('error', { code: 'unauthorized', message: 'getToken failed: ' + (e && e.message) });
+      this.#retryRefresh();
+      return;
+    }
+    if (ws === this.#ws && this.#welcomed) this.#write({ type: 'auth', token });
+  }
+
+  /** A refresh failed or was refused: again after a backoff, while the current token lasts. */
+  #retryRefresh() {
+    const delay = this.#backoff(this.#refreshAttempt);
+    this.#refreshAttempt += 1;
+    clearTimeout(this.#timers.refresh);
+    this.#timers.refresh = null;
+    // Past expiry the server closes with `token_expired`; the reconnect fetches a token.
+    if (this.#expiresAtMs === null || Date.now() + delay >= this.#expiresAtMs) return;
+    this.#timers.refresh = setTimeout(() => this.#refresh(), delay);
   }
 
   #onMsg(frame) {
@@ -395,7 +477,17 @@ export class FerryClient extends EventTarget {
     const entry = frame.id !== undefined ? this.#pending.get(frame.id) : undefined;
     if (!entry) {
       if (code === 'unauthorized') {
-        this.#authFailed = { message }; // the close 1008 that follows decides what to do
+        // A close 1008 that follows decides what to do: it always follows a refused hello, and
+        // follows a refused `auth` only when its token named another user.
+        this.#authFailed = { message };
+        if (this.#welcomed) {
+          this.#emit('error', { code, message });
+          this.#retryRefresh();
+        }
+        return;
+      }
+      if (code === 'token_expired') {
+        this.#expired = { message }; // reported at the close 1008 that follows
         return;
       }
       const detail = { code, message };
@@ -411,9 +503,7 @@ export class FerryClient extends EventTarget {
         // The wait applies to the client's sending, not only to this send.
         this.#holdUntil = Math.max(this.#holdUntil, Date.now() + delay);
       } else {
-        const { backoffMinMs, backoffMaxMs } = this.#options;
-        const ceiling = Math.min(backoffMaxMs, backoffMinMs * 2 ** Math.min(entry.attempt - 1, 30));
-        delay = ceiling / 2 + Math.random() * (ceiling / 2);
+        delay = this.#backoff(entry.attempt - 1);
       }
       clearTimeout(entry.timer);
       entry.timer = setTimeout(() => {

@@ -159,13 +159,16 @@ export async function newPage(browser, gw, urlPath = '/demo') {
 }
 
 /**
- * Puts `window.__t` in the page: make(name, user, opts) builds a FerryClient with a token from
- * /dev/token and records every event it emits in __t.c[name].events.
+ * Puts `window.__t` in the page: make(name, user, opts) builds a FerryClient whose getToken asks
+ * /dev/token (or, when opts.token is given, one with that fixed token and no getToken), and
+ * records in __t.c[name] every event it emits (.events), every frame from the server (.frames)
+ * and to it (.outgoing), and every close (.closes). Setting .tokens to 'fail' makes getToken
+ * throw, to 'bad' makes it return a token that does not verify; .tokenCalls counts the calls.
  */
 export async function installDriver(page) {
   await page.evaluate(async () => {
     const mod = await import('/v1/ferry-client.js');
-    const EVENTS = ['state', 'welcome', 'reset', 'message', 'sent', 'error', 'reconnect'];
+    const EVENTS = ['state', 'welcome', 'reset', 'message', 'sent', 'error', 'reconnect', 'authed'];
     const t = {
       FerryClient: mod.FerryClient,
       c: {},
@@ -175,11 +178,21 @@ export async function installDriver(page) {
         return (await r.json()).token;
       },
       make(name, user, opts = {}) {
-        const o = { getToken: () => t.token(user), ...opts };
+        const rec = {
+          user, events: [], frames: [], outgoing: [], closes: [], sockets: [], blocked: false,
+          tokens: 'good', tokenCalls: 0,
+        };
+        const getToken = async () => {
+          rec.tokenCalls += 1;
+          if (rec.tokens === 'fail') throw new Error('getToken made to fail by the test');
+          if (rec.tokens === 'bad') return 'not.a.token';
+          return t.token(user);
+        };
+        const o = opts.token !== undefined ? { ...opts } : { getToken, ...opts };
         if (opts.useLocalStorage) { delete o.useLocalStorage; o.storage = window.localStorage; }
-        const rec = { user, events: [], frames: [], sockets: [], blocked: false };
-        // A WebSocket that records every frame the server sends, keeps its sockets (so a test
-        // can cut one), and while rec.blocked is set connects nowhere (so a reconnect fails).
+        // A WebSocket that records every frame both ways and every close, keeps its sockets (so
+        // a test can cut one), and while rec.blocked is set connects nowhere (so a reconnect
+        // fails).
         o.WebSocket = class SpyWebSocket extends WebSocket {
           constructor(url, protocols) {
             super(rec.blocked ? 'ws://127.0.0.1:9/blocked' : url, protocols);
@@ -187,6 +200,12 @@ export async function installDriver(page) {
             this.addEventListener('message', (e) => {
               try { rec.frames.push(JSON.parse(e.data)); } catch { rec.frames.push({ raw: String(e.data) }); }
             });
+            this.addEventListener('close', (e) => rec.closes.push({ code: e.code, reason: e.reason, at: Date.now() }));
+          }
+
+          send(data) {
+            try { rec.outgoing.push(JSON.parse(data)); } catch { rec.outgoing.push({ raw: String(data) }); }
+            super.send(data);
           }
         };
         const client = new t.FerryClient(new URL('/v1/ws', location.href).href.replace(/^http/, 'ws'), o);

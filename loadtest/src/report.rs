@@ -253,6 +253,14 @@ impl Verdict for Report {
         nonzero(&mut out, "out of order", self.out_of_order);
         nonzero(&mut out, "seq mismatch", self.seq_mismatch);
         nonzero(&mut out, "connections failed", self.connect_failed as u64);
+        if self.dispatched > 0 && self.sent == 0 {
+            // Nothing accepted means nothing to lose: without this a run whose every send was
+            // refused (a wrong ACL, a dead store) would pass.
+            out.push(format!(
+                "no send was answered `sent` ({} dispatched; errors {:?})",
+                self.dispatched, self.send_errors
+            ));
+        }
         if !self.drained {
             out.push(format!(
                 "drain timed out after {:.1} s (lost counts messages still waiting in inboxes)",
@@ -553,5 +561,26 @@ mod tests {
             ..allowed
         };
         assert_eq!(stuck.failures().len(), 1);
+    }
+
+    #[test]
+    fn a_run_where_nothing_was_accepted_fails() {
+        let refused = Report {
+            drained: true,
+            dispatched: 1100,
+            sent: 0,
+            send_errors: BTreeMap::from([("internal".to_string(), 1100)]),
+            ..Report::default()
+        };
+        assert_eq!(refused.failures().len(), 1, "{:?}", refused.failures());
+        assert!(refused.failures()[0].contains("no send was answered `sent`"));
+        let idle = Report {
+            drained: true,
+            ..Report::default()
+        };
+        assert!(
+            idle.failures().is_empty(),
+            "nothing dispatched, nothing to judge"
+        );
     }
 }

@@ -18,6 +18,28 @@ fn gateway(args: &[&str]) -> Command {
     command
 }
 
+/// `--dev` on loopback ports chosen by the system, plus `args`.
+fn dev_gateway(args: &[&str]) -> Command {
+    let mut command = gateway(&[
+        "--dev",
+        "--listen",
+        "127.0.0.1:0",
+        "--admin-listen",
+        "127.0.0.1:0",
+    ]);
+    command.args(args);
+    command
+}
+
+/// Sends SIGTERM to the child we started, and only to it.
+fn terminate(child: &Child) {
+    let status = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .expect("kill");
+    assert!(status.success());
+}
+
 /// Waits for the child's exit, polling every 20 ms at most `limit` long in all.
 fn wait_bounded(child: &mut Child, limit: Duration) -> std::process::ExitStatus {
     let step = Duration::from_millis(20);
@@ -45,19 +67,11 @@ fn refuses_to_start_without_a_key_unless_dev() {
 
 #[test]
 fn sigterm_drains_to_a_clean_exit() {
-    let mut child = gateway(&[
-        "--dev",
-        "--listen",
-        "127.0.0.1:0",
-        "--admin-listen",
-        "127.0.0.1:0",
-        "--drain-timeout",
-        "1s",
-    ])
-    .stdout(Stdio::piped())
-    .stderr(Stdio::null())
-    .spawn()
-    .expect("start the gateway");
+    let mut child = dev_gateway(&["--drain-timeout", "1s"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("start the gateway");
     let mut lines = BufReader::new(child.stdout.take().expect("stdout")).lines();
     let serving = lines
         .by_ref()
@@ -65,11 +79,7 @@ fn sigterm_drains_to_a_clean_exit() {
         .any(|line| line.contains("gateway serving"));
     assert!(serving, "the gateway started serving");
     // Right after start: the handler is installed before the ports are bound.
-    let status = Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
-        .status()
-        .expect("kill");
-    assert!(status.success());
+    terminate(&child);
     let exit = wait_bounded(&mut child, Duration::from_secs(20));
     assert!(exit.success(), "a drained gateway exits 0: {exit:?}");
     let rest: Vec<String> = lines.map_while(Result::ok).collect();
@@ -104,21 +114,13 @@ fn the_redis_password_stays_out_of_help_and_logs() {
         "--help shows the password: {text}"
     );
 
-    let mut child = gateway(&[
-        "--dev",
-        "--listen",
-        "127.0.0.1:0",
-        "--admin-listen",
-        "127.0.0.1:0",
-        "--store-timeout",
-        "200ms",
-    ])
-    .env("FERRY_REDIS_URL", &url)
-    .env("FERRY_LOG", "debug")
-    .stdout(Stdio::piped())
-    .stderr(Stdio::piped())
-    .spawn()
-    .expect("start the gateway");
+    let mut child = dev_gateway(&["--store-timeout", "200ms"])
+        .env("FERRY_REDIS_URL", &url)
+        .env("FERRY_LOG", "debug")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start the gateway");
     let stdout = child.stdout.take().expect("stdout");
     let stderr = child.stderr.take().expect("stderr");
     let read = |pipe: Box<dyn std::io::Read + Send>| {
@@ -132,9 +134,7 @@ fn the_redis_password_stays_out_of_help_and_logs() {
     let (out, err) = (read(Box::new(stdout)), read(Box::new(stderr)));
     // Long enough for start-up, failed connections and a few watchdog rounds.
     std::thread::sleep(Duration::from_secs(3));
-    let _ = Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
-        .status();
+    terminate(&child);
     wait_bounded(&mut child, Duration::from_secs(30));
     let lines: Vec<String> = [out, err]
         .into_iter()

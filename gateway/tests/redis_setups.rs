@@ -24,17 +24,24 @@ fn is_unavailable(answer: &Result<ferry_shared::client::Sent, SendError>) -> boo
     )
 }
 
-// `sent` waits for the replica: with it in sync a send is answered; with it frozen the answer is
-// `unavailable`; once it is back the retry with the same id is answered with the original seq,
-// and the message is stored once.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn min_replicas_ack_waits_for_the_replica() {
+/// A gateway with `--min-replicas-ack 1` (and a store timeout of 600 ms) on a Redis with one
+/// replica, in sync.
+async fn gateway_with_a_replica() -> (TestGateway, RedisServer) {
     let gw = TestGateway::start_with(EngineKind::Redis, |c| {
         c.min_replicas_ack = 1;
         c.store_timeout = Duration::from_millis(600);
     })
     .await;
     let replica = gw.redis().start_replica();
+    (gw, replica)
+}
+
+// `sent` waits for the replica: with it in sync a send is answered; with it frozen the answer is
+// `unavailable`; once it is back the retry with the same id is answered with the original seq,
+// and the message is stored once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn min_replicas_ack_waits_for_the_replica() {
+    let (gw, replica) = gateway_with_a_replica().await;
     let (alice, _events) = gw.client("alice").await;
     let first = alice.send("bob", "first", "x").await.expect("sent");
     assert_eq!((first.seq, first.duplicate), (1, false));
@@ -63,12 +70,7 @@ async fn min_replicas_ack_waits_for_the_replica() {
 // that gets the write acknowledged publishes it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn min_replicas_ack_delivers_live_only_what_the_replica_has() {
-    let gw = TestGateway::start_with(EngineKind::Redis, |c| {
-        c.min_replicas_ack = 1;
-        c.store_timeout = Duration::from_millis(600);
-    })
-    .await;
-    let replica = gw.redis().start_replica();
+    let (gw, replica) = gateway_with_a_replica().await;
     let (alice, _events) = gw.client("alice").await;
     let (mut bob, _) = gw.raw("bob").await;
     alice.send("bob", "first", "x").await.expect("sent");

@@ -11,30 +11,11 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use common::*;
-use ferry_shared::client::{ClientConfig, Event, RawConnection, TokenSource};
+use ferry_shared::client::{ClientConfig, Event, TokenSource};
 use ferry_shared::{ClientFrame, ErrorCode, ServerFrame};
 
 /// The server's leeway on `exp` (auth.rs `LEEWAY_SECS`).
 const LEEWAY: Duration = Duration::from_secs(5);
-
-/// A raw connection that said `hello` with `token` and read `welcome`.
-async fn raw_with(gw: &TestGateway, token: String) -> (RawConnection, ServerFrame) {
-    let mut conn = RawConnection::connect(&gw.url(), &["ferry.v1.msgpack"], &[])
-        .await
-        .expect("raw connects");
-    let hello = ClientFrame::Hello {
-        token: Some(token),
-        last_seq: 0,
-        epoch: None,
-    };
-    conn.send_frame(&hello).await.expect("hello");
-    let welcome = next_frame(&mut conn).await;
-    assert!(
-        matches!(welcome, ServerFrame::Welcome { .. }),
-        "{welcome:?}"
-    );
-    (conn, welcome)
-}
 
 fn expires_at(welcome: &ServerFrame) -> u64 {
     match welcome {
@@ -50,7 +31,7 @@ both_engines! {
     // The session ends when its token expires: `token_expired`, then 1008.
     async fn an_expired_token_ends_the_session(kind: EngineKind) {
         let gw = TestGateway::start(kind).await;
-        let (mut bob, welcome) = raw_with(&gw, gw.token_for("bob", Duration::from_secs(1))).await;
+        let (mut bob, welcome) = gw.raw_hello(gw.token_for("bob", Duration::from_secs(1)), 0, None).await;
         let now = jsonwebtoken_now();
         assert!((now..=now + 2).contains(&expires_at(&welcome)));
         // Alive before the expiry (plus leeway)...
@@ -64,7 +45,7 @@ both_engines! {
     // A fresh token in `auth` moves the end: the session outlives the first token.
     async fn auth_with_a_fresh_token_extends_the_session(kind: EngineKind) {
         let gw = TestGateway::start(kind).await;
-        let (mut bob, _) = raw_with(&gw, gw.token_for("bob", Duration::from_secs(1))).await;
+        let (mut bob, _) = gw.raw_hello(gw.token_for("bob", Duration::from_secs(1)), 0, None).await;
         let fresh = gw.token_for("bob", Duration::from_secs(600));
         bob.send_frame(&ClientFrame::Auth { token: fresh }).await.expect("auth");
         match next_frame(&mut bob).await {
@@ -94,6 +75,12 @@ both_engines! {
         tokio::time::sleep(LEEWAY + Duration::from_secs(1)).await;
         bob.send_frame(&ClientFrame::Auth { token: expired }).await.expect("auth");
         expect_error(&mut bob, ErrorCode::Unauthorized).await;
+        ping_pong(&mut bob).await;
+        // A 512 KiB token: refused, and the answer does not echo it.
+        let huge = "x".repeat(512 * 1024);
+        bob.send_frame(&ClientFrame::Auth { token: huge }).await.expect("auth");
+        let (message, _, _) = expect_error(&mut bob, ErrorCode::Unauthorized).await;
+        assert!(message.len() < 200, "a short reason: {} bytes", message.len());
         ping_pong(&mut bob).await;
         let carol = gw.token("carol");
         bob.send_frame(&ClientFrame::Auth { token: carol }).await.expect("auth");

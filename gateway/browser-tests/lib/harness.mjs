@@ -6,6 +6,7 @@ import net from 'node:net';
 import path from 'node:path';
 import fs from 'node:fs';
 import { fileURLToPath } from 'node:url';
+import { before, after } from 'node:test';
 import { chromium } from 'playwright-core';
 
 const here = path.dirname(fileURLToPath(import.meta.url));
@@ -156,6 +157,31 @@ export async function newPage(browser, gw, urlPath = '/demo') {
   await page.goto(gw.base + urlPath);
   await installDriver(page);
   return { page, context, errors };
+}
+
+/**
+ * Registers the suite's `before`/`after`: one gateway (started with `gatewayOptions`) and one
+ * browser for the file, every page closed at the end. Returns `open()`, which makes a new page
+ * (see newPage) on that gateway.
+ */
+export function pagesOnOneGateway(gatewayOptions) {
+  let gw;
+  let browser;
+  const pages = [];
+  before(async () => {
+    gw = await startGateway(gatewayOptions);
+    browser = await launchBrowser();
+  });
+  after(async () => {
+    for (const p of pages) await p.context.close().catch(() => {});
+    await browser?.close().catch(() => {});
+    await gw?.stop();
+  });
+  return async function open() {
+    const p = await newPage(browser, gw);
+    pages.push(p);
+    return p;
+  };
 }
 
 /**

@@ -2,32 +2,13 @@
 // `import('/v1/ferry-client.js')` is same-origin) against a real `ferry-gateway --dev`.
 // Every test uses its own user names so neither the other tests nor the demo page's own
 // clients touch its inboxes.
-import { test, before, after } from 'node:test';
+import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import {
-  startGateway, launchBrowser, newPage, connectClient, waitIn, uniqueUser,
+  pagesOnOneGateway, connectClient, waitIn, uniqueUser,
 } from '../lib/harness.mjs';
 
-let gw;
-let browser;
-const pages = [];
-
-before(async () => {
-  gw = await startGateway({ name: 'gateway-client-test' });
-  browser = await launchBrowser();
-});
-
-after(async () => {
-  for (const p of pages) await p.context.close().catch(() => {});
-  await browser?.close().catch(() => {});
-  await gw?.stop();
-});
-
-async function open() {
-  const p = await newPage(browser, gw);
-  pages.push(p);
-  return p;
-}
+const open = pagesOnOneGateway({ name: 'gateway-client-test' });
 
 const welcomes = (page, name) => page.evaluate((n) => window.__t.of(n, 'welcome').length, name);
 const messages = (page, name) => page.evaluate((n) => window.__t.messages(n), name);

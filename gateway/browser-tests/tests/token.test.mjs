@@ -5,10 +5,10 @@
 // fails until expiry, the client reconnects with a fresh token once it works again.
 // Each test waits out at least one expiry (about 8 s), so the three run concurrently, each on
 // its own page with its own users.
-import { describe, test, before, after } from 'node:test';
+import { describe, test } from 'node:test';
 import assert from 'node:assert/strict';
 import {
-  startGateway, launchBrowser, newPage, connectClient, waitIn, uniqueUser, sleep,
+  pagesOnOneGateway, connectClient, waitIn, uniqueUser, sleep,
 } from '../lib/harness.mjs';
 
 const TTL_S = 3;
@@ -16,26 +16,7 @@ const LEEWAY_MS = 5000; // the server's leeway past a token's `exp`
 // Long enough for the server to end a session whose token ran out.
 const EXPIRY_WAIT_MS = TTL_S * 1000 + LEEWAY_MS + 5000;
 
-let gw;
-let browser;
-const pages = [];
-
-before(async () => {
-  gw = await startGateway({ name: 'gateway-token-test', args: ['--dev-token-ttl', `${TTL_S}s`] });
-  browser = await launchBrowser();
-});
-
-after(async () => {
-  for (const p of pages) await p.context.close().catch(() => {});
-  await browser?.close().catch(() => {});
-  await gw?.stop();
-});
-
-async function open() {
-  const p = await newPage(browser, gw);
-  pages.push(p);
-  return p;
-}
+const open = pagesOnOneGateway({ name: 'gateway-token-test', args: ['--dev-token-ttl', `${TTL_S}s`] });
 
 /** Everything recorded for client `name`, and its state. */
 const recorded = (page, name) => page.evaluate((n) => {

@@ -239,11 +239,21 @@ impl TestGateway {
         last_seq: u64,
         epoch: Option<&str>,
     ) -> (RawConnection, ServerFrame) {
+        self.raw_hello(self.token(user), last_seq, epoch).await
+    }
+
+    /// A raw msgpack connection that has said `hello` with `token` and read `welcome`.
+    pub async fn raw_hello(
+        &self,
+        token: String,
+        last_seq: u64,
+        epoch: Option<&str>,
+    ) -> (RawConnection, ServerFrame) {
         let mut conn = RawConnection::connect(&self.url(), &["ferry.v1.msgpack"], &[])
             .await
             .expect("raw connects");
         let hello = ClientFrame::Hello {
-            token: Some(self.token(user)),
+            token: Some(token),
             last_seq,
             epoch: epoch.map(str::to_string),
         };

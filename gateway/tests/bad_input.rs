@@ -178,6 +178,13 @@ both_engines! {
         conn.send_frame(&ClientFrame::Ping).await.expect("ping");
         expect_error(&mut conn, ErrorCode::Unauthorized).await;
         expect_closed(&mut conn, 1008).await;
+
+        // `auth` is not `hello`, even with a good token.
+        let mut conn = raw_open(&gateway, &[MSGPACK]).await;
+        let auth = ClientFrame::Auth { token: gateway.token("early") };
+        conn.send_frame(&auth).await.expect("auth");
+        expect_error(&mut conn, ErrorCode::Unauthorized).await;
+        expect_closed(&mut conn, 1008).await;
         bystander.check(&gateway).await;
     }
 
@@ -209,6 +216,16 @@ both_engines! {
         // An ack without its seq, in JSON.
         let mut conn = raw_json(&gateway, "missing-seq").await;
         conn.send_text(r#"{"type":"ack"}"#).await.expect("send");
+        expect_error(&mut conn, ErrorCode::BadFrame).await;
+        expect_closed(&mut conn, 1008).await;
+
+        // An auth without its token, in JSON; one whose token is not a string.
+        let mut conn = raw_json(&gateway, "auth-no-token").await;
+        conn.send_text(r#"{"type":"auth"}"#).await.expect("send");
+        expect_error(&mut conn, ErrorCode::BadFrame).await;
+        expect_closed(&mut conn, 1008).await;
+        let mut conn = raw_json(&gateway, "auth-number").await;
+        conn.send_text(r#"{"type":"auth","token":7}"#).await.expect("send");
         expect_error(&mut conn, ErrorCode::BadFrame).await;
         expect_closed(&mut conn, 1008).await;
 

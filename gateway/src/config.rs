@@ -84,6 +84,16 @@ pub struct Config {
     #[arg(long, env = "FERRY_INBOX_TTL", default_value = "30d", value_parser = parse_duration)]
     pub inbox_ttl: Duration,
 
+    /// A device silent this long (no connection, ack or position check) stops holding its
+    /// user's inbox: what it did not acknowledge may be trimmed once the user's other devices
+    /// acknowledge it, and it is told of the gap when it comes back.
+    #[arg(long, env = "FERRY_DEVICE_TTL", default_value = "7d", value_parser = parse_duration)]
+    pub device_ttl: Duration,
+
+    /// Devices kept per user; a new one beyond it evicts the device seen longest ago.
+    #[arg(long, env = "FERRY_MAX_DEVICES", default_value_t = 16)]
+    pub max_devices: usize,
+
     /// How long a `send` id is remembered for deduplication.
     #[arg(long, env = "FERRY_DEDUPE_WINDOW", default_value = "60s", value_parser = parse_duration)]
     pub dedupe_window: Duration,
@@ -511,6 +521,7 @@ impl Config {
             ("ws-read-buffer", self.ws_read_buffer),
             ("redis-pool-size", self.redis_pool_size),
             ("max-catchup-reads", self.max_catchup_reads),
+            ("max-devices", self.max_devices),
         ];
         if let Some((flag, _)) = counts.iter().find(|(_, v)| *v == 0) {
             return Err(ConfigError::Zero { flag });
@@ -552,6 +563,7 @@ impl Config {
         // zero in Redis. `drain_timeout` may be zero: every `reconnect` goes out at once.
         let durations = [
             ("inbox-ttl", self.inbox_ttl),
+            ("device-ttl", self.device_ttl),
             ("dedupe-window", self.dedupe_window),
             ("store-timeout", self.store_timeout),
             ("store-check", self.store_check),
@@ -661,7 +673,7 @@ mod tests {
     }
 
     /// The flag names are an interface (DESIGN.md's table, then the additions).
-    const FLAGS: [&str; 44] = [
+    const FLAGS: [&str; 46] = [
         "listen",
         "admin-listen",
         "redis-url",
@@ -677,6 +689,8 @@ mod tests {
         "max-body-bytes",
         "max-inbox",
         "inbox-ttl",
+        "device-ttl",
+        "max-devices",
         "dedupe-window",
         "send-rate",
         "send-burst",

@@ -1,11 +1,12 @@
 //! The start of a session: wait for `hello` (within the hello timeout), authenticate, join the
-//! hub (so live delivery is on before the inbox is read), open the inbox, decide the resume
-//! point, and answer `welcome`.
+//! hub (so live delivery is on before the inbox is read), open the inbox for the connection's
+//! device, decide the resume point, and answer `welcome` (and `gap`, when the device comes back
+//! to find messages it never acknowledged trimmed).
 
 use std::time::Duration;
 
 use ferry_router::{EngineError, Membership};
-use ferry_shared::{ClientFrame, Codec, ErrorCode, ServerFrame, UserId};
+use ferry_shared::{ClientFrame, Codec, DeviceId, ErrorCode, ServerFrame, UserId};
 use futures_util::{Stream, StreamExt};
 use tokio::time::Instant;
 use tokio_tungstenite::tungstenite::{Error as WsError, Message};
@@ -22,12 +23,18 @@ pub struct Opened {
     /// The token's expiry: the session ends then unless an `auth` frame brings a fresh token.
     pub token: Verified,
     pub membership: Membership,
+    pub device: DeviceId,
     pub epoch: String,
-    /// Everything at or below this seq is processed by the client (and acknowledged).
+    /// Delivery starts after this seq: the client's `last_seq`, the device's position kept by
+    /// the store when further, or the floor after a gap.
     pub resume: u64,
+    /// What the client acknowledged by its `hello` (its `last_seq`, 0 after `reset`).
+    pub acked: u64,
     /// The store time of the opening: everything at or below `resume` was stored by then.
     pub stamp: u64,
     pub welcome: ServerFrame,
+    /// The `gap` that follows `welcome`, if the device lost messages.
+    pub gap: Option<ServerFrame>,
 }
 
 /// Why the session ends before `welcome`: an optional error frame, then a close.
@@ -121,6 +128,7 @@ where
         token,
         last_seq,
         epoch: client_epoch,
+        device,
     } = frame
     else {
         return Err(Refusal::unauthorized("hello must be the first frame"));
@@ -133,6 +141,18 @@ where
         Refusal::unauthorized(e.to_string())
     })?;
     let user = token.user.clone();
+    let device = match device.as_deref().map(DeviceId::parse) {
+        None => DeviceId::default_device(),
+        Some(Ok(device)) => device,
+        Some(Err(e)) => {
+            return Err(Refusal {
+                error: Some((ErrorCode::Invalid, e.to_string())),
+                close: close::POLICY,
+                reason: "bad device id",
+                outcome: "bad_frame",
+            });
+        }
+    };
 
     // Live delivery first, then the inbox: a message stored in between is both live and read,
     // and the session drops the copy at or below what it delivered.
@@ -140,7 +160,7 @@ where
     let claim = client_epoch.as_deref().map(|epoch| (epoch, last_seq));
     let inbox = node
         .engine
-        .open_inbox(&user, claim)
+        .open_inbox(&user, &device, claim)
         .await
         .map_err(Refusal::unavailable)?;
 
@@ -152,10 +172,14 @@ where
         Some(epoch) => epoch != inbox.epoch,
         None => last_seq > 0,
     };
-    let resume = if reset { 0 } else { last_seq };
+    let acked = if reset { 0 } else { last_seq };
+    let (resume, gap) = resume_point(acked, reset, &inbox);
+    if gap.is_some() {
+        metrics::GAPS.with_label_values(&["resume"]).inc();
+    }
     metrics::HELLOS.with_label_values(&["ok"]).inc();
     metrics::HELLO_DURATION.observe(started.elapsed().as_secs_f64());
-    tracing::debug!(%user, resume, reset, head = inbox.head, "welcome");
+    tracing::debug!(%user, %device, resume, reset, head = inbox.head, ?gap, "welcome");
     let welcome = ServerFrame::Welcome {
         user: user.to_string(),
         node: node.node_id.clone(),
@@ -164,16 +188,45 @@ where
         reset,
         heartbeat_ms: duration_ms(node.config.heartbeat),
         expires_at: Some(token.expires_at),
+        device: Some(device.to_string()),
+        resume: Some(resume),
     };
     Ok(Opened {
         user,
         token,
         membership,
+        device,
         epoch: inbox.epoch,
         resume,
+        acked,
         stamp: inbox.stamp,
         welcome,
+        gap: gap.map(|(from, to)| ServerFrame::Gap { from, to }),
     })
+}
+
+/// Where delivery starts for a client that acknowledged `acked` (0 after `reset`), and the gap
+/// it must be told of. The device's position kept by the store counts when it is further (a
+/// client that lost its own). Everything at or below the floor is trimmed: a device below it
+/// lost what lies between (it stopped holding the inbox), unless it is new (no record, and the
+/// client names no position): a new device starts at the floor. After `reset` the client drops
+/// its position anyway and gets the whole inbox.
+fn resume_point(
+    acked: u64,
+    reset: bool,
+    inbox: &ferry_router::Opened,
+) -> (u64, Option<(u64, u64)>) {
+    if reset {
+        return (0, None);
+    }
+    let resume = acked.max(inbox.device.unwrap_or(0));
+    if resume >= inbox.floor {
+        return (resume, None);
+    }
+    if inbox.device.is_none() && acked == 0 {
+        return (inbox.floor, None);
+    }
+    (inbox.floor, Some((resume + 1, inbox.floor)))
 }
 
 pub fn duration_ms(d: Duration) -> u64 {

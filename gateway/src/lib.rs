@@ -73,6 +73,8 @@ pub async fn build_engine(config: &Config) -> Result<Arc<dyn Engine>, GatewayErr
         dedupe_window: config.dedupe_window,
         store_timeout: config.store_timeout,
         min_replicas_ack: config.min_replicas_ack,
+        device_ttl: config.device_ttl,
+        max_devices: config.max_devices,
         audit_window: config.append_audit_window,
         ..EngineOptions::default()
     };

@@ -57,6 +57,16 @@ pub static HELLOS: LazyLock<IntCounterVec> = LazyLock::new(|| {
     .expect(REGISTERED)
 });
 
+pub static GAPS: LazyLock<IntCounterVec> = LazyLock::new(|| {
+    register_int_counter_vec!(
+        "ferry_gaps_total",
+        "Gap frames sent: a device was told of messages trimmed before it acknowledged them \
+         (at resume, or in a session)",
+        &["at"]
+    )
+    .expect(REGISTERED)
+});
+
 pub static FRAMES_IN: LazyLock<IntCounterVec> = LazyLock::new(|| {
     register_int_counter_vec!(
         "ferry_frames_in_total",
@@ -207,8 +217,12 @@ pub fn init() {
         "reconnect",
         "pong",
         "authed",
+        "gap",
     ] {
         FRAMES_OUT.with_label_values(&[kind]);
+    }
+    for at in ["resume", "session"] {
+        GAPS.with_label_values(&[at]);
     }
     for outcome in SEND_OUTCOMES {
         SENDS.with_label_values(&[outcome]);

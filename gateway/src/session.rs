@@ -27,7 +27,9 @@ use ferry_router::{
     CatchUpReason, Checked, EngineError, InboxMessage, Live, LiveSignal, Membership, NewMessage,
     Page, Position, Stored,
 };
-use ferry_shared::{Body, ClientFrame, Codec, ErrorCode, MessageId, ServerFrame, UserId, Wire};
+use ferry_shared::{
+    Body, ClientFrame, Codec, DeviceId, ErrorCode, MessageId, ServerFrame, UserId, Wire,
+};
 use futures_util::future::BoxFuture;
 use futures_util::{Stream, StreamExt};
 use tokio::sync::OwnedSemaphorePermit;
@@ -170,6 +172,9 @@ pub async fn run<St>(
     };
     let span = tracing::info_span!("session", user = %opened.user);
     out.push(encode(codec, &opened.welcome, None));
+    if let Some(gap) = &opened.gap {
+        out.push(encode(codec, gap, None));
+    }
     let mut session = Session::new(node, codec, out, opened);
     let lifetime = async {
         let reason = session.run(&mut stream).await;
@@ -218,6 +223,8 @@ struct Session {
     codec: Codec,
     out: Outbound,
     user: UserId,
+    /// The device this connection is: its acks move that device's position.
+    device: DeviceId,
     membership: Membership,
     /// When the session's token stops being good (its `exp` plus the leeway); an `auth` frame
     /// with a fresh token moves it.
@@ -258,6 +265,7 @@ impl Session {
             codec,
             out,
             user: opened.user,
+            device: opened.device,
             membership: opened.membership,
             token_expiry: Instant::now() + opened.token.remaining(),
             epoch: opened.epoch,
@@ -277,8 +285,10 @@ impl Session {
             last_activity: Instant::now(),
             node,
         };
-        // Giving last_seq acknowledges everything up to it.
-        session.on_ack(opened.resume);
+        // Giving last_seq acknowledges everything up to it (what the client said, not where the
+        // store's position or a gap made delivery start: a client that did not get the `gap`
+        // hears of it again).
+        session.on_ack(opened.acked);
         session.start_catch_up("resume");
         session
     }
@@ -531,6 +541,7 @@ impl Session {
             epoch: &self.epoch,
             delivered: self.delivered,
             stamp: self.stamp,
+            device: &self.device,
         }
     }
 
@@ -683,8 +694,26 @@ impl Session {
                 .engine
                 .read_after(&self.user, &self.position(), page, self.out.free_bytes());
         match read.await {
-            Ok(Checked::Valid(Page { entries, cut })) => {
+            Ok(Checked::Valid(Page {
+                entries,
+                cut,
+                floor,
+                device_acked,
+            })) => {
                 self.catchup_retry_at = None;
+                // Trimmed before this device acknowledged them (it stopped holding the inbox):
+                // the client is told, never left to skip them in silence. What lies between
+                // `delivered` and the device's position was acknowledged by another connection
+                // of this device.
+                let held = self.delivered.max(device_acked);
+                if floor > held {
+                    metrics::GAPS.with_label_values(&["session"]).inc();
+                    self.reply(ServerFrame::Gap {
+                        from: held + 1,
+                        to: floor,
+                    });
+                    self.delivered = floor;
+                }
                 let mut complete = entries.len() < page && !cut;
                 for entry in &entries {
                     if entry.seq() <= self.delivered {

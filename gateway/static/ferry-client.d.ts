@@ -26,7 +26,17 @@ export interface FerryClientOptions {
    * `unauthorized` stops the client).
    */
   getToken?: () => Promise<string> | string;
-  /** Persists `{ lastSeq, epoch }` on every delivery; read back at construction. */
+  /**
+   * Which of the user's devices this client is, sent in every `hello`: 1 to 64 of
+   * `A-Z a-z 0-9 . _ - :` (the constructor throws a TypeError otherwise). Each device has its
+   * own acknowledged position in the inbox, so what this device has not acknowledged stays in
+   * the inbox for it whatever the user's other devices acknowledge. Default: the device kept in
+   * `storage`, or, with a `storage` and none kept yet, a new random one (`web-` and 16 hex
+   * digits, stored at once, so a browser stays one device across reloads); without `storage`,
+   * none: the user's `default` device.
+   */
+  device?: string;
+  /** Persists `{ lastSeq, epoch, device }` on every delivery; read back at construction. */
   storage?: FerryStorage;
   /** Default `'ferry:' + url`. */
   storageKey?: string;
@@ -45,9 +55,11 @@ export interface FerryClientOptions {
 }
 
 export interface FerryPosition {
-  /** The highest seq delivered to the application in `epoch` (0 for none). */
+  /** The highest seq delivered to the application in `epoch`, or skipped by a `gap` (0 for none). */
   lastSeq: number;
   epoch: string | null;
+  /** The device sent in `hello` (see `FerryClientOptions.device`); null: the `default` device. */
+  device: string | null;
 }
 
 export interface SendResult {
@@ -75,6 +87,15 @@ export interface WelcomeDetail {
   heartbeatMs: number;
   /** When the session's token expires (its `exp`, unix seconds); null from older servers. */
   expiresAt: number | null;
+  /** The device the server took this connection for (`default` when none was sent); null from older servers. */
+  device: string | null;
+  /**
+   * Where delivery resumes (the position after this welcome): the server's `resume`, which is
+   * the hello's `lastSeq`, or the position the server kept for this device when that is further
+   * (the seqs between were acknowledged by another connection of the same device), or the end of
+   * a `gap` event that follows at once; 0 after a reset.
+   */
+  resume: number;
 }
 export interface AuthedDetail {
   /** The refreshed token's `exp` (unix seconds): the session now lasts until then. */
@@ -91,6 +112,16 @@ export interface MessageDetail {
   ts: number;
   /** A string, or bytes when the body was not UTF-8 (it came as `body_b64`). */
   body: string | Uint8Array;
+}
+/**
+ * Messages `from..=to` of the current epoch were trimmed from the inbox before this device
+ * acknowledged them (it was away longer than the server keeps a device's messages, or the inbox
+ * was full while it lagged) and will never be delivered. The position has moved to `to`; recover
+ * them elsewhere (e.g. re-sync history from your backend). Seqs already delivered are left out.
+ */
+export interface GapDetail {
+  from: number;
+  to: number;
 }
 export interface SentDetail {
   id: string;
@@ -118,6 +149,7 @@ export interface FerryEventMap {
   welcome: CustomEvent<WelcomeDetail>;
   reset: CustomEvent<ResetDetail>;
   message: CustomEvent<MessageDetail>;
+  gap: CustomEvent<GapDetail>;
   sent: CustomEvent<SentDetail>;
   error: CustomEvent<ErrorDetail>;
   reconnect: CustomEvent<ReconnectDetail>;

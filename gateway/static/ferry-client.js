@@ -1,11 +1,13 @@
 // Ferry's JavaScript client: an ES module with no dependencies, for browsers and Node >= 20.
 //
 // It speaks the `ferry.v1.json` subprotocol of PROTOCOL.md (JSON text frames; a body is a
-// string, or `body_b64` when it is bytes). It keeps the inbox position (`last_seq`, `epoch`),
-// optionally in a storage such as `localStorage`, reconnects with jittered exponential backoff,
-// drops duplicate seqs, acknowledges cumulatively, retries sends with the same `id`, sends
-// application pings, and, given `getToken`, keeps the session's token fresh (`auth` before it
-// expires). See ferry-client.d.ts for the API.
+// string, or `body_b64` when it is bytes). It keeps the inbox position (`last_seq`, `epoch`)
+// and the device it is (`device`: its own acknowledged position in the user's inbox; generated
+// once and kept when a storage is given), optionally in a storage such as `localStorage`,
+// reconnects with jittered exponential backoff, drops duplicate seqs, reports `gap`s (messages
+// trimmed before this device acknowledged them), acknowledges cumulatively, retries sends with
+// the same `id`, sends application pings, and, given `getToken`, keeps the session's token
+// fresh (`auth` before it expires). See ferry-client.d.ts for the API.
 
 export const SUBPROTOCOL = 'ferry.v1.json';
 
@@ -13,13 +15,24 @@ const ID_PATTERN = /^[A-Za-z0-9._:-]{1,64}$/;
 const DEFAULT_HEARTBEAT_MS = 25000;
 const MIN_REFRESH_MS = 1000; // the soonest a token refresh is planned (a skewed clock cannot spin it)
 
+/** `n` random bytes as hex, from crypto.getRandomValues (Math.random only where there is none). */
+function randomHex(n) {
+  const c = globalThis.crypto;
+  const bytes = new Uint8Array(n);
+  if (c && typeof c.getRandomValues === 'function') c.getRandomValues(bytes);
+  else for (let i = 0; i < bytes.length; i++) bytes[i] = Math.floor(Math.random() * 256);
+  return Array.from(bytes, (b) => b.toString(16).padStart(2, '0')).join('');
+}
+
 function newId() {
   const c = globalThis.crypto;
   if (c && typeof c.randomUUID === 'function') return 'm-' + c.randomUUID();
-  const bytes = new Uint8Array(16);
-  if (c && typeof c.getRandomValues === 'function') c.getRandomValues(bytes);
-  else for (let i = 0; i < bytes.length; i++) bytes[i] = Math.floor(Math.random() * 256);
-  return 'm-' + Array.from(bytes, (b) => b.toString(16).padStart(2, '0')).join('');
+  return 'm-' + randomHex(16);
+}
+
+/** A device id for a client that keeps its position in a storage: `web-` and 16 hex digits. */
+function newDeviceId() {
+  return 'web-' + randomHex(8);
 }
 
 function toBase64(bytes) {
@@ -53,8 +66,10 @@ export class FerryClient extends EventTarget {
   #token;
   #state = 'idle';
   #ws = null;
-  #lastSeq = 0; // highest seq delivered to the application
+  #lastSeq = 0; // highest seq delivered to the application, skipped by a `gap`, or resumed after
+  #reported = 0; // highest seq the application was told of by a message or a gap (not by a resume)
   #epoch = null;
+  #device = null; // this client's device id, sent in every hello; null: the user's `default`
   #acked = 0; // highest seq acknowledged on the current connection
   #heartbeatMs = DEFAULT_HEARTBEAT_MS;
   #attempt = 0; // failed connection attempts since the last welcome
@@ -84,14 +99,23 @@ export class FerryClient extends EventTarget {
     if (typeof this.#WebSocket !== 'function') {
       throw new TypeError('no WebSocket implementation: pass options.WebSocket');
     }
+    const device = options.device ?? null;
+    if (device !== null && (typeof device !== 'string' || !ID_PATTERN.test(device))) {
+      throw new TypeError('options.device must be 1 to 64 of A-Z a-z 0-9 . _ - :');
+    }
     this.#token = options.token;
     this.#storage = options.storage || null;
     this.#storageKey = options.storageKey || 'ferry:' + url;
     this.#load();
+    if (device !== null) this.#device = device;
+    else if (this.#storage && this.#device === null) this.#device = newDeviceId();
+    // Stored at once, so a reload before the first message is still the same device.
+    if (this.#device !== null) this.#save();
   }
 
+  /** Where to resume from: the position (`lastSeq` of `epoch`) and the device it belongs to. */
   get position() {
-    return { lastSeq: this.#lastSeq, epoch: this.#epoch };
+    return { lastSeq: this.#lastSeq, epoch: this.#epoch, device: this.#device };
   }
 
   get state() {
@@ -192,6 +216,7 @@ export class FerryClient extends EventTarget {
       const hello = { type: 'hello', last_seq: this.#lastSeq };
       if (this.#token !== undefined) hello.token = this.#token;
       if (this.#epoch !== null) hello.epoch = this.#epoch;
+      if (this.#device !== null) hello.device = this.#device;
       this.#write(hello);
       // Giving last_seq acknowledges everything up to it.
       this.#acked = this.#lastSeq;
@@ -341,6 +366,8 @@ export class FerryClient extends EventTarget {
         return this.#onWelcome(frame);
       case 'msg':
         return this.#onMsg(frame);
+      case 'gap':
+        return this.#onGap(frame);
       case 'sent':
         return this.#onSent(frame);
       case 'error':
@@ -371,16 +398,28 @@ export class FerryClient extends EventTarget {
     this.#refreshAttempt = 0;
     this.#heartbeatMs = Number(frame.heartbeat_ms) || DEFAULT_HEARTBEAT_MS;
     this.#armDeadTimer();
+    // Where delivery resumes: the server's `resume` (the hello's last_seq, the position the
+    // server kept for this device when that is further, or the end of a `gap` that follows);
+    // servers before devices give none.
+    const resume = Number.isSafeInteger(frame.resume) && frame.resume >= 0 ? frame.resume : null;
     if (frame.reset) {
       const previousEpoch = this.#epoch;
-      this.#lastSeq = 0;
+      this.#lastSeq = resume ?? 0;
+      this.#reported = 0;
       this.#acked = 0;
       this.#epoch = frame.epoch;
       this.#save();
       this.#emit('reset', { previousEpoch, epoch: frame.epoch });
-    } else if (frame.epoch !== this.#epoch) {
-      this.#epoch = frame.epoch;
-      this.#save();
+    } else {
+      // The server kept this device further (another connection of it acknowledged more, or
+      // this client lost its position), or resumes past a `gap` that follows: at or below it
+      // is a duplicate, and acks never go below it.
+      const moved = resume !== null && resume > this.#lastSeq;
+      if (moved) this.#lastSeq = resume;
+      if (moved || frame.epoch !== this.#epoch) {
+        this.#epoch = frame.epoch;
+        this.#save();
+      }
     }
     const every = Math.max(1, Math.min(this.#options.pingIntervalMs, this.#heartbeatMs));
     this.#timers.ping = setInterval(() => this.#write({ type: 'ping' }), every);
@@ -393,12 +432,16 @@ export class FerryClient extends EventTarget {
       reset: !!frame.reset,
       heartbeatMs: this.#heartbeatMs,
       expiresAt: typeof frame.expires_at === 'number' ? frame.expires_at : null,
+      device: typeof frame.device === 'string' ? frame.device : null,
+      resume: this.#lastSeq,
     });
     // Sends that never got an answer go again, with the same id.
     for (const entry of this.#pending.values()) {
       if (entry.timer === null) this.#transmit(entry);
     }
     this.#planRefresh(frame.expires_at);
+    // A jump is acknowledged, so the server's record of the device catches up.
+    if (this.#lastSeq > this.#acked) this.#scheduleAck();
   }
 
   // ---- token lifetime ----
@@ -456,9 +499,26 @@ export class FerryClient extends EventTarget {
     const seq = Number(frame.seq);
     if (!(seq > this.#lastSeq)) return; // a duplicate: already delivered in this epoch
     this.#lastSeq = seq;
+    this.#reported = seq;
     this.#save();
     const body = typeof frame.body_b64 === 'string' ? fromBase64(frame.body_b64) : frame.body;
     this.#emit('message', { seq, from: frame.from, id: frame.id, ts: frame.ts, body });
+    this.#scheduleAck();
+  }
+
+  /**
+   * Messages `from..=to` were trimmed before this device acknowledged them and will never come:
+   * the position moves to `to` (acknowledged like a delivery) and the application is told, with
+   * what was delivered already left out.
+   */
+  #onGap(frame) {
+    const to = Number(frame.to);
+    const from = Math.max(Number(frame.from), this.#reported + 1);
+    if (!Number.isSafeInteger(to) || !(to >= from)) return; // nothing the application was not told of
+    this.#reported = to;
+    this.#lastSeq = Math.max(this.#lastSeq, to);
+    this.#save();
+    this.#emit('gap', { from, to });
     this.#scheduleAck();
   }
 
@@ -560,8 +620,9 @@ export class FerryClient extends EventTarget {
       const raw = this.#storage.getItem(this.#storageKey);
       if (!raw) return;
       const saved = JSON.parse(raw);
-      if (Number.isSafeInteger(saved.lastSeq) && saved.lastSeq >= 0) this.#lastSeq = saved.lastSeq;
+      if (Number.isSafeInteger(saved.lastSeq) && saved.lastSeq >= 0) this.#lastSeq = this.#reported = saved.lastSeq;
       if (typeof saved.epoch === 'string') this.#epoch = saved.epoch;
+      if (typeof saved.device === 'string' && ID_PATTERN.test(saved.device)) this.#device = saved.device;
     } catch {
       // an unreadable position is no position
     }
@@ -570,7 +631,8 @@ export class FerryClient extends EventTarget {
   #save() {
     if (!this.#storage) return;
     try {
-      this.#storage.setItem(this.#storageKey, JSON.stringify({ lastSeq: this.#lastSeq, epoch: this.#epoch }));
+      const saved = { lastSeq: this.#lastSeq, epoch: this.#epoch, device: this.#device };
+      this.#storage.setItem(this.#storageKey, JSON.stringify(saved));
     } catch {
       // storage full or unavailable: the position stays in memory
     }

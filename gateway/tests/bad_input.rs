@@ -46,6 +46,7 @@ async fn hello_with(gateway: &TestGateway, token: Option<String>) -> RawConnecti
         token,
         last_seq: 0,
         epoch: None,
+        device: None,
     };
     conn.send_frame(&hello).await.expect("send hello");
     conn
@@ -529,7 +530,7 @@ both_engines! {
         let mut conn = RawConnection::connect(&gateway.url(), &[MSGPACK], &headers)
             .await
             .expect("connects");
-        let hello = ClientFrame::Hello { token: None, last_seq: 0, epoch: None };
+        let hello = ClientFrame::Hello { token: None, last_seq: 0, epoch: None, device: None };
         conn.send_frame(&hello).await.expect("hello");
         match next_frame(&mut conn).await {
             ServerFrame::Welcome { user, .. } => assert_eq!(user, "by-header"),
@@ -566,6 +567,7 @@ both_engines! {
             token: Some(gateway.token("someone-else")),
             last_seq: 0,
             epoch: None,
+            device: None,
         };
         conn.send_frame(&hello).await.expect("hello again");
         expect_error(&mut conn, ErrorCode::BadFrame).await;

@@ -63,6 +63,7 @@ every_engine! {
             token: Some(gw.token("bob")),
             last_seq: 0,
             epoch: None,
+            device: None,
         };
         json.send_frame(&hello).await.expect("hello");
         assert!(matches!(next_frame(&mut json).await, ServerFrame::Welcome { .. }));

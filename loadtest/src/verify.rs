@@ -287,6 +287,12 @@ impl Receiver {
                     .record(self.n, now.saturating_duration_since(scheduled));
                 s.last_delivery_ns.fetch_max(at_ns, Relaxed);
             }
+            // Trimmed before this device acknowledged them: never delivered, so the ledger
+            // counts them lost; the next seq after it is not out of order.
+            Event::Gap { from, to } => {
+                tracing::debug!(from, to, "gap event");
+                self.last_seq = self.last_seq.max(to);
+            }
             Event::Welcome(_) => {
                 self.welcomes += 1;
                 if self.welcomes > 1 {

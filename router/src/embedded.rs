@@ -14,14 +14,16 @@ use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
-use ferry_shared::{MessageId, UserId};
+use ferry_shared::{DeviceId, MessageId, UserId};
 use futures_util::future::{self, BoxFuture};
 use tokio::sync::mpsc::{self, error::TrySendError};
 use tokio::time::Instant;
 
+use crate::devices::Devices;
 use crate::engine::{
-    AppendOutcome, Checked, Engine, EngineError, EngineOptions, EpochName, InboxMessage,
-    InboxState, Live, LiveEvent, LiveSink, NewMessage, Opened, Page, Position, StoreReport, Stored,
+    AppendOutcome, Checked, DeviceInfo, Engine, EngineError, EngineOptions, EpochName, InboxInfo,
+    InboxMessage, InboxState, Live, LiveEvent, LiveSink, NewMessage, Opened, Page, Position,
+    StoreReport, Stored,
 };
 use crate::epoch::new_epoch;
 use crate::metrics;
@@ -32,6 +34,9 @@ const SWEEP_INTERVAL: Duration = Duration::from_secs(60);
 /// An engine without Redis.
 pub struct EmbeddedEngine {
     options: EngineOptions,
+    /// When the engine started, on the runtime's clock and as unix milliseconds: device times
+    /// follow the runtime's clock (so tests can advance it) but read as wall-clock times.
+    started: (Instant, u64),
     state: Arc<Mutex<State>>,
     /// The live events until the hub sets its sink.
     live_events: Mutex<Option<mpsc::Receiver<LiveEvent>>>,
@@ -62,6 +67,9 @@ struct Inbox {
     /// The last allocated seq.
     seq: u64,
     messages: BTreeMap<u64, InboxMessage>,
+    /// The highest seq trimmed.
+    floor: u64,
+    devices: Devices,
     /// The inbox is gone at this instant unless an append or open refreshes it.
     expires: Instant,
 }
@@ -88,8 +96,12 @@ impl EmbeddedEngine {
             resync_owed: false,
             clock: 0,
         };
+        let unix_ms = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
         EmbeddedEngine {
             options,
+            started: (Instant::now(), unix_ms),
             state: Arc::new(Mutex::new(state)),
             live_events: Mutex::new(Some(live_events)),
         }
@@ -97,6 +109,16 @@ impl EmbeddedEngine {
 
     fn lock(&self) -> MutexGuard<'_, State> {
         lock(&self.state)
+    }
+
+    /// Unix milliseconds at `now`, on the runtime's clock.
+    fn unix_ms(&self, now: Instant) -> u64 {
+        let since = u64::try_from((now - self.started.0).as_millis()).unwrap_or(u64::MAX);
+        self.started.1.saturating_add(since)
+    }
+
+    fn device_ttl_ms(&self) -> u64 {
+        u64::try_from(self.options.device_ttl.as_millis()).unwrap_or(u64::MAX)
     }
 
     fn append_now(&self, msg: &NewMessage) -> AppendOutcome {
@@ -108,8 +130,11 @@ impl EmbeddedEngine {
         if let Some(seen) = state.dedupe.get(&key).filter(|r| r.expires > now) {
             return AppendOutcome::Duplicate { seq: seen.seq };
         }
-        let inbox = state.live_inbox(&msg.to, now);
-        if inbox.is_some_and(|i| i.messages.len() as u64 >= self.options.max_inbox) {
+        let (now_ms, ttl_ms) = (self.unix_ms(now), self.device_ttl_ms());
+        if let Some(inbox) = state.live_inbox(&msg.to, now)
+            && inbox.messages.len() as u64 >= self.options.max_inbox
+            && !inbox.make_room(self.options.max_inbox, now_ms, ttl_ms)
+        {
             return AppendOutcome::InboxFull;
         }
         state.clock += 1;
@@ -185,8 +210,49 @@ impl Inbox {
             epoch: new_epoch(),
             seq: 0,
             messages: BTreeMap::new(),
+            floor: 0,
+            devices: Devices::default(),
             expires: now,
         }
+    }
+
+    /// Deletes every message at or below `upto`.
+    fn trim(&mut self, upto: u64) {
+        let kept = match upto.checked_add(1) {
+            Some(first_kept) => self.messages.split_off(&first_kept),
+            None => BTreeMap::new(),
+        };
+        self.messages = kept;
+        self.floor = self.floor.max(upto);
+    }
+
+    /// Trims up to the lowest position of the holding devices.
+    fn trim_to_devices(&mut self, now_ms: u64, ttl_ms: u64) {
+        if let Some(low) = self.devices.low(&self.epoch, self.floor, now_ms, ttl_ms)
+            && low > self.floor
+        {
+            self.trim(low);
+        }
+    }
+
+    /// At `max_inbox`: drops the oldest messages to make room for one more, unless the most
+    /// advanced holding device has `max` unacknowledged already, or the user has no device at
+    /// all (nobody has ever read this inbox: it is not trimmed from under a first device). True
+    /// if there is room now.
+    fn make_room(&mut self, max: u64, now_ms: u64, ttl_ms: u64) -> bool {
+        if self.devices.records.is_empty() {
+            return false;
+        }
+        if let Some(high) = self.devices.high(&self.epoch, self.floor, now_ms, ttl_ms)
+            && self.messages.range(high.saturating_add(1)..).count() as u64 >= max
+        {
+            return false;
+        }
+        let drop = self.messages.len() as u64 + 1 - max;
+        if let Some(&upto) = self.messages.keys().nth(drop as usize - 1) {
+            self.trim(upto);
+        }
+        true
     }
 }
 
@@ -268,7 +334,15 @@ impl Engine for EmbeddedEngine {
             Some(Void) => Checked::Void,
             None => Checked::Valid(match state.live_inbox(user, now) {
                 Some(inbox) if at.delivered < u64::MAX => {
-                    let mut page = Page::default();
+                    let mut page = Page {
+                        floor: inbox.floor,
+                        device_acked: inbox
+                            .devices
+                            .records
+                            .get(at.device.as_str())
+                            .map_or(0, |r| if r.epoch == inbox.epoch { r.acked } else { 0 }),
+                        ..Page::default()
+                    };
                     let mut bytes = 0;
                     for msg in inbox
                         .messages
@@ -304,12 +378,17 @@ impl Engine for EmbeddedEngine {
         let answer = match state.verify(user, at, now) {
             Some(Void) => Checked::Void,
             None => {
+                let (now_ms, ttl_ms) = (self.unix_ms(now), self.device_ttl_ms());
                 if let Some(inbox) = state.live_inbox(user, now) {
-                    let kept = match upto.checked_add(1) {
-                        Some(first_kept) => inbox.messages.split_off(&first_kept),
-                        None => BTreeMap::new(),
-                    };
-                    inbox.messages = kept;
+                    let epoch = inbox.epoch.clone();
+                    inbox.devices.touch(
+                        at.device.as_str(),
+                        upto,
+                        &epoch,
+                        now_ms,
+                        self.options.max_devices,
+                    );
+                    inbox.trim_to_devices(now_ms, ttl_ms);
                 }
                 Checked::Valid(())
             }
@@ -326,7 +405,17 @@ impl Engine for EmbeddedEngine {
         let mut state = self.lock();
         let answer = match state.verify(user, at, now) {
             Some(Void) => Checked::Void,
-            None => Checked::Valid(state.live_inbox(user, now).map_or(0, |inbox| inbox.seq)),
+            None => {
+                let now_ms = self.unix_ms(now);
+                Checked::Valid(state.live_inbox(user, now).map_or(0, |inbox| {
+                    let epoch = inbox.epoch.clone();
+                    let cap = self.options.max_devices;
+                    inbox
+                        .devices
+                        .touch(at.device.as_str(), 0, &epoch, now_ms, cap);
+                    inbox.seq
+                }))
+            }
         };
         Box::pin(future::ready(Ok(answer)))
     }
@@ -334,9 +423,11 @@ impl Engine for EmbeddedEngine {
     fn open_inbox(
         &self,
         user: &UserId,
+        device: &DeviceId,
         claim: Option<(&str, u64)>,
     ) -> BoxFuture<'static, Result<Opened, EngineError>> {
         let now = Instant::now();
+        let now_ms = self.unix_ms(now);
         let mut guard = self.lock();
         let state = &mut *guard;
         state.purge(now);
@@ -355,10 +446,23 @@ impl Engine for EmbeddedEngine {
                     inbox.epoch = new_epoch();
                     metrics::epoch_replaced(user, "resume_beyond_head");
                 }
+                let epoch = inbox.epoch.clone();
+                // A new device starts at the floor; a known one keeps its position, even below
+                // it: it learns of the gap until it acknowledges past it.
+                let known = inbox.devices.records.contains_key(device.as_str());
+                let before = inbox.devices.touch(
+                    device.as_str(),
+                    if known { 0 } else { inbox.floor },
+                    &epoch,
+                    now_ms,
+                    self.options.max_devices,
+                );
                 Opened {
-                    epoch: inbox.epoch.clone(),
+                    epoch,
                     head: inbox.seq,
                     stamp,
+                    floor: inbox.floor,
+                    device: before,
                 }
             })
             .ok_or_else(|| EngineError::Internal("inbox vanished while opened".into()));
@@ -377,6 +481,55 @@ impl Engine for EmbeddedEngine {
                 head: inbox.seq,
             });
         Box::pin(future::ready(Ok(answer)))
+    }
+
+    fn devices(&self, user: &UserId) -> BoxFuture<'static, Result<Vec<DeviceInfo>, EngineError>> {
+        let now = Instant::now();
+        let (now_ms, ttl_ms) = (self.unix_ms(now), self.device_ttl_ms());
+        let mut state = self.lock();
+        let answer = state.live_inbox(user, now).map_or_else(Vec::new, |inbox| {
+            inbox.devices.info(&inbox.epoch, now_ms, ttl_ms)
+        });
+        Box::pin(future::ready(Ok(answer)))
+    }
+
+    fn remove_device(
+        &self,
+        user: &UserId,
+        device: &DeviceId,
+    ) -> BoxFuture<'static, Result<bool, EngineError>> {
+        let now = Instant::now();
+        let (now_ms, ttl_ms) = (self.unix_ms(now), self.device_ttl_ms());
+        let mut state = self.lock();
+        let removed = state.live_inbox(user, now).is_some_and(|inbox| {
+            let removed = inbox.devices.records.remove(device.as_str()).is_some();
+            inbox.trim_to_devices(now_ms, ttl_ms);
+            removed
+        });
+        Box::pin(future::ready(Ok(removed)))
+    }
+
+    fn inbox_info(
+        &self,
+        user: &UserId,
+    ) -> BoxFuture<'static, Result<Option<InboxInfo>, EngineError>> {
+        let mut state = self.lock();
+        let answer = state
+            .live_inbox(user, Instant::now())
+            .map(|inbox| InboxInfo {
+                epoch: inbox.epoch.clone(),
+                head: inbox.seq,
+                floor: inbox.floor,
+                oldest: inbox.messages.keys().next().copied(),
+                count: inbox.messages.len() as u64,
+            });
+        Box::pin(future::ready(Ok(answer)))
+    }
+
+    fn delete_inbox(&self, user: &UserId) -> BoxFuture<'static, Result<bool, EngineError>> {
+        let mut state = self.lock();
+        let deleted = state.inboxes.remove(user).is_some();
+        Box::pin(future::ready(Ok(deleted)))
     }
 
     fn end_epoch(
@@ -479,28 +632,40 @@ mod tests {
         };
         let engine = EmbeddedEngine::new(options);
         let bob = UserId::parse("bob").unwrap();
-        let first = engine.open_inbox(&bob, None).await.unwrap();
+        let first = engine
+            .open_inbox(&bob, &DeviceId::default_device(), None)
+            .await
+            .unwrap();
         engine.append(&send("bob", "m1")).await.unwrap();
         tokio::time::advance(Duration::from_secs(1800)).await;
         assert_eq!(engine.inbox_state(&bob).await.unwrap().unwrap().head, 1);
         tokio::time::advance(Duration::from_secs(1801)).await;
         assert_eq!(engine.inbox_state(&bob).await.unwrap(), None);
+        let device = DeviceId::default_device();
         let at = Position {
             epoch: &first.epoch,
             delivered: 0,
             stamp: first.stamp,
+            device: &device,
         };
         assert_eq!(
             engine.read_after(&bob, &at, 10, usize::MAX).await.unwrap(),
             Checked::Void,
             "the expired epoch is gone"
         );
-        let second = engine.open_inbox(&bob, None).await.unwrap();
+        let second = engine
+            .open_inbox(&bob, &DeviceId::default_device(), None)
+            .await
+            .unwrap();
         assert_ne!(second.epoch, first.epoch);
         assert_eq!(second.head, 0);
         // Users who never come back are swept out by later activity.
         engine
-            .open_inbox(&UserId::parse("carol").unwrap(), None)
+            .open_inbox(
+                &UserId::parse("carol").unwrap(),
+                &DeviceId::default_device(),
+                None,
+            )
             .await
             .unwrap();
         tokio::time::advance(Duration::from_secs(3601)).await;

@@ -5,7 +5,7 @@ use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use bytes::Bytes;
-use ferry_shared::{MessageId, UserId};
+use ferry_shared::{DeviceId, MessageId, UserId};
 use futures_util::future::BoxFuture;
 
 /// One stored message, as read from an inbox or received live.
@@ -58,6 +58,11 @@ impl Stored {
 pub struct Page {
     pub entries: Vec<Stored>,
     pub cut: bool,
+    /// Every seq at or below `floor` is gone from the inbox (trimmed).
+    pub floor: u64,
+    /// The reading device's acknowledged position in this epoch (0 if none): what lies between
+    /// it and `floor` was trimmed before the device acknowledged it, a gap it must be told of.
+    pub device_acked: u64,
 }
 
 /// An epoch's name, held inline so that a live message carries it without an allocation.
@@ -124,6 +129,9 @@ pub struct Position<'a> {
     pub epoch: &'a str,
     pub delivered: u64,
     pub stamp: u64,
+    /// The session's device: a trim acknowledges for it, a read reports its position, and each
+    /// check refreshes when it was last seen.
+    pub device: &'a DeviceId,
 }
 
 /// The answer of an operation checked against a session's `Position`.
@@ -174,6 +182,39 @@ pub struct Opened {
     pub epoch: String,
     pub head: u64,
     pub stamp: u64,
+    /// Every seq at or below `floor` is gone from the inbox (trimmed).
+    pub floor: u64,
+    /// The device as the store knew it before this opening: `None` if it had no record (a new
+    /// device, or one evicted by the device cap), else its acknowledged position in this
+    /// epoch (0 if its record is of another epoch).
+    pub device: Option<u64>,
+}
+
+/// One device of a user, as the store keeps it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeviceInfo {
+    pub device: String,
+    /// Its acknowledged position in the current epoch (0 if its record is of another one).
+    pub acked: u64,
+    /// When it was last seen (a `hello`, an ack or a position check), unix milliseconds.
+    pub last_seen_ms: u64,
+    /// Whether it holds the inbox: seen within `device_ttl`. One that does not no longer keeps
+    /// messages from being trimmed.
+    pub holding: bool,
+}
+
+/// An inbox's state for the server API.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct InboxInfo {
+    pub epoch: String,
+    /// The highest seq ever allocated in this inbox (0 if none).
+    pub head: u64,
+    /// Every seq at or below it is gone (trimmed).
+    pub floor: u64,
+    /// The lowest seq stored, if any.
+    pub oldest: Option<u64>,
+    /// Messages stored.
+    pub count: u64,
 }
 
 /// What the store check found besides an answer.
@@ -226,6 +267,11 @@ pub struct EngineOptions {
     pub live_buffer: usize,
     /// Replicas that must acknowledge an append before it is answered (`WAIT`); 0: none.
     pub min_replicas_ack: u32,
+    /// A device silent this long stops holding the inbox: messages it did not acknowledge may
+    /// then be trimmed, and it learns of the gap when it comes back.
+    pub device_ttl: Duration,
+    /// Devices kept per user; a new one beyond it evicts the one seen longest ago.
+    pub max_devices: usize,
     /// How long the Redis engine remembers its appends, to check after a store restart or
     /// failover that each is still there (a store that lost acknowledged writes ends the epoch
     /// of every inbox that lost one, so its recipients learn `reset`).
@@ -242,6 +288,8 @@ impl Default for EngineOptions {
             store_timeout: Duration::from_secs(2),
             live_buffer: 65_536,
             min_replicas_ack: 0,
+            device_ttl: Duration::from_secs(7 * 24 * 3600),
+            max_devices: 16,
             audit_window: Duration::from_secs(10),
         }
     }
@@ -282,8 +330,9 @@ pub trait Engine: Send + Sync + 'static {
         max_bytes: usize,
     ) -> BoxFuture<'static, Result<Checked<Page>, EngineError>>;
 
-    /// Deletes every message with seq at or below `upto` (a cumulative ack, `upto` at most
-    /// `at.delivered`), once `at` is checked.
+    /// A cumulative ack of `at.device` up to `upto` (at most `at.delivered`), once `at` is
+    /// checked: the device's position moves up to `upto`, and every message at or below the
+    /// lowest position of the user's holding devices is deleted.
     fn trim(
         &self,
         user: &UserId,
@@ -301,12 +350,36 @@ pub trait Engine: Send + Sync + 'static {
     /// Opens the inbox at `hello`: creates and stores its epoch if absent and refreshes its TTL.
     /// `claim` is the client's resume point (epoch, last_seq): a `last_seq` beyond the head of
     /// that same epoch means the store went back in time, and the epoch is ended (replaced) in
-    /// the same atomic step.
+    /// the same atomic step. `device` is recorded as seen (a new one at the floor, evicting the
+    /// device seen longest ago when the user has `max_devices`).
     fn open_inbox(
         &self,
         user: &UserId,
+        device: &DeviceId,
         claim: Option<(&str, u64)>,
     ) -> BoxFuture<'static, Result<Opened, EngineError>>;
+
+    /// The user's devices, in name order.
+    fn devices(&self, user: &UserId) -> BoxFuture<'static, Result<Vec<DeviceInfo>, EngineError>>;
+
+    /// Forgets a device (it no longer holds the inbox; what only it held is trimmed). True if
+    /// it was known.
+    fn remove_device(
+        &self,
+        user: &UserId,
+        device: &DeviceId,
+    ) -> BoxFuture<'static, Result<bool, EngineError>>;
+
+    /// The inbox's state, without creating anything: `None` if it has no epoch.
+    fn inbox_info(
+        &self,
+        user: &UserId,
+    ) -> BoxFuture<'static, Result<Option<InboxInfo>, EngineError>>;
+
+    /// Erases the inbox: its messages, state and devices (the dedupe window's keys expire on
+    /// their own and hold only seqs). Connected sessions find their position void and
+    /// reconnect to a new epoch. True if there was anything.
+    fn delete_inbox(&self, user: &UserId) -> BoxFuture<'static, Result<bool, EngineError>>;
 
     /// The inbox's epoch and head without creating anything: `None` if the inbox has no epoch
     /// (never reported, expired or lost).

@@ -5,6 +5,7 @@
 
 mod audit;
 mod cluster;
+mod devices;
 mod embedded;
 mod engine;
 mod epoch;
@@ -22,8 +23,9 @@ pub mod testkit;
 
 pub use embedded::EmbeddedEngine;
 pub use engine::{
-    AppendOutcome, Checked, Engine, EngineError, EngineOptions, EpochName, InboxMessage,
-    InboxState, Live, LiveEvent, LiveSink, NewMessage, Opened, Page, Position, StoreReport, Stored,
+    AppendOutcome, Checked, DeviceInfo, Engine, EngineError, EngineOptions, EpochName, InboxInfo,
+    InboxMessage, InboxState, Live, LiveEvent, LiveSink, NewMessage, Opened, Page, Position,
+    StoreReport, Stored,
 };
 pub use hub::{CatchUpReason, Hub, HubOptions, LiveSignal, Membership};
 pub use record::{RecordError, decode_member, decode_stored, encode_payload, split_live};

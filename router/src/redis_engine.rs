@@ -21,7 +21,7 @@ use std::io::Write;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
-use ferry_shared::{KeyKind, Keys, UserId, UserKey};
+use ferry_shared::{DeviceId, KeyKind, Keys, UserId, UserKey};
 use futures_util::future::BoxFuture;
 use futures_util::future::{join_all, select_ok};
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
@@ -34,8 +34,8 @@ use tokio::time::Instant;
 use crate::audit::{Appended, JOURNAL_CAP, Journal};
 use crate::cluster::{NodeAddr, SLOTS, SlotMap, slot_of_user};
 use crate::engine::{
-    AppendOutcome, Checked, Engine, EngineError, EngineOptions, InboxState, LiveSink, NewMessage,
-    Opened, Page, Position, StoreReport, Stored,
+    AppendOutcome, Checked, DeviceInfo, Engine, EngineError, EngineOptions, InboxInfo, InboxState,
+    LiveSink, NewMessage, Opened, Page, Position, StoreReport, Stored,
 };
 use crate::epoch::new_epoch_bytes;
 use crate::lanes::{Conn, Durability, Lanes, LuaScript, redis_error};
@@ -44,8 +44,8 @@ use crate::pubsub::{Connector, LiveBus, Source, TopologyReader};
 use crate::record::{decode_stored, encode_payload};
 use crate::redis_target::RedisTarget;
 use crate::script::{
-    AppendAnswer, SCRIPTS, VoidReason, int, parse_append, parse_checked, parse_open, parse_state,
-    string,
+    AppendAnswer, OpenAnswer, SCRIPTS, VoidReason, int, parse_append, parse_checked, parse_devices,
+    parse_info, parse_open, parse_state, string,
 };
 
 /// Dedupe keys per audit script call, so one call never blocks Redis for long.
@@ -403,8 +403,8 @@ impl Core {
         self.append_lanes + spread(user) % (self.lanes.count() - self.append_lanes)
     }
 
-    /// A position-checked script call: KEYS inbox, meta; ARGV epoch, delivered, stamp, a new
-    /// epoch, then `extra`.
+    /// A position-checked script call: KEYS inbox, meta, devices; ARGV epoch, delivered, stamp,
+    /// a new epoch, the device, then `extra`.
     fn checked_call(
         &self,
         script: &'static LuaScript,
@@ -412,13 +412,15 @@ impl Core {
         at: &Position<'_>,
         extra: &[u64],
     ) -> oneshot::Receiver<Result<Value, EngineError>> {
-        let mut cmd = script.call(2);
+        let mut cmd = script.call(3);
         cmd.arg(self.key(user, KeyKind::Inbox))
             .arg(self.key(user, KeyKind::Meta))
+            .arg(self.key(user, KeyKind::Devices))
             .arg(at.epoch)
             .arg(at.delivered)
             .arg(at.stamp)
-            .arg(NewEpoch);
+            .arg(NewEpoch)
+            .arg(at.device.as_str());
         for arg in extra {
             cmd.arg(*arg);
         }
@@ -540,9 +542,13 @@ fn millis(d: Duration) -> u64 {
 type ReadEntry = (Stored, Option<Vec<u8>>);
 
 /// The `ZRANGE … WITHSCORES` pairs of a read, decoded, and whether the byte bound cut the page.
-fn decode_page(items: &[Value]) -> Result<(Vec<ReadEntry>, bool), EngineError> {
+/// The read script's page: its entries, whether the byte bound cut it, the floor and the
+/// device's position.
+type ReadPage = (Vec<ReadEntry>, bool, u64, u64);
+
+fn decode_page(items: &[Value]) -> Result<ReadPage, EngineError> {
     let bad = || EngineError::Internal("the read script answered a malformed page".into());
-    let [Value::Array(pairs), cut] = items else {
+    let [Value::Array(pairs), cut, floor, device_acked] = items else {
         return Err(bad());
     };
     let entries = pairs
@@ -568,7 +574,12 @@ fn decode_page(items: &[Value]) -> Result<(Vec<ReadEntry>, bool), EngineError> {
             })
         })
         .collect::<Result<_, _>>()?;
-    Ok((entries, int(cut) == Some(1)))
+    Ok((
+        entries,
+        int(cut) == Some(1),
+        int(floor).ok_or_else(bad)?,
+        int(device_acked).ok_or_else(bad)?,
+    ))
 }
 
 /// The audit after a store restart or failover, run by its own task.
@@ -662,10 +673,11 @@ impl Engine for RedisEngine {
         let core = &self.core;
         let script = &SCRIPTS.append;
         let replicas = core.options.min_replicas_ack;
-        let mut cmd = script.call(3);
+        let mut cmd = script.call(4);
         cmd.arg(core.key(&msg.to, KeyKind::Inbox))
             .arg(core.key(&msg.to, KeyKind::Meta))
             .arg(core.key(&msg.to, KeyKind::Dedupe(&msg.from, &msg.id)))
+            .arg(core.key(&msg.to, KeyKind::Devices))
             .arg(encode_payload(&msg.from, &msg.id, msg.ts, &msg.body))
             .arg(core.options.max_inbox)
             .arg(NewEpoch)
@@ -673,7 +685,8 @@ impl Engine for RedisEngine {
             .arg(millis(core.options.inbox_ttl))
             .arg(core.key(&msg.to, KeyKind::Live))
             .arg(if replicas > 0 { "1" } else { "0" })
-            .arg(if core.cluster { "1" } else { "0" });
+            .arg(if core.cluster { "1" } else { "0" })
+            .arg(millis(core.options.device_ttl));
         let durability = if replicas > 0 {
             Durability::Replicas(replicas)
         } else {
@@ -739,7 +752,7 @@ impl Engine for RedisEngine {
                     None => Ok(None),
                 }
             });
-            let Some((page, cut)) = read.await? else {
+            let Some((page, cut, floor, device_acked)) = read.await? else {
                 return Ok(Checked::Void);
             };
             let mut entries = Vec::with_capacity(page.len());
@@ -749,7 +762,12 @@ impl Engine for RedisEngine {
                 }
                 entries.push(stored);
             }
-            Ok(Checked::Valid(Page { entries, cut }))
+            Ok(Checked::Valid(Page {
+                entries,
+                cut,
+                floor,
+                device_acked,
+            }))
         })
     }
 
@@ -759,7 +777,14 @@ impl Engine for RedisEngine {
         at: &Position<'_>,
         upto: u64,
     ) -> BoxFuture<'static, Result<Checked<()>, EngineError>> {
-        let answer = self.core.checked_call(&SCRIPTS.trim, user, at, &[upto]);
+        let options = &self.core.options;
+        let extra = [
+            upto,
+            options.max_devices as u64,
+            millis(options.device_ttl),
+            millis(options.inbox_ttl),
+        ];
+        let answer = self.core.checked_call(&SCRIPTS.trim, user, at, &extra);
         let (user, timeout) = (user.clone(), self.core.options.store_timeout);
         Box::pin(timed(StoreOp::Trim, timeout, async move {
             Ok(match checked_answer(&user, &received(answer).await?)? {
@@ -774,7 +799,9 @@ impl Engine for RedisEngine {
         user: &UserId,
         at: &Position<'_>,
     ) -> BoxFuture<'static, Result<Checked<u64>, EngineError>> {
-        let answer = self.core.checked_call(&SCRIPTS.position, user, at, &[]);
+        let options = &self.core.options;
+        let extra = [options.max_devices as u64, millis(options.inbox_ttl)];
+        let answer = self.core.checked_call(&SCRIPTS.position, user, at, &extra);
         let (user, timeout) = (user.clone(), self.core.options.store_timeout);
         Box::pin(timed(StoreOp::Position, timeout, async move {
             match checked_answer(&user, &received(answer).await?)? {
@@ -794,34 +821,119 @@ impl Engine for RedisEngine {
     fn open_inbox(
         &self,
         user: &UserId,
+        device: &DeviceId,
         claim: Option<(&str, u64)>,
     ) -> BoxFuture<'static, Result<Opened, EngineError>> {
         let core = &self.core;
         let script = &SCRIPTS.open;
         let (claimed_epoch, last_seq) = claim.unwrap_or(("", 0));
-        let mut cmd = script.call(2);
+        let mut cmd = script.call(3);
         cmd.arg(core.key(user, KeyKind::Meta))
             .arg(core.key(user, KeyKind::Inbox))
+            .arg(core.key(user, KeyKind::Devices))
             .arg(NewEpoch)
             .arg(millis(core.options.inbox_ttl))
             .arg(claimed_epoch)
-            .arg(last_seq);
+            .arg(last_seq)
+            .arg(device.as_str())
+            .arg(core.options.max_devices);
         let answer = core.submit(user, cmd, script);
         let (user, timeout) = (user.clone(), core.options.store_timeout);
         Box::pin(timed(StoreOp::Open, timeout, async move {
-            let (state, stamp, ended, adopted) = parse_open(&received(answer).await?)?;
+            let OpenAnswer {
+                opened,
+                ended,
+                adopted,
+            } = parse_open(&received(answer).await?)?;
             if ended {
                 metrics::epoch_replaced(&user, "resume_beyond_head");
             }
             if adopted {
                 metrics::epoch_replaced(&user, "meta_lost");
             }
-            Ok(Opened {
-                epoch: state.epoch,
-                head: state.head,
-                stamp,
-            })
+            Ok(opened)
         }))
+    }
+
+    fn devices(&self, user: &UserId) -> BoxFuture<'static, Result<Vec<DeviceInfo>, EngineError>> {
+        let core = &self.core;
+        let script = &SCRIPTS.devices;
+        let mut cmd = script.call(2);
+        cmd.arg(core.key(user, KeyKind::Meta))
+            .arg(core.key(user, KeyKind::Devices));
+        let answer = core.submit(user, cmd, script);
+        let ttl = millis(core.options.device_ttl);
+        Box::pin(timed(
+            StoreOp::State,
+            core.options.store_timeout,
+            async move {
+                let (epoch, now_ms, devices) = parse_devices(&received(answer).await?)?;
+                Ok(devices.info(&epoch, now_ms, ttl))
+            },
+        ))
+    }
+
+    fn remove_device(
+        &self,
+        user: &UserId,
+        device: &DeviceId,
+    ) -> BoxFuture<'static, Result<bool, EngineError>> {
+        let core = &self.core;
+        let script = &SCRIPTS.remove_device;
+        let mut cmd = script.call(3);
+        cmd.arg(core.key(user, KeyKind::Inbox))
+            .arg(core.key(user, KeyKind::Meta))
+            .arg(core.key(user, KeyKind::Devices))
+            .arg(device.as_str())
+            .arg(millis(core.options.device_ttl));
+        let answer = core.submit(user, cmd, script);
+        Box::pin(timed(
+            StoreOp::Trim,
+            core.options.store_timeout,
+            async move { Ok(int(&received(answer).await?) == Some(1)) },
+        ))
+    }
+
+    fn inbox_info(
+        &self,
+        user: &UserId,
+    ) -> BoxFuture<'static, Result<Option<InboxInfo>, EngineError>> {
+        let core = &self.core;
+        let script = &SCRIPTS.info;
+        let mut cmd = script.call(2);
+        cmd.arg(core.key(user, KeyKind::Meta))
+            .arg(core.key(user, KeyKind::Inbox));
+        let answer = core.submit(user, cmd, script);
+        Box::pin(timed(
+            StoreOp::State,
+            core.options.store_timeout,
+            async move { parse_info(&received(answer).await?) },
+        ))
+    }
+
+    fn delete_inbox(&self, user: &UserId) -> BoxFuture<'static, Result<bool, EngineError>> {
+        let core = &self.core;
+        let mut cmd = redis::cmd("DEL");
+        for kind in [
+            KeyKind::Inbox,
+            KeyKind::Meta,
+            KeyKind::Devices,
+            KeyKind::Quarantine,
+        ] {
+            cmd.arg(core.key(user, kind));
+        }
+        let answer = core.lanes.submit(
+            core.inbox_lane(user),
+            core.slot(user),
+            cmd,
+            None,
+            Durability::Primary,
+        );
+        Box::pin(timed(
+            StoreOp::Trim,
+            core.options.store_timeout,
+            async move { Ok(int(&received(answer).await?).is_some_and(|n| n > 0)) },
+        ))
     }
 
     fn inbox_state(

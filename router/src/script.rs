@@ -9,11 +9,12 @@ use std::sync::LazyLock;
 
 use redis::Value;
 
-use crate::engine::{AppendOutcome, EngineError, InboxState};
+use crate::devices::{Devices, Record};
+use crate::engine::{AppendOutcome, EngineError, InboxInfo, InboxState, Opened};
 use crate::lanes::LuaScript;
 
 /// Lua that checks a session's position before a read, trim or position check. KEYS: inbox,
-/// meta. ARGV: epoch, delivered, stamp, a new epoch. It returns `{why}` when the position is void:
+/// meta (then devices). ARGV: epoch, delivered, stamp, a new epoch (then the device). It returns `{why}` when the position is void:
 /// `epoch` when the inbox has another epoch already; and when the inbox went back in time under
 /// the same epoch (its head below `delivered`, or a member at or below `delivered` stored after
 /// `stamp`: a reused seq) it ends the epoch, the compare being the epoch match just made in the
@@ -26,7 +27,7 @@ macro_rules! verify_position {
     () => {
         r#"
 local why = nil
-local state = redis.call('HMGET', KEYS[2], 'epoch', 'seq')
+local state = redis.call('HMGET', KEYS[2], 'epoch', 'seq', 'floor')
 if state[1] ~= ARGV[1] then
   why = 'epoch'
 else
@@ -51,10 +52,98 @@ end
     };
 }
 
-/// KEYS: inbox, meta, dedupe.
+/// Lua that sets `now_ms`: Redis's clock in unix milliseconds (device times).
+macro_rules! now_ms {
+    () => {
+        r#"
+local clock = redis.call('TIME')
+local now_ms = tonumber(clock[1]) * 1000 + math.floor(tonumber(clock[2]) / 1000)
+"#
+    };
+}
+
+/// Lua that records device `dev` as seen at `now_ms` with its position moved up to `acked` in
+/// `epoch`, in the devices hash `dkey` (a field per device: `<acked>:<seen ms>:<epoch>`), as
+/// `devices.rs` `Devices::touch` does: a new device beyond `cap` evicts the device seen longest
+/// ago. Sets `before`: the position it had in `epoch` (0 for another epoch's record), nil if it
+/// had no record. The hash lives as long as the inbox (`ttl`).
+macro_rules! touch_device {
+    () => {
+        r#"
+local before = nil
+local rec = redis.call('HGET', dkey, dev)
+if rec then
+  local a, e = string.match(rec, '^(%d+):%d+:(.*)$')
+  before = 0
+  if a and e == epoch then
+    before = tonumber(a)
+  end
+else
+  while redis.call('HLEN', dkey) >= cap do
+    local all = redis.call('HGETALL', dkey)
+    local oldest, oldest_seen = all[1], nil
+    for i = 1, #all, 2 do
+      local seen = tonumber(string.match(all[i + 1], '^%d+:(%d+):') or '0')
+      if not oldest_seen or seen < oldest_seen then
+        oldest, oldest_seen = all[i], seen
+      end
+    end
+    redis.call('HDEL', dkey, oldest)
+  end
+end
+if before and before > acked then
+  acked = before
+end
+redis.call('HSET', dkey, dev, string.format('%d', acked) .. ':' .. string.format('%d', now_ms) .. ':' .. epoch)
+redis.call('PEXPIRE', dkey, ttl)
+"#
+    };
+}
+
+/// Lua that sets `low` and `high`: the lowest and highest position among the devices in `dkey`
+/// that hold the inbox (seen within `dttl` ms of `now_ms`), a position of another epoch than
+/// `epoch` counting as `floor` (`Devices::low`, `Devices::high`). Both nil when none holds.
+macro_rules! holding_devices {
+    () => {
+        r#"
+local low, high = nil, nil
+local all = redis.call('HGETALL', dkey)
+for i = 1, #all, 2 do
+  local a, seen, e = string.match(all[i + 1], '^(%d+):(%d+):(.*)$')
+  if a and tonumber(seen) + dttl >= now_ms then
+    local pos = floor
+    if e == epoch and tonumber(a) > floor then
+      pos = tonumber(a)
+    end
+    if not low or pos < low then
+      low = pos
+    end
+    if not high or pos > high then
+      high = pos
+    end
+  end
+end
+"#
+    };
+}
+
+/// Lua that trims the inbox (KEYS[1], meta KEYS[2]) up to `low` when that passes `floor`, and
+/// moves the floor there.
+macro_rules! trim_to_low {
+    () => {
+        r#"
+if low and low > floor then
+  redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', low)
+  redis.call('HSET', KEYS[2], 'floor', string.format('%d', low))
+end
+"#
+    };
+}
+
+/// KEYS: inbox, meta, dedupe, devices.
 /// ARGV: payload, max_inbox, new epoch, dedupe window (ms), inbox ttl (ms), live channel, `1` when
 /// replicas must acknowledge, `1` on a Redis Cluster (publish with `SPUBLISH`, to the shard's
-/// subscribers only).
+/// subscribers only), device ttl (ms).
 /// Returns `{0, seq, epoch, adopted}` stored, `{1, seq}` duplicate, `{2}` inbox full.
 ///
 /// - When replicas must acknowledge, the script does not publish: it returns the live message
@@ -63,6 +152,10 @@ end
 ///   recipient never sees live what a failover to a replica could take back. A duplicate writes
 ///   too (its dedupe key's TTL), so that `WAIT` covers the original.
 ///
+/// - At `max_inbox`, the oldest messages make room as long as the most advanced holding device
+///   has fewer than `max_inbox` above its position, or no device holds (see `devices.rs`); the
+///   floor moves up past them, and devices below it learn of the gap. A user without any device
+///   record (nobody ever read the inbox) gets `{2}` as before.
 /// - The epoch is created if absent. A new incarnation adopts whatever inbox is left under the
 ///   key (`meta` was evicted or lost on its own): those messages stay deliverable under the new
 ///   epoch, and seqs go on above them, so no seq is ever stored twice (the same code as in
@@ -86,8 +179,34 @@ if dup then
   end
   return {1, dup}
 end
-if redis.call('ZCARD', KEYS[1]) >= tonumber(ARGV[2]) then
-  return {2}
+local card = redis.call('ZCARD', KEYS[1])
+local max = tonumber(ARGV[2])
+if card >= max then
+  local state = redis.call('HMGET', KEYS[2], 'epoch', 'floor')
+  local epoch, floor = state[1], tonumber(state[2] or '0')
+  local clock = redis.call('TIME')
+  local now_ms = tonumber(clock[1]) * 1000 + math.floor(tonumber(clock[2]) / 1000)
+  -- The highest position among holding devices (as `holding_devices!`).
+  local high = nil
+  local all = redis.call('HGETALL', KEYS[4])
+  for i = 1, #all, 2 do
+    local a, seen, e = string.match(all[i + 1], '^(%d+):(%d+):(.*)$')
+    if a and tonumber(seen) + tonumber(ARGV[9]) >= now_ms then
+      local pos = floor
+      if e == epoch and tonumber(a) > floor then
+        pos = tonumber(a)
+      end
+      if not high or pos > high then
+        high = pos
+      end
+    end
+  end
+  if #all == 0 or (high and redis.call('ZCOUNT', KEYS[1], '(' .. string.format('%d', high), '+inf') >= max) then
+    return {2}
+  end
+  local last = redis.call('ZRANGE', KEYS[1], card - max, card - max, 'WITHSCORES')
+  redis.call('ZREMRANGEBYRANK', KEYS[1], 0, card - max)
+  redis.call('HSET', KEYS[2], 'floor', last[2])
 end
 local epoch = redis.call('HGET', KEYS[2], 'epoch')
 local adopted = 0
@@ -120,11 +239,14 @@ end
 return {0, seq, epoch, adopted}
 "#;
 
-/// KEYS: meta, inbox. ARGV: new epoch, inbox ttl (ms), claimed epoch (`` if none), claimed
-/// last_seq. Creates the epoch (adopting a leftover inbox) as `APPEND` does; a claim beyond the
-/// head under the same epoch ends that epoch.
-/// Returns `{epoch, head, stamp, ended, adopted}`.
-const OPEN: &str = r#"
+/// KEYS: meta, inbox, devices. ARGV: new epoch, inbox ttl (ms), claimed epoch (`` if none),
+/// claimed last_seq, device, device cap. Creates the epoch (adopting a leftover inbox) as
+/// `APPEND` does; a claim beyond the head under the same epoch ends that epoch. Records the
+/// device as seen (a new one at the floor).
+/// Returns `{epoch, head, stamp, ended, adopted, floor, before}`, `before` being the device's
+/// position before (`` when it had no record).
+const OPEN: &str = concat!(
+    r#"
 local adopted = 0
 if redis.call('HSETNX', KEYS[1], 'epoch', ARGV[1]) == 1 then
   local top = redis.call('ZRANGE', KEYS[2], '+inf', '-inf', 'BYSCORE', 'REV', 'LIMIT', 0, 1, 'WITHSCORES')
@@ -146,18 +268,31 @@ end
 redis.call('PEXPIRE', KEYS[1], ARGV[2])
 redis.call('PEXPIRE', KEYS[2], ARGV[2])
 local now = redis.call('TIME')
-return {state[1], string.format('%d', head), now[1] .. string.format('%06d', tonumber(now[2])), ended, adopted}
-"#;
+local floor = tonumber(redis.call('HGET', KEYS[1], 'floor') or '0')
+local dkey, dev, epoch, acked, cap, ttl = KEYS[3], ARGV[5], state[1], floor, tonumber(ARGV[6]), ARGV[2]
+if redis.call('HEXISTS', dkey, dev) == 1 then
+  -- A known device keeps its position, even below the floor: it learns of the gap until it
+  -- acknowledges past it.
+  acked = 0
+end
+local now_ms = tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000)
+"#,
+    touch_device!(),
+    r#"
+return {state[1], string.format('%d', head), now[1] .. string.format('%06d', tonumber(now[2])), ended, adopted, string.format('%d', floor), before and string.format('%d', before) or ''}
+"#
+);
 
-/// KEYS: inbox, meta. ARGV: epoch, delivered, stamp, new epoch, limit, max bytes.
-/// Returns `{'ok', {member, score, ...}, cut}`, or `{why}` (see `verify_position!`). The page
+/// KEYS: inbox, meta, devices. ARGV: epoch, delivered, stamp, new epoch, device, limit, max
+/// bytes. Returns `{'ok', {member, score, ...}, cut, floor, device acked}`, or `{why}` (see
+/// `verify_position!`). The page
 /// stops before the member that would pass the byte bound (the first is always returned), so a
 /// read never brings more than the session's queue can take; `cut` is 1 when it did.
 const READ: &str = concat!(
     verify_position!(),
     r#"
-local page = redis.call('ZRANGE', KEYS[1], '(' .. ARGV[2], '+inf', 'BYSCORE', 'LIMIT', 0, ARGV[5], 'WITHSCORES')
-local max = tonumber(ARGV[6])
+local page = redis.call('ZRANGE', KEYS[1], '(' .. ARGV[2], '+inf', 'BYSCORE', 'LIMIT', 0, ARGV[6], 'WITHSCORES')
+local max = tonumber(ARGV[7])
 local bytes = 0
 local cut = 0
 for i = 1, #page, 2 do
@@ -170,28 +305,83 @@ for i = 1, #page, 2 do
     break
   end
 end
-return {'ok', page, cut}
+local acked = '0'
+local rec = redis.call('HGET', KEYS[3], ARGV[5])
+if rec then
+  local a, e = string.match(rec, '^(%d+):%d+:(.*)$')
+  if a and e == ARGV[1] then
+    acked = a
+  end
+end
+return {'ok', page, cut, state[3] or '0', acked}
 "#
 );
 
-/// KEYS: inbox, meta. ARGV: epoch, delivered, stamp, new epoch, upto.
-/// Returns `{'ok'}` or `{why}`.
+/// KEYS: inbox, meta, devices. ARGV: epoch, delivered, stamp, new epoch, device, upto, device
+/// cap, device ttl (ms), inbox ttl (ms). Moves the device's position up to `upto`, then trims
+/// up to the lowest position of the holding devices. Returns `{'ok'}` or `{why}`.
 const TRIM: &str = concat!(
     verify_position!(),
+    now_ms!(),
     r#"
-redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', ARGV[5])
+local floor = tonumber(state[3] or '0')
+local dkey, dev, epoch, acked, cap, dttl, ttl = KEYS[3], ARGV[5], ARGV[1], tonumber(ARGV[6]), tonumber(ARGV[7]), tonumber(ARGV[8]), ARGV[9]
+"#,
+    touch_device!(),
+    holding_devices!(),
+    trim_to_low!(),
+    r#"
 return {'ok'}
 "#
 );
 
-/// KEYS: inbox, meta. ARGV: epoch, delivered, stamp, new epoch.
-/// Returns `{'ok', head}` or `{why}`.
+/// KEYS: inbox, meta, devices. ARGV: epoch, delivered, stamp, new epoch, device, device cap,
+/// inbox ttl (ms). Records the device as seen. Returns `{'ok', head}` or `{why}`.
 const POSITION: &str = concat!(
     verify_position!(),
+    now_ms!(),
+    r#"
+local dkey, dev, epoch, acked, cap, ttl = KEYS[3], ARGV[5], ARGV[1], 0, tonumber(ARGV[6]), ARGV[7]
+"#,
+    touch_device!(),
     r#"
 return {'ok', state[2] or '0'}
 "#
 );
+
+/// KEYS: meta, devices. Returns `{epoch or '', now ms, field, value, ...}`.
+const DEVICES: &str = concat!(
+    now_ms!(),
+    r#"
+return {redis.call('HGET', KEYS[1], 'epoch') or '', string.format('%d', now_ms), redis.call('HGETALL', KEYS[2])}
+"#
+);
+
+/// KEYS: inbox, meta, devices. ARGV: device, device ttl (ms). Forgets the device, then trims up
+/// to the lowest position of the holding devices left. Returns 1 if it was known.
+const REMOVE_DEVICE: &str = concat!(
+    r#"
+if redis.call('HDEL', KEYS[3], ARGV[1]) == 0 then
+  return 0
+end
+local state = redis.call('HMGET', KEYS[2], 'epoch', 'floor')
+local epoch, floor = state[1], tonumber(state[2] or '0')
+local dkey, dttl = KEYS[3], tonumber(ARGV[2])
+"#,
+    now_ms!(),
+    holding_devices!(),
+    trim_to_low!(),
+    r#"
+return 1
+"#
+);
+
+/// KEYS: meta, inbox. Returns `{epoch or '', head, floor, oldest or '', count}`.
+const INFO: &str = r#"
+local state = redis.call('HMGET', KEYS[1], 'epoch', 'seq', 'floor')
+local first = redis.call('ZRANGE', KEYS[2], 0, 0, 'WITHSCORES')
+return {state[1] or '', state[2] or '0', state[3] or '0', first[2] or '', redis.call('ZCARD', KEYS[2])}
+"#;
 
 /// KEYS: meta. ARGV: epoch, new epoch. Returns 1 if `epoch` was current and is ended now.
 const END_EPOCH: &str = r#"
@@ -245,6 +435,9 @@ pub(crate) struct Scripts {
     pub end_epoch: LuaScript,
     pub quarantine: LuaScript,
     pub audit: LuaScript,
+    pub devices: LuaScript,
+    pub remove_device: LuaScript,
+    pub info: LuaScript,
 }
 
 pub(crate) static SCRIPTS: LazyLock<Scripts> = LazyLock::new(|| Scripts {
@@ -256,6 +449,9 @@ pub(crate) static SCRIPTS: LazyLock<Scripts> = LazyLock::new(|| Scripts {
     end_epoch: LuaScript::new(END_EPOCH),
     quarantine: LuaScript::new(QUARANTINE),
     audit: LuaScript::new(AUDIT),
+    devices: LuaScript::new(DEVICES),
+    remove_device: LuaScript::new(REMOVE_DEVICE),
+    info: LuaScript::new(INFO),
 });
 
 /// Why a checked script found a session's position void: the epoch had changed already, or the
@@ -305,23 +501,109 @@ pub(crate) struct AppendAnswer {
     pub publish: Option<Vec<u8>>,
 }
 
-/// Reads the open script's answer: the state, the stamp, whether it ended the claimed epoch
-/// and whether it adopted a leftover inbox.
-pub(crate) fn parse_open(value: &Value) -> Result<(InboxState, u64, bool, bool), EngineError> {
+/// The open script's answer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct OpenAnswer {
+    pub opened: Opened,
+    /// It ended the claimed epoch (a resume beyond the head).
+    pub ended: bool,
+    /// It adopted a leftover inbox.
+    pub adopted: bool,
+}
+
+/// Reads the open script's answer.
+pub(crate) fn parse_open(value: &Value) -> Result<OpenAnswer, EngineError> {
     let bad = || EngineError::Internal(format!("unexpected open answer: {value:?}"));
     let Value::Array(items) = value else {
         return Err(bad());
     };
-    let [epoch, head, stamp, ended, adopted] = items.as_slice() else {
+    let [epoch, head, stamp, ended, adopted, floor, before] = items.as_slice() else {
+        return Err(bad());
+    };
+    let device = match string(before).ok_or_else(bad)?.as_str() {
+        "" => None,
+        _ => Some(int(before).ok_or_else(bad)?),
+    };
+    Ok(OpenAnswer {
+        opened: Opened {
+            epoch: string(epoch).ok_or_else(bad)?,
+            head: int(head).ok_or_else(bad)?,
+            stamp: int(stamp).ok_or_else(bad)?,
+            floor: int(floor).ok_or_else(bad)?,
+            device,
+        },
+        ended: int(ended) == Some(1),
+        adopted: int(adopted) == Some(1),
+    })
+}
+
+/// Reads the info script's answer: `None` when the inbox has no epoch.
+pub(crate) fn parse_info(value: &Value) -> Result<Option<InboxInfo>, EngineError> {
+    let bad = || EngineError::Internal(format!("unexpected info answer: {value:?}"));
+    let Value::Array(items) = value else {
+        return Err(bad());
+    };
+    let [epoch, head, floor, oldest, count] = items.as_slice() else {
         return Err(bad());
     };
     let epoch = string(epoch).ok_or_else(bad)?;
-    let state = InboxState {
+    if epoch.is_empty() {
+        return Ok(None);
+    }
+    let oldest = match string(oldest).ok_or_else(bad)?.as_str() {
+        "" => None,
+        _ => Some(int(oldest).ok_or_else(bad)?),
+    };
+    Ok(Some(InboxInfo {
         epoch,
         head: int(head).ok_or_else(bad)?,
+        floor: int(floor).ok_or_else(bad)?,
+        oldest,
+        count: int(count).ok_or_else(bad)?,
+    }))
+}
+
+/// Reads the devices script's answer: the inbox's epoch (`` if none), Redis's clock (unix ms)
+/// and the devices hash.
+pub(crate) fn parse_devices(value: &Value) -> Result<(String, u64, Devices), EngineError> {
+    let bad = || EngineError::Internal(format!("unexpected devices answer: {value:?}"));
+    let Value::Array(items) = value else {
+        return Err(bad());
     };
-    let stamp = int(stamp).ok_or_else(bad)?;
-    Ok((state, stamp, int(ended) == Some(1), int(adopted) == Some(1)))
+    let [epoch, now_ms, Value::Array(fields)] = items.as_slice() else {
+        return Err(bad());
+    };
+    let mut devices = Devices::default();
+    for pair in fields.chunks(2) {
+        let [name, record] = pair else {
+            return Err(bad());
+        };
+        let (name, record) = (
+            string(name).ok_or_else(bad)?,
+            string(record).ok_or_else(bad)?,
+        );
+        // `<acked>:<seen ms>:<epoch>`; one that does not parse is left out of the list.
+        let mut parts = record.splitn(3, ':');
+        if let (Some(Ok(acked)), Some(Ok(seen_ms)), Some(epoch)) = (
+            parts.next().map(str::parse),
+            parts.next().map(str::parse),
+            parts.next(),
+        ) {
+            devices.records.insert(
+                name,
+                Record {
+                    acked,
+                    epoch: epoch.to_owned(),
+                    seen_ms,
+                },
+            );
+        }
+    }
+    Ok((
+        string(epoch).ok_or_else(bad)?,
+        int(now_ms).ok_or_else(bad)?,
+        devices,
+    ))
 }
 
 /// Reads the append script's answer.

@@ -17,6 +17,7 @@ fn position(epoch: &str, delivered: u64, stamp: u64) -> Position<'_> {
         epoch,
         delivered,
         stamp,
+        device: &DEFAULT_DEVICE,
     }
 }
 
@@ -84,12 +85,21 @@ on_both_engines!(
         fill(&*engine, "bob", "m", 2).await;
         let epoch = inbox_state(&*engine, "bob").await.epoch;
         // Within the head, or of another epoch: nothing changes.
-        let within = engine.open_inbox(&bob, Some((&epoch, 2))).await.unwrap();
+        let within = engine
+            .open_inbox(&bob, &DEFAULT_DEVICE, Some((&epoch, 2)))
+            .await
+            .unwrap();
         assert_eq!((within.epoch.as_str(), within.head), (epoch.as_str(), 2));
-        let other = engine.open_inbox(&bob, Some(("zzzz", 9))).await.unwrap();
+        let other = engine
+            .open_inbox(&bob, &DEFAULT_DEVICE, Some(("zzzz", 9)))
+            .await
+            .unwrap();
         assert_eq!(other.epoch, epoch);
         // Beyond the head of the same epoch: ended in the same step.
-        let beyond = engine.open_inbox(&bob, Some((&epoch, 3))).await.unwrap();
+        let beyond = engine
+            .open_inbox(&bob, &DEFAULT_DEVICE, Some((&epoch, 3)))
+            .await
+            .unwrap();
         assert_ne!(beyond.epoch, epoch);
         assert_eq!(beyond.head, 2);
         assert_eq!(inbox_state(&*engine, "bob").await.epoch, beyond.epoch);
@@ -119,7 +129,10 @@ on_both_engines!(
     options(),
     |engine| async move {
         let bob = user("bob");
-        let opened = engine.open_inbox(&bob, None).await.unwrap();
+        let opened = engine
+            .open_inbox(&bob, &DEFAULT_DEVICE, None)
+            .await
+            .unwrap();
         fill(&*engine, "bob", "m", 3).await;
         let messages = read(&*engine, "bob", 0, 10).await;
         let stamps: Vec<u64> = messages.iter().map(|m| m.stamp).collect();

@@ -227,7 +227,10 @@ async fn a_stopped_redis_fails_fast_and_recovers_on_restart() {
     );
     assert_unavailable("trim", engine.trim(&bob_id, &position, 1).await);
     assert_unavailable("position", engine.check_position(&bob_id, &position).await);
-    assert_unavailable("open", engine.open_inbox(&bob_id, None).await);
+    assert_unavailable(
+        "open",
+        engine.open_inbox(&bob_id, &DEFAULT_DEVICE, None).await,
+    );
     assert_unavailable("end", engine.end_epoch(&bob_id, "e").await);
     assert_unavailable("check", engine.check().await);
     assert_unavailable("state", engine.inbox_state(&bob_id).await);

@@ -1,6 +1,7 @@
 //! A Rust client for Ferry (feature `client`), used by the gateway's tests and the load
 //! generator: one background task per connection, duplicates dropped by seq, coalesced acks,
-//! sends matched to their answers by id and retried safely, reconnect and resume.
+//! sends matched to their answers by id and retried safely, reconnect and resume as one of the
+//! user's devices (with its own position in the inbox), gaps reported to the application.
 //!
 //! ```no_run
 //! use std::time::Duration;
@@ -8,6 +9,7 @@
 //!
 //! # async fn run() -> Result<(), Box<dyn std::error::Error>> {
 //! let config = ClientConfig {
+//!     device: Some("laptop-1".into()), // this device's own position in the inbox
 //!     ack_interval: Duration::from_millis(100),
 //!     ..ClientConfig::new("ws://127.0.0.1:8080/v1/ws", "eyJ...")
 //! };
@@ -24,6 +26,8 @@
 //!             println!("{} from {}: {:?}", m.seq, m.from, m.body);
 //!             break;
 //!         }
+//!         // Trimmed before this device acknowledged them: never delivered; re-sync elsewhere.
+//!         Event::Gap { from, to } => println!("missed {from}..={to}"),
 //!         other => println!("{other:?}"),
 //!     }
 //! }

@@ -204,7 +204,7 @@ mod tests {
         let json = Codec::Json;
         let hello = json
             .decode_client(&text(
-                r#"{"type":"hello","token":"eyJ...","last_seq":41,"epoch":"k3v9"}"#,
+                r#"{"type":"hello","token":"eyJ...","last_seq":41,"epoch":"k3v9","device":"phone"}"#,
             ))
             .unwrap();
         assert_eq!(
@@ -212,7 +212,8 @@ mod tests {
             ClientFrame::Hello {
                 token: Some("eyJ...".into()),
                 last_seq: 41,
-                epoch: Some("k3v9".into())
+                epoch: Some("k3v9".into()),
+                device: Some("phone".into()),
             }
         );
         let send = json
@@ -231,6 +232,13 @@ mod tests {
         let welcome = r#"{"type":"welcome","user":"alice","node":"gw-1","epoch":"k3v9","head":43,"reset":false,"heartbeat_ms":25000}"#;
         let frame = json.decode_server(&text(welcome)).unwrap();
         assert_eq!(json.encode_server(&frame).unwrap(), text(welcome));
+        let welcome = r#"{"type":"welcome","user":"alice","node":"gw-1","epoch":"k3v9","head":43,"reset":false,"heartbeat_ms":25000,"expires_at":1764090000,"device":"phone","resume":41}"#;
+        let frame = json.decode_server(&text(welcome)).unwrap();
+        assert_eq!(json.encode_server(&frame).unwrap(), text(welcome));
+        let gap = r#"{"type":"gap","from":12,"to":40}"#;
+        let frame = json.decode_server(&text(gap)).unwrap();
+        assert_eq!(frame, ServerFrame::Gap { from: 12, to: 40 });
+        assert_eq!(json.encode_server(&frame).unwrap(), text(gap));
         let msg =
             r#"{"type":"msg","seq":42,"from":"bob","id":"b-17","ts":1764086400000,"body":"hi"}"#;
         let frame = json.decode_server(&text(msg)).unwrap();
@@ -247,7 +255,8 @@ mod tests {
             ClientFrame::Hello {
                 token: Some("t".into()),
                 last_seq: 0,
-                epoch: None
+                epoch: None,
+                device: None,
             }
         );
         let ping = Codec::Json

@@ -89,6 +89,10 @@ pub enum ClientFrame {
         last_seq: u64,
         #[serde(default, skip_serializing_if = "Option::is_none")]
         epoch: Option<String>,
+        /// Which of the user's devices this connection is (its own acknowledged position);
+        /// absent: the `default` device.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        device: Option<String>,
     },
     /// Store `body` in `to`'s inbox and deliver it.
     Send { id: String, to: String, body: Body },
@@ -153,6 +157,15 @@ pub enum ServerFrame {
         /// one before then. Absent from servers before token lifetimes.
         #[serde(default, skip_serializing_if = "Option::is_none")]
         expires_at: Option<u64>,
+        /// The device this session is (`default` when `hello` named none). Absent from servers
+        /// before devices.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        device: Option<String>,
+        /// Delivery starts after this seq: the client's `last_seq`, or the device's position
+        /// kept by the server when that is further (0 after `reset`). Absent from servers before
+        /// devices.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        resume: Option<u64>,
     },
     Msg {
         seq: u64,
@@ -183,6 +196,14 @@ pub enum ServerFrame {
     Authed {
         expires_at: u64,
     },
+    /// The messages `from..=to` of this epoch are gone from the inbox before this device
+    /// acknowledged them (the device stopped holding the inbox: silent past `device_ttl`, or the
+    /// inbox was at `max_inbox`) and will never be delivered. The client's position moves to
+    /// `to`.
+    Gap {
+        from: u64,
+        to: u64,
+    },
 }
 
 impl ServerFrame {
@@ -196,6 +217,7 @@ impl ServerFrame {
             ServerFrame::Reconnect { .. } => "reconnect",
             ServerFrame::Pong => "pong",
             ServerFrame::Authed { .. } => "authed",
+            ServerFrame::Gap { .. } => "gap",
         }
     }
 

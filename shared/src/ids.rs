@@ -1,4 +1,5 @@
-//! Validated identifiers: a `UserId` names an inbox, a `MessageId` names one `send` of a sender.
+//! Validated identifiers: a `UserId` names an inbox, a `MessageId` names one `send` of a sender,
+//! a `DeviceId` names one of a user's devices (its own acknowledged position in the inbox).
 
 use std::fmt;
 use std::sync::Arc;
@@ -66,6 +67,31 @@ impl MessageId {
     }
 }
 
+/// A device of a user, as named in `hello`: 1 to 64 bytes of `A-Z a-z 0-9 . _ - :`. A
+/// connection that names none is the user's `default` device.
+#[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct DeviceId(Arc<str>);
+
+impl DeviceId {
+    pub const DEFAULT: &'static str = "default";
+
+    pub fn parse(s: &str) -> Result<Self, IdError> {
+        check(s, "device id", MESSAGE_MAX, b"._-:")?;
+        Ok(Self(Arc::from(s)))
+    }
+
+    /// The device of a connection that names none (shared: no allocation per connection).
+    pub fn default_device() -> Self {
+        static DEFAULT: std::sync::LazyLock<DeviceId> =
+            std::sync::LazyLock::new(|| DeviceId(Arc::from(DeviceId::DEFAULT)));
+        DEFAULT.clone()
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
 macro_rules! id_traits {
     ($t:ty) => {
         impl fmt::Display for $t {
@@ -93,6 +119,7 @@ macro_rules! id_traits {
 }
 id_traits!(UserId);
 id_traits!(MessageId);
+id_traits!(DeviceId);
 
 #[cfg(test)]
 mod tests {
@@ -123,5 +150,17 @@ mod tests {
         assert!(MessageId::parse(&"x".repeat(65)).is_err());
         assert!(MessageId::parse("a@b").is_err(), "@ is for user ids only");
         assert!(MessageId::parse("").is_err());
+    }
+
+    #[test]
+    fn device_ids() {
+        assert!(DeviceId::parse("web-0f3a:tab.1_x").is_ok());
+        assert!(DeviceId::parse(&"d".repeat(65)).is_err());
+        assert!(DeviceId::parse("a@b").is_err());
+        assert_eq!(DeviceId::default_device().as_str(), "default");
+        assert_eq!(
+            DeviceId::parse("default").unwrap(),
+            DeviceId::default_device()
+        );
     }
 }

@@ -79,6 +79,8 @@ pub enum KeyKind<'a> {
     Meta,
     Quarantine,
     Live,
+    /// The user's devices and their positions (a hash).
+    Devices,
     /// The dedupe key of (sender, id). They are joined by `/`, which neither alphabet contains
     /// (both may contain `:`), so two different (sender, id) pairs never name one key.
     Dedupe(&'a UserId, &'a MessageId),
@@ -100,6 +102,7 @@ impl fmt::Display for UserKey<'_> {
             KeyKind::Meta => f.write_str("meta"),
             KeyKind::Quarantine => f.write_str("quarantine"),
             KeyKind::Live => f.write_str("live"),
+            KeyKind::Devices => f.write_str("devices"),
             KeyKind::Dedupe(sender, id) => write!(f, "dedupe:{sender}/{id}"),
         }
     }

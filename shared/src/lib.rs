@@ -11,5 +11,5 @@ pub mod client;
 
 pub use codec::{Codec, DecodeError, EncodeError, Wire};
 pub use frame::{Body, ClientFrame, ErrorCode, ServerFrame};
-pub use ids::{IdError, MessageId, UserId};
+pub use ids::{DeviceId, IdError, MessageId, UserId};
 pub use keys::{KeyKind, Keys, UserKey};

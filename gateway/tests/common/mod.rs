@@ -249,6 +249,17 @@ impl TestGateway {
         last_seq: u64,
         epoch: Option<&str>,
     ) -> (RawConnection, ServerFrame) {
+        self.raw_device_hello(token, last_seq, epoch, None).await
+    }
+
+    /// `raw_hello` as device `device` (`None`: the default device).
+    pub async fn raw_device_hello(
+        &self,
+        token: String,
+        last_seq: u64,
+        epoch: Option<&str>,
+        device: Option<&str>,
+    ) -> (RawConnection, ServerFrame) {
         let mut conn = RawConnection::connect(&self.url(), &["ferry.v1.msgpack"], &[])
             .await
             .expect("raw connects");
@@ -256,6 +267,7 @@ impl TestGateway {
             token: Some(token),
             last_seq,
             epoch: epoch.map(str::to_string),
+            device: device.map(str::to_string),
         };
         conn.send_frame(&hello).await.expect("send hello");
         let welcome = next_frame(&mut conn).await;

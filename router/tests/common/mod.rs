@@ -6,15 +6,16 @@
 
 #![allow(dead_code, unused_macros)]
 
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, LazyLock, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
 use ferry_router::{
-    AppendOutcome, Checked, Engine, EngineError, EngineOptions, InboxMessage, InboxState,
-    LiveEvent, LiveSink, NewMessage, Opened, Page, Position, StoreReport, Stored,
+    AppendOutcome, Checked, DeviceInfo, Engine, EngineError, EngineOptions, InboxInfo,
+    InboxMessage, InboxState, LiveEvent, LiveSink, NewMessage, Opened, Page, Position, StoreReport,
+    Stored,
 };
-use ferry_shared::{MessageId, UserId};
+use ferry_shared::{DeviceId, MessageId, UserId};
 use futures_util::future::BoxFuture;
 use tokio::sync::mpsc;
 
@@ -147,12 +148,16 @@ pub async fn epoch(engine: &dyn Engine, name: &str) -> String {
         .unwrap_or_default()
 }
 
-/// A position at `delivered` in `epoch`, without a stamp.
+/// The default device, as a connection that names none is.
+pub static DEFAULT_DEVICE: LazyLock<DeviceId> = LazyLock::new(DeviceId::default_device);
+
+/// A position of the default device at `delivered` in `epoch`, without a stamp.
 pub fn at(epoch: &str, delivered: u64) -> Position<'_> {
     Position {
         epoch,
         delivered,
         stamp: 0,
+        device: &DEFAULT_DEVICE,
     }
 }
 
@@ -227,7 +232,7 @@ impl Gate {
 /// Opens `name`'s inbox without a claim: its (epoch, head).
 pub async fn open(engine: &dyn Engine, name: &str) -> InboxState {
     let Opened { epoch, head, .. } = engine
-        .open_inbox(&user(name), None)
+        .open_inbox(&user(name), &DEFAULT_DEVICE, None)
         .await
         .expect("open_inbox");
     InboxState { epoch, head }
@@ -311,9 +316,33 @@ impl Engine for Recorder {
     fn open_inbox(
         &self,
         user: &UserId,
+        device: &DeviceId,
         claim: Option<(&str, u64)>,
     ) -> BoxFuture<'static, Result<Opened, EngineError>> {
-        self.inner.open_inbox(user, claim)
+        self.inner.open_inbox(user, device, claim)
+    }
+
+    fn devices(&self, user: &UserId) -> BoxFuture<'static, Result<Vec<DeviceInfo>, EngineError>> {
+        self.inner.devices(user)
+    }
+
+    fn remove_device(
+        &self,
+        user: &UserId,
+        device: &DeviceId,
+    ) -> BoxFuture<'static, Result<bool, EngineError>> {
+        self.inner.remove_device(user, device)
+    }
+
+    fn inbox_info(
+        &self,
+        user: &UserId,
+    ) -> BoxFuture<'static, Result<Option<InboxInfo>, EngineError>> {
+        self.inner.inbox_info(user)
+    }
+
+    fn delete_inbox(&self, user: &UserId) -> BoxFuture<'static, Result<bool, EngineError>> {
+        self.inner.delete_inbox(user)
     }
 
     fn inbox_state(

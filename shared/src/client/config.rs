@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use crate::client::error::ClientError;
 use crate::codec::Codec;
+use crate::ids::DeviceId;
 
 /// Fetches a fresh token (for example from the application's backend); `Err` says why not.
 pub type TokenSource = std::sync::Arc<
@@ -57,6 +58,12 @@ pub struct ClientConfig {
     pub last_seq: u64,
     /// The inbox incarnation `last_seq` belongs to (`None` for a client with no history).
     pub epoch: Option<String>,
+    /// Which of the user's devices this client is, sent in every `hello` (1 to 64 bytes of
+    /// `A-Z a-z 0-9 . _ - :`). Each device has its own acknowledged position in the inbox, so
+    /// what this client has not acknowledged stays there for it whatever the user's other
+    /// devices acknowledge. Keep it stable across restarts, beside `last_seq` and `epoch`.
+    /// `None`: the user's `default` device.
+    pub device: Option<String>,
     /// Acks are coalesced: one cumulative `ack` at most this long after a delivery (zero acks
     /// every delivery at once).
     pub ack_interval: Duration,
@@ -98,6 +105,7 @@ impl ClientConfig {
             codec: Codec::MsgPack,
             last_seq: 0,
             epoch: None,
+            device: None,
             ack_interval: Duration::from_millis(250),
             hold_sends_on_rate_limited: true,
             reconnect: true,
@@ -116,6 +124,11 @@ impl ClientConfig {
         let bad = |why: &str| Err(ClientError::Config(why.to_owned()));
         if !self.url.starts_with("ws://") {
             return bad("url must start with ws:// (wss:// is not supported)");
+        }
+        if let Some(device) = &self.device
+            && let Err(e) = DeviceId::parse(device)
+        {
+            return bad(&e.to_string());
         }
         if self.event_capacity == 0 {
             return bad("event_capacity must be at least 1");
@@ -138,6 +151,7 @@ impl fmt::Debug for ClientConfig {
             .field("codec", &self.codec)
             .field("last_seq", &self.last_seq)
             .field("epoch", &self.epoch)
+            .field("device", &self.device)
             .field("ack_interval", &self.ack_interval)
             .field(
                 "hold_sends_on_rate_limited",
@@ -167,6 +181,11 @@ mod tests {
             !format!("{ok:?}").contains("\"t\""),
             "the token is not logged"
         );
+        let phone = ClientConfig {
+            device: Some("phone-1:a.b_c".into()),
+            ..ok.clone()
+        };
+        assert!(phone.validate().is_ok());
         let cases = [
             ClientConfig::new("wss://h/v1/ws", "t"),
             ClientConfig::new("http://h/v1/ws", "t"),
@@ -180,6 +199,14 @@ mod tests {
             },
             ClientConfig {
                 backoff_max: Duration::from_millis(1),
+                ..ok.clone()
+            },
+            ClientConfig {
+                device: Some(String::new()),
+                ..ok.clone()
+            },
+            ClientConfig {
+                device: Some("my phone".into()),
                 ..ok.clone()
             },
         ];

@@ -38,6 +38,8 @@ struct Queued {
 enum Effect {
     None,
     Message(u64),
+    /// A `gap` up to this seq: the position moves as if it had been delivered.
+    Gap(u64),
     Welcome {
         epoch: String,
         reset: bool,
@@ -50,6 +52,7 @@ impl Effect {
     fn of(event: &Event, conn: u64) -> Effect {
         match event {
             Event::Message(m) => Effect::Message(m.seq),
+            Event::Gap { to, .. } => Effect::Gap(*to),
             Event::Welcome(w) => Effect::Welcome {
                 epoch: w.epoch.clone(),
                 reset: w.reset,
@@ -190,9 +193,10 @@ impl Delivery {
     fn apply(&mut self, effect: Effect) {
         match effect {
             Effect::None => {}
-            Effect::Message(seq) => {
-                self.delivered.last_seq = seq;
-                self.shared.position().last_seq = seq;
+            // A gap is acknowledged like a delivery, so the server need not announce it again.
+            Effect::Message(seq) | Effect::Gap(seq) => {
+                self.delivered.last_seq = self.delivered.last_seq.max(seq);
+                self.shared.position().last_seq = self.delivered.last_seq;
                 self.acks.delivered(seq, Instant::now());
             }
             Effect::Welcome {
@@ -201,15 +205,22 @@ impl Delivery {
                 resumed_from,
                 conn,
             } => {
-                if reset {
-                    self.delivered.last_seq = 0;
-                }
+                // Delivery resumes after `resumed_from`: a reset starts over from it, and one
+                // further than what was delivered (the server kept the device further, or
+                // skipped to past a `gap` that follows) is where the position goes, so acks
+                // never go below it. That jump is acknowledged once, so the server's record of
+                // the device catches up and a gap is not announced again.
+                let (acked, delivered) = if reset {
+                    (0, resumed_from)
+                } else {
+                    let had = self.delivered.last_seq;
+                    (had.min(resumed_from), had.max(resumed_from))
+                };
+                self.delivered.last_seq = delivered;
                 self.delivered.epoch = Some(epoch);
                 *self.shared.position() = self.delivered.clone();
                 self.delivered_conn = conn;
-                let acked = if reset { 0 } else { resumed_from };
-                self.acks
-                    .restart(acked, self.delivered.last_seq, Instant::now());
+                self.acks.restart(acked, delivered, Instant::now());
             }
         }
     }
@@ -235,6 +246,7 @@ mod tests {
     fn welcome(epoch: &str, reset: bool, resumed_from: u64) -> Event {
         Event::Welcome(Welcome {
             user: "alice".into(),
+            device: Some("default".into()),
             node: "gw".into(),
             epoch: epoch.into(),
             head: 0,
@@ -281,7 +293,7 @@ mod tests {
         rx.try_recv().unwrap();
         d.push(message(5), 1);
         // Connection 2 opened while message 5 was being handed over: its welcome is queued.
-        d.push(welcome("e2", true, 5), 2);
+        d.push(welcome("e2", true, 0), 2);
         assert_eq!(d.take_ack(2), None, "5 belongs to connection 1's epoch");
         rx.try_recv().unwrap();
         d.drain();
@@ -309,7 +321,7 @@ mod tests {
         drop(rx);
         d.push(message(4), 1);
         assert_eq!(d.position().last_seq, 3, "not delivered, not acknowledged");
-        d.push(welcome("e2", true, 3), 2);
+        d.push(welcome("e2", true, 0), 2);
         assert_eq!(
             d.position(),
             &Position {
@@ -318,6 +330,41 @@ mod tests {
             }
         );
         assert_eq!(d.take_ack(2), None);
+    }
+
+    #[test]
+    fn a_gap_moves_the_position_and_is_acknowledged_once_handed_over() {
+        let (mut d, mut rx) = delivery(2, Position::default());
+        d.push(welcome("e1", false, 0), 1);
+        d.push(message(1), 1);
+        d.push(Event::Gap { from: 2, to: 6 }, 1);
+        assert_eq!(d.position().last_seq, 1, "the gap waits for room");
+        assert_eq!(d.take_ack(1), Some(1));
+        rx.try_recv().unwrap();
+        d.drain();
+        assert_eq!(d.position().last_seq, 6);
+        assert_eq!(d.shared.position().last_seq, 6);
+        assert_eq!(d.take_ack(1), Some(6));
+        drop(rx);
+        d.push(Event::Gap { from: 7, to: 9 }, 1);
+        assert_eq!(d.position().last_seq, 6, "a gap nobody saw moves nothing");
+    }
+
+    #[test]
+    fn a_resume_point_above_the_position_moves_it_there() {
+        let start = Position {
+            last_seq: 3,
+            epoch: Some("e1".into()),
+        };
+        let (mut d, _rx) = delivery(4, start);
+        d.push(welcome("e1", false, 9), 1);
+        assert_eq!(d.position().last_seq, 9);
+        assert_eq!(d.shared.position().last_seq, 9);
+        assert_eq!(d.take_ack(1), Some(9), "the device's record catches up");
+        d.push(message(10), 1);
+        assert_eq!(d.take_ack(1), Some(10));
+        d.push(welcome("e1", false, 10), 2);
+        assert_eq!(d.take_ack(2), None, "the hello acknowledged 10");
     }
 
     #[test]

@@ -223,8 +223,9 @@ impl Driver {
         }));
         self.refreshing = None;
         tracing::debug!(
-            node = %welcome.node, epoch = %welcome.epoch, head = welcome.head,
-            reset = welcome.reset, resumed_from = welcome.resumed_from, "welcome"
+            node = %welcome.node, device = welcome.device.as_deref(), epoch = %welcome.epoch,
+            head = welcome.head, reset = welcome.reset, resumed_from = welcome.resumed_from,
+            "welcome"
         );
         self.cursor
             .on_welcome(&welcome.epoch, welcome.reset, welcome.resumed_from);
@@ -385,11 +386,12 @@ impl Driver {
         };
         match self.config.codec.decode_server(&wire) {
             Ok(frame) => {
-                let is_msg = matches!(frame, ServerFrame::Msg { .. });
+                let moves_position =
+                    matches!(frame, ServerFrame::Msg { .. } | ServerFrame::Gap { .. });
                 self.on_frame(frame);
-                // An ack interval of zero acknowledges every message as it is handed over
-                // (MQTT-style), not on the next timer tick.
-                if is_msg
+                // An ack interval of zero acknowledges every message (and gap) as it is handed
+                // over (MQTT-style), not on the next timer tick.
+                if moves_position
                     && self.config.ack_interval.is_zero()
                     && let Err(e) = self.ack().await
                 {
@@ -429,6 +431,7 @@ impl Driver {
                     tracing::trace!(seq, "duplicate dropped");
                 }
             }
+            ServerFrame::Gap { from, to } => self.on_gap(from, to),
             ServerFrame::Sent { .. } | ServerFrame::Error { .. } => {
                 if let ServerFrame::Error {
                     code: ErrorCode::RateLimited,
@@ -470,6 +473,22 @@ impl Driver {
                     open.refresh_at = refresh_at;
                 }
             }
+        }
+    }
+
+    /// A `gap`: the part of it the application was not told of yet reaches it as
+    /// `Event::Gap`, and counts as received (a `msg` in it would be a duplicate).
+    fn on_gap(&mut self, from: u64, to: u64) {
+        if from > to {
+            tracing::warn!(from, to, "a gap that names no seqs, ignored");
+            return;
+        }
+        match self.cursor.skip(from, to) {
+            Some((from, to)) => {
+                tracing::debug!(from, to, "gap: messages trimmed unacknowledged");
+                self.push(Event::Gap { from, to });
+            }
+            None => tracing::trace!(from, to, "gap of seqs already reported"),
         }
     }
 

@@ -9,11 +9,14 @@ pub use tokio::sync::mpsc::error::TryRecvError;
 use super::error::ClientError;
 use crate::frame::ErrorCode;
 
-/// The server's `welcome`, plus the resume point the `hello` gave.
+/// The server's `welcome`, with the resume point it settled on.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Welcome {
     /// The authenticated user (the token's `sub`).
     pub user: String,
+    /// The device the server took this connection for: the config's `device`, or `default`.
+    /// `None` from servers before devices.
+    pub device: Option<String>,
     /// The gateway node serving this connection.
     pub node: String,
     /// The inbox's current incarnation.
@@ -26,7 +29,12 @@ pub struct Welcome {
     /// The server's WebSocket ping interval; the client treats a silence of 2.5 intervals as a
     /// dead connection.
     pub heartbeat_ms: u64,
-    /// The `last_seq` this connection's `hello` gave (where delivery resumes unless `reset`).
+    /// Where delivery resumes: the client's position is at least here from now on. The
+    /// server's `resume`: the `hello`'s `last_seq`; or the position the server kept for this
+    /// device when that is further (the client's own was lost or is behind; the seqs between
+    /// were acknowledged by another connection of the same device); or the end of the
+    /// [`Event::Gap`] that follows at once. From servers before devices: the `hello`'s
+    /// `last_seq`. 0 after a reset.
     pub resumed_from: u64,
     /// When the session's token expires (unix seconds), if the server says.
     pub expires_at: Option<u64>,
@@ -73,6 +81,18 @@ pub enum Event {
     },
     /// A message, never a duplicate. The client acknowledges it (coalesced) once it is here.
     Message(Delivered),
+    /// The messages `from..=to` of this epoch were trimmed from the inbox before this device
+    /// acknowledged them (it was silent longer than the server keeps a device's messages, or
+    /// the inbox was full while it lagged) and will never be delivered. The position moves to
+    /// `to` as if they had been; the application should recover them from elsewhere (e.g.
+    /// re-sync its history from its own backend). Seqs the application already got (as
+    /// messages, or in an earlier gap) are left out, so `from` may be above the server's.
+    Gap {
+        /// The first seq that is gone.
+        from: u64,
+        /// The last seq that is gone; messages after it follow as usual.
+        to: u64,
+    },
     /// The server sent an `error` not tied to a send (or tied to one this client no longer
     /// waits for), or a frame the client could not decode (`bad_frame`).
     Error(ErrorCode, String),

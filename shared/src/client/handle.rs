@@ -34,6 +34,8 @@ struct Inner {
     commands: mpsc::Sender<Command>,
     shared: Arc<Shared>,
     user: String,
+    /// The device the server took this client for (from the first `welcome`).
+    device: Option<String>,
     codec: Codec,
     reconnect: bool,
     backoff: Backoff,
@@ -67,6 +69,7 @@ impl Client {
                 commands: command_tx,
                 shared: Arc::clone(&shared),
                 user: welcome.user.clone(),
+                device: welcome.device.clone(),
                 codec: config.codec,
                 reconnect: config.reconnect,
                 backoff: Backoff {
@@ -218,6 +221,12 @@ impl Client {
     /// The user the token authenticated (from the first `welcome`).
     pub fn user(&self) -> &str {
         &self.inner.user
+    }
+
+    /// The device the server took this client for (from the first `welcome`): the config's
+    /// `device`, or `default`. `None` from servers before devices.
+    pub fn device(&self) -> Option<&str> {
+        self.inner.device.as_deref()
     }
 
     /// Whether the client has stopped (closed, or gave up reconnecting).

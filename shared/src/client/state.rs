@@ -15,12 +15,18 @@ pub(crate) struct Position {
     pub(crate) epoch: Option<String>,
 }
 
-/// The duplicate filter: the highest seq received (queued for the application) in the current
-/// epoch. G4 says duplicates are only ever messages at or below it, so a seq comparison is all
-/// it takes.
+/// The duplicate filter: the highest seq received (queued for the application) or passed over
+/// in the current epoch. G4 says duplicates are only ever messages at or below it, so a seq
+/// comparison is all it takes.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub(crate) struct Cursor {
+    /// A `msg` at or below it is a duplicate: received, announced by a `gap`, or at or below a
+    /// `welcome`'s resume point.
     last_seq: u64,
+    /// The highest seq the application is told of, by a message or a gap (a resume point does
+    /// not count: the `gap` that explains one may follow it). A gap leaves out what is at or
+    /// below it.
+    reported: u64,
     epoch: Option<String>,
 }
 
@@ -29,20 +35,35 @@ impl Cursor {
     pub(crate) fn new(position: &Position) -> Self {
         Cursor {
             last_seq: position.last_seq,
+            reported: position.last_seq,
             epoch: position.epoch.clone(),
         }
     }
 
-    /// Adopts a `welcome`: a reset voids the old position; an epoch we did not know (none yet)
-    /// starts from the resume point the `hello` gave; the same epoch keeps what was received.
+    /// Adopts a `welcome` whose resume point is `resumed_from`: a reset (which voids the old
+    /// position) or an epoch we did not know (none yet) starts from it; the same epoch keeps
+    /// what was received, moved up to it when the server kept this device further.
     pub(crate) fn on_welcome(&mut self, epoch: &str, reset: bool, resumed_from: u64) {
-        if reset {
-            self.last_seq = 0;
-            self.epoch = Some(epoch.to_owned());
-        } else if self.epoch.as_deref() != Some(epoch) {
+        if reset || self.epoch.as_deref() != Some(epoch) {
             self.last_seq = resumed_from;
+            self.reported = 0;
             self.epoch = Some(epoch.to_owned());
+        } else {
+            self.last_seq = self.last_seq.max(resumed_from);
         }
+    }
+
+    /// A `gap` announcing that `from..=to` (with `from <= to`) will never be delivered: the
+    /// part of it the application was not told of yet, which now counts as received; `None`
+    /// if it was told of all of it.
+    pub(crate) fn skip(&mut self, from: u64, to: u64) -> Option<(u64, u64)> {
+        if to <= self.reported {
+            return None;
+        }
+        let from = from.max(self.reported + 1);
+        self.reported = to;
+        self.last_seq = self.last_seq.max(to);
+        Some((from, to))
     }
 
     /// Whether a `msg` with this seq is new; if so it becomes the highest received.
@@ -51,6 +72,7 @@ impl Cursor {
             return false;
         }
         self.last_seq = seq;
+        self.reported = seq;
         true
     }
 }
@@ -177,7 +199,7 @@ mod tests {
             last_seq: 7,
             epoch: Some("old".into()),
         });
-        c.on_welcome("new", true, 7);
+        c.on_welcome("new", true, 0);
         assert!(c.accept(1), "after a reset seq 1 is new again");
         let mut fresh = Cursor::new(&Position {
             last_seq: 3,
@@ -186,6 +208,53 @@ mod tests {
         fresh.on_welcome("e", false, 3);
         assert!(!fresh.accept(3));
         assert!(fresh.accept(4));
+    }
+
+    #[test]
+    fn cursor_moves_up_to_a_resume_point_kept_by_the_server() {
+        let mut c = Cursor::new(&Position {
+            last_seq: 3,
+            epoch: Some("e1".into()),
+        });
+        c.on_welcome("e1", false, 9);
+        assert!(
+            !c.accept(9),
+            "acknowledged by another connection of the device"
+        );
+        assert!(c.accept(10));
+        c.on_welcome("e1", false, 4);
+        assert!(
+            !c.accept(10),
+            "a lower resume point forgets nothing received"
+        );
+        let mut lost = Cursor::new(&Position::default());
+        lost.on_welcome("e1", false, 5);
+        assert!(!lost.accept(5));
+        assert!(lost.accept(6));
+    }
+
+    #[test]
+    fn cursor_skips_gaps_and_trims_what_was_received() {
+        let mut c = Cursor::new(&Position {
+            last_seq: 4,
+            epoch: Some("e1".into()),
+        });
+        c.on_welcome("e1", false, 4);
+        assert_eq!(c.skip(5, 8), Some((5, 8)));
+        assert!(!c.accept(7), "a seq of a gap is never delivered");
+        assert!(c.accept(9));
+        assert_eq!(c.skip(9, 12), Some((10, 12)), "9 was received");
+        assert_eq!(c.skip(3, 12), None, "all of it was received or skipped");
+        assert!(c.accept(13));
+        // A device back after its messages were trimmed: the resume point is past the gap,
+        // and the gap that follows it is still reported whole.
+        c.on_welcome("e1", false, 20);
+        assert_eq!(c.skip(14, 20), Some((14, 20)));
+        assert!(!c.accept(20));
+        assert!(c.accept(21));
+        // After a reset nothing of the new epoch was reported (and seqs start at 1).
+        c.on_welcome("e2", true, 0);
+        assert_eq!(c.skip(0, 3), Some((1, 3)));
     }
 
     #[test]

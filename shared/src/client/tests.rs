@@ -164,7 +164,8 @@ impl FakeConn {
         self.ws.send(to_message(wire)).await.unwrap();
     }
 
-    /// Reads `hello` and answers `welcome`; returns the hello's (token, last_seq, epoch).
+    /// Reads `hello` and answers `welcome` as a server before devices would; returns the
+    /// hello's (token, last_seq, epoch).
     async fn welcome(
         &mut self,
         epoch: &str,
@@ -175,12 +176,23 @@ impl FakeConn {
             token,
             last_seq,
             epoch: hello_epoch,
-        } = self.expect().await
+            ..
+        } = self.answer_hello(welcome(epoch, head, reset, 25_000)).await
         else {
-            panic!("hello must come first")
+            unreachable!()
         };
-        self.send(welcome(epoch, head, reset, 25_000)).await;
         (token, last_seq, hello_epoch)
+    }
+
+    /// Reads `hello`, answers with `welcome`, and returns the hello.
+    async fn answer_hello(&mut self, welcome: ServerFrame) -> ClientFrame {
+        let hello = self.expect().await;
+        assert!(
+            matches!(hello, ClientFrame::Hello { .. }),
+            "hello must come first, got {hello:?}"
+        );
+        self.send(welcome).await;
+        hello
     }
 
     async fn msg(&mut self, seq: u64) {
@@ -196,6 +208,7 @@ impl FakeConn {
     }
 }
 
+/// A `welcome` from a server before devices (no `device`, no `resume`).
 fn welcome(epoch: &str, head: u64, reset: bool, heartbeat_ms: u64) -> ServerFrame {
     ServerFrame::Welcome {
         user: "alice".into(),
@@ -205,6 +218,31 @@ fn welcome(epoch: &str, head: u64, reset: bool, heartbeat_ms: u64) -> ServerFram
         reset,
         heartbeat_ms,
         expires_at: None,
+        device: None,
+        resume: None,
+    }
+}
+
+/// A `welcome` from a server with devices: delivery resumes after `resume`.
+fn device_welcome(device: &str, epoch: &str, head: u64, resume: u64) -> ServerFrame {
+    ServerFrame::Welcome {
+        user: "alice".into(),
+        node: "gw-1".into(),
+        epoch: epoch.into(),
+        head,
+        reset: false,
+        heartbeat_ms: 25_000,
+        expires_at: None,
+        device: Some(device.into()),
+        resume: Some(resume),
+    }
+}
+
+/// The `device` a `hello` named.
+fn hello_device(hello: &ClientFrame) -> Option<&str> {
+    match hello {
+        ClientFrame::Hello { device, .. } => device.as_deref(),
+        other => panic!("expected a hello, got {other:?}"),
     }
 }
 
@@ -656,6 +694,187 @@ async fn reset_discards_the_position() {
     }
     assert_eq!(next_message(&mut events).await.seq, 1, "seq 1 is new again");
     assert_eq!(client.position(), (1, Some("new".into())));
+}
+
+#[tokio::test]
+async fn every_hello_names_the_device() {
+    let mut gw = FakeGateway::start().await;
+    let connecting = tokio::spawn(Client::connect(ClientConfig {
+        device: Some("laptop-1".into()),
+        ..config(&gw.url)
+    }));
+    let mut conn = gw.next_conn().await;
+    let hello = conn
+        .answer_hello(device_welcome("laptop-1", "e1", 0, 0))
+        .await;
+    assert_eq!(hello_device(&hello), Some("laptop-1"));
+    let (client, mut events) = connecting.await.unwrap().unwrap();
+    assert_eq!(client.device(), Some("laptop-1"));
+    let Event::Welcome(w) = next(&mut events).await else {
+        panic!("welcome first")
+    };
+    assert_eq!(w.device.as_deref(), Some("laptop-1"));
+    conn.close(1011).await;
+    assert!(matches!(
+        next(&mut events).await,
+        Event::Disconnected { .. }
+    ));
+    let mut conn = gw.next_conn().await;
+    let hello = conn
+        .answer_hello(device_welcome("laptop-1", "e1", 0, 0))
+        .await;
+    assert_eq!(
+        hello_device(&hello),
+        Some("laptop-1"),
+        "and after a reconnect"
+    );
+
+    // Without one, the hello names none (the user's `default` device).
+    let connecting = tokio::spawn(Client::connect(config(&gw.url)));
+    let mut conn = gw.next_conn().await;
+    let hello = conn
+        .answer_hello(device_welcome("default", "e1", 0, 0))
+        .await;
+    assert_eq!(hello_device(&hello), None);
+    let (client, _events) = connecting.await.unwrap().unwrap();
+    assert_eq!(client.device(), Some("default"));
+
+    let bad = ClientConfig {
+        device: Some("my laptop".into()),
+        ..config(&gw.url)
+    };
+    assert!(matches!(
+        Client::connect(bad).await,
+        Err(ClientError::Config(_))
+    ));
+}
+
+// A gap right after `welcome`: the device was away too long and the server trimmed what it had
+// not acknowledged. Delivery resumes past it (the welcome's `resume` is its end), the
+// application hears of it whole, and the position is acknowledged past it.
+#[tokio::test]
+async fn a_gap_at_welcome_reaches_the_application_and_moves_the_position() {
+    let mut gw = FakeGateway::start().await;
+    let connecting = tokio::spawn(Client::connect(ClientConfig {
+        last_seq: 2,
+        epoch: Some("e1".into()),
+        device: Some("phone".into()),
+        ack_interval: Duration::from_secs(3600),
+        ..config(&gw.url)
+    }));
+    let mut conn = gw.next_conn().await;
+    conn.answer_hello(device_welcome("phone", "e1", 8, 7)).await;
+    conn.send(ServerFrame::Gap { from: 3, to: 7 }).await;
+    conn.msg(6).await; // inside the gap: never delivered
+    conn.msg(8).await;
+    let (client, mut events) = connecting.await.unwrap().unwrap();
+    let Event::Welcome(w) = next(&mut events).await else {
+        panic!("welcome first")
+    };
+    assert_eq!(w.resumed_from, 7);
+    match next(&mut events).await {
+        Event::Gap { from, to } => assert_eq!((from, to), (3, 7)),
+        other => panic!("expected the gap, got {other:?}"),
+    }
+    assert_eq!(next_message(&mut events).await.seq, 8);
+    assert_eq!(client.position(), (8, Some("e1".into())));
+    client.ack_now().await.unwrap();
+    assert_eq!(conn.expect().await, ClientFrame::Ack { seq: 8 });
+    assert!(events.is_empty());
+
+    conn.close(1011).await;
+    next(&mut events).await;
+    let mut conn = gw.next_conn().await;
+    let (_, last_seq, epoch) = conn.welcome("e1", 8, false).await;
+    assert_eq!((last_seq, epoch.as_deref()), (8, Some("e1")));
+}
+
+// Gaps mid-session, before the next `msg`: each is acknowledged at once with an ack interval of
+// zero, and the part of a gap that was already received is left out of the event.
+#[tokio::test]
+async fn gaps_mid_session_skip_only_what_was_not_received() {
+    let mut gw = FakeGateway::start().await;
+    let cfg = ClientConfig {
+        device: Some("phone".into()),
+        ack_interval: Duration::ZERO,
+        ..config(&gw.url)
+    };
+    let (client, mut events, mut conn) = connect(&mut gw, Some(cfg)).await;
+    conn.msg(1).await;
+    conn.msg(2).await;
+    conn.send(ServerFrame::Gap { from: 3, to: 5 }).await;
+    conn.msg(6).await;
+    conn.send(ServerFrame::Gap { from: 2, to: 7 }).await; // 2 and 6 were received
+    conn.send(ServerFrame::Gap { from: 1, to: 6 }).await; // all of it was
+    conn.send(ServerFrame::Gap { from: 9, to: 8 }).await; // names no seqs
+    conn.msg(7).await; // skipped by a gap: a duplicate
+    conn.msg(8).await;
+    for seq in [1, 2, 5, 6, 7, 8] {
+        assert_eq!(conn.expect().await, ClientFrame::Ack { seq });
+    }
+    assert_eq!(next_message(&mut events).await.seq, 1);
+    assert_eq!(next_message(&mut events).await.seq, 2);
+    assert!(matches!(
+        next(&mut events).await,
+        Event::Gap { from: 3, to: 5 }
+    ));
+    assert_eq!(next_message(&mut events).await.seq, 6);
+    assert!(matches!(
+        next(&mut events).await,
+        Event::Gap { from: 7, to: 7 }
+    ));
+    assert_eq!(next_message(&mut events).await.seq, 8);
+    assert_eq!(client.position(), (8, Some("e1".into())));
+    assert!(events.is_empty());
+}
+
+// The server kept this device further than the client's own position (another connection of
+// the device acknowledged more, or the client lost its position): the position moves there,
+// acks never go below it, and what is at or below it is a duplicate.
+#[tokio::test]
+async fn a_resume_point_above_the_position_moves_it_there() {
+    let mut gw = FakeGateway::start().await;
+    let connecting = tokio::spawn(Client::connect(ClientConfig {
+        last_seq: 3,
+        epoch: Some("e1".into()),
+        device: Some("tablet".into()),
+        ack_interval: Duration::ZERO,
+        ..config(&gw.url)
+    }));
+    let mut conn = gw.next_conn().await;
+    conn.answer_hello(device_welcome("tablet", "e1", 11, 9))
+        .await;
+    let (client, mut events) = connecting.await.unwrap().unwrap();
+    let Event::Welcome(w) = next(&mut events).await else {
+        panic!("welcome first")
+    };
+    assert_eq!(w.resumed_from, 9);
+    assert_eq!(client.position(), (9, Some("e1".into())));
+    for seq in [5, 9, 10, 11] {
+        conn.msg(seq).await;
+    }
+    assert_eq!(next_message(&mut events).await.seq, 10);
+    assert_eq!(next_message(&mut events).await.seq, 11);
+    // The jump is acknowledged, so the server's record of the device catches up.
+    assert_eq!(conn.expect().await, ClientFrame::Ack { seq: 9 });
+    assert_eq!(conn.expect().await, ClientFrame::Ack { seq: 10 });
+    assert_eq!(conn.expect().await, ClientFrame::Ack { seq: 11 });
+    assert!(events.is_empty());
+
+    // A client with no position at all: the device's position is where it starts.
+    let connecting = tokio::spawn(Client::connect(ClientConfig {
+        device: Some("tablet".into()),
+        ..config(&gw.url)
+    }));
+    let mut conn = gw.next_conn().await;
+    conn.answer_hello(device_welcome("tablet", "e1", 11, 11))
+        .await;
+    conn.msg(11).await;
+    conn.msg(12).await;
+    let (client, mut events) = connecting.await.unwrap().unwrap();
+    next(&mut events).await;
+    assert_eq!(next_message(&mut events).await.seq, 12);
+    assert_eq!(client.position(), (12, Some("e1".into())));
 }
 
 #[tokio::test]

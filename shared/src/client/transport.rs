@@ -147,6 +147,7 @@ pub(crate) async fn open_session(
             token: (config.token_in == TokenPlacement::Hello).then(|| token.into_owned()),
             last_seq: resume.last_seq,
             epoch: resume.epoch.clone(),
+            device: config.device.clone(),
         };
         ws.send(to_message(config.codec.encode_client(&hello)?))
             .await?;
@@ -158,12 +159,9 @@ pub(crate) async fn open_session(
         .unwrap_or(Err(ClientError::Timeout))
 }
 
-/// Reads until `welcome`; an `error` or a close before it is the refusal.
-async fn await_welcome(
-    ws: &mut Ws,
-    codec: Codec,
-    resumed_from: u64,
-) -> Result<Welcome, ClientError> {
+/// Reads until `welcome`; an `error` or a close before it is the refusal. `last_seq` is what
+/// the `hello` gave.
+async fn await_welcome(ws: &mut Ws, codec: Codec, last_seq: u64) -> Result<Welcome, ClientError> {
     loop {
         let message = match ws.next().await {
             Some(Ok(message)) => message,
@@ -194,14 +192,17 @@ async fn await_welcome(
                 reset,
                 heartbeat_ms,
                 expires_at,
+                device,
+                resume,
             } => Ok(Welcome {
                 user,
+                device,
                 node,
                 epoch,
                 head,
                 reset,
                 heartbeat_ms,
-                resumed_from,
+                resumed_from: resume_point(reset, last_seq, resume),
                 expires_at,
             }),
             ServerFrame::Error { code, message, .. } => Err(ClientError::Server { code, message }),
@@ -211,6 +212,14 @@ async fn await_welcome(
             ))),
         };
     }
+}
+
+/// Where delivery resumes after a `hello` that gave `last_seq`: the server's `resume` (servers
+/// before devices give none: `last_seq`, or 0 after a reset), never below `last_seq` unless
+/// the position was reset.
+fn resume_point(reset: bool, last_seq: u64, resume: Option<u64>) -> u64 {
+    let resume = resume.unwrap_or(0);
+    if reset { resume } else { resume.max(last_seq) }
 }
 
 /// Appends `token=<token>` to a URL's query, percent-encoding anything outside the unreserved
@@ -337,6 +346,23 @@ mod tests {
         assert!(matches!(frame, ClientFrame::Send { body: b, .. } if b.0 == body));
         let text = encode_send(Codec::Json, "m2", "bob", Bytes::from_static(b"hi")).unwrap();
         assert!(matches!(&text, Message::Text(t) if t.as_str().contains(r#""body":"hi""#)));
+    }
+
+    #[test]
+    fn the_resume_point_is_the_servers_and_never_below_the_hello() {
+        assert_eq!(resume_point(false, 5, None), 5, "a server before devices");
+        assert_eq!(resume_point(true, 5, None), 0);
+        assert_eq!(
+            resume_point(false, 5, Some(9)),
+            9,
+            "kept further for the device"
+        );
+        assert_eq!(
+            resume_point(false, 5, Some(2)),
+            5,
+            "hello acknowledged up to 5"
+        );
+        assert_eq!(resume_point(true, 5, Some(0)), 0);
     }
 
     #[test]

@@ -224,6 +224,30 @@ pub struct Config {
     /// PEM private key of --redis-client-cert.
     #[arg(long, env = "FERRY_REDIS_CLIENT_KEY")]
     pub redis_client_key: Option<PathBuf>,
+
+    /// Listener of the server HTTP API (backends publish and manage inboxes with an API key);
+    /// off when absent. Keep it inside the cluster network.
+    #[arg(long, env = "FERRY_API_LISTEN")]
+    pub api_listen: Option<SocketAddr>,
+
+    /// File of API keys, one `<name> <secret>` per line (`#` starts a comment line); several
+    /// lines are several keys valid at once (rotation). Read at start. Needed by --api-listen.
+    #[arg(long, env = "FERRY_API_KEYS_FILE")]
+    pub api_keys_file: Option<PathBuf>,
+
+    /// Recipients of one `POST /v1/messages`, at most.
+    #[arg(long, env = "FERRY_API_MAX_RECIPIENTS", default_value_t = 1000)]
+    pub api_max_recipients: usize,
+
+    /// Per-key token bucket of the HTTP API: recipient-messages per second (a publish to N
+    /// recipients takes N).
+    #[arg(long, env = "FERRY_API_RATE", default_value_t = 5000.0)]
+    pub api_rate: f64,
+
+    /// Per-key token bucket of the HTTP API: the bucket's size (it starts full) [default:
+    /// --api-rate]. At least --api-max-recipients.
+    #[arg(long, env = "FERRY_API_BURST")]
+    pub api_burst: Option<u32>,
 }
 
 /// The Redis URL setting (one URL, or comma-separated cluster seeds). Its `Debug` hides the
@@ -371,6 +395,13 @@ impl Config {
         Self::from_args(args).expect("the built-in test arguments parse")
     }
 
+    /// The HTTP API's bucket size: `--api-burst`, else `--api-rate` (rounded up).
+    pub fn api_burst(&self) -> u32 {
+        // `as` saturates; validation keeps the rate finite and positive.
+        self.api_burst
+            .unwrap_or_else(|| self.api_rate.ceil() as u32)
+    }
+
     /// This node's name: `--node-id`, else the host name, else `ferry`.
     pub fn node_id(&self) -> String {
         if let Some(id) = &self.node_id {
@@ -507,7 +538,32 @@ impl Config {
         if self.listen == self.admin_listen && self.listen.port() != 0 {
             return Err(invalid("admin-listen", "must differ from --listen"));
         }
-        Ok(())
+        self.validate_api()
+    }
+
+    fn validate_api(&self) -> Result<(), ConfigError> {
+        let Some(api) = self.api_listen else {
+            if self.api_keys_file.is_some() {
+                return Err(invalid("api-keys-file", "needs --api-listen"));
+            }
+            return Ok(());
+        };
+        if api.port() != 0 && (api == self.listen || api == self.admin_listen) {
+            return Err(invalid(
+                "api-listen",
+                "must differ from --listen and --admin-listen",
+            ));
+        }
+        match &self.api_keys_file {
+            None => Err(invalid(
+                "api-keys-file",
+                "is required with --api-listen (the API takes only configured keys)",
+            )),
+            Some(path) if path.as_os_str().is_empty() => {
+                Err(invalid("api-keys-file", "must not be empty"))
+            }
+            Some(_) => Ok(()),
+        }
     }
 
     fn validate_limits(&self) -> Result<(), ConfigError> {
@@ -536,6 +592,28 @@ impl Config {
             return Err(ConfigError::Zero {
                 flag: "listen-backlog",
             });
+        }
+        if self.api_max_recipients == 0 {
+            return Err(ConfigError::Zero {
+                flag: "api-max-recipients",
+            });
+        }
+        if !(self.api_rate.is_finite() && self.api_rate > 0.0) {
+            return Err(invalid(
+                "api-rate",
+                "must be a positive number of recipient-messages per second",
+            ));
+        }
+        if self.api_burst == Some(0) {
+            return Err(ConfigError::Zero { flag: "api-burst" });
+        }
+        let burst = usize::try_from(self.api_burst()).unwrap_or(usize::MAX);
+        if burst < self.api_max_recipients {
+            return Err(invalid(
+                "api-burst",
+                "(default --api-rate) must be at least --api-max-recipients (a publish to that \
+                 many recipients takes that many tokens at once)",
+            ));
         }
         if !(self.send_rate.is_finite() && self.send_rate > 0.0) {
             return Err(invalid(
@@ -670,10 +748,13 @@ mod tests {
             (c.redis_ca_file, c.redis_client_cert, c.redis_client_key),
             (None, None, None)
         );
+        assert_eq!(c.api_max_recipients, 1000);
+        assert_eq!((c.api_rate, c.api_burst), (5000.0, None));
+        assert_eq!((c.api_listen, c.api_keys_file), (None, None));
     }
 
     /// The flag names are an interface (DESIGN.md's table, then the additions).
-    const FLAGS: [&str; 46] = [
+    const FLAGS: [&str; 51] = [
         "listen",
         "admin-listen",
         "redis-url",
@@ -720,6 +801,11 @@ mod tests {
         "redis-ca-file",
         "redis-client-cert",
         "redis-client-key",
+        "api-listen",
+        "api-keys-file",
+        "api-max-recipients",
+        "api-rate",
+        "api-burst",
     ];
 
     #[test]
@@ -992,5 +1078,64 @@ mod tests {
             flag_of(&["--listen", "0.0.0.0:80", "--admin-listen", "0.0.0.0:80"]),
             Some("admin-listen")
         );
+    }
+
+    #[test]
+    fn api_rules() {
+        let flag_of = |args: &[&str]| match parse(&[&["--dev"][..], args].concat()).validate() {
+            Ok(()) => None,
+            Err(ConfigError::Zero { flag } | ConfigError::Invalid { flag, .. }) => Some(flag),
+            Err(other) => panic!("unexpected {other}"),
+        };
+        let api = ["--api-listen", "127.0.0.1:8081", "--api-keys-file", "/keys"];
+        let with = |extra: &[&str]| flag_of(&[&api[..], extra].concat());
+        assert_eq!(with(&[]), None);
+        assert_eq!(
+            flag_of(&["--api-listen", "127.0.0.1:8081"]),
+            Some("api-keys-file")
+        );
+        assert_eq!(
+            flag_of(&["--api-keys-file", "/keys"]),
+            Some("api-keys-file")
+        );
+        let mut no_path = parse(&[&["--dev"][..], &api[..]].concat());
+        no_path.api_keys_file = Some(PathBuf::new());
+        assert!(matches!(
+            no_path.validate(),
+            Err(ConfigError::Invalid {
+                flag: "api-keys-file",
+                ..
+            })
+        ));
+        for clash in ["--listen", "--admin-listen"] {
+            assert_eq!(
+                with(&[clash, "127.0.0.1:8081"]),
+                Some("api-listen"),
+                "{clash}"
+            );
+        }
+        assert_eq!(
+            with(&["--api-max-recipients", "0"]),
+            Some("api-max-recipients")
+        );
+        for rate in ["0", "NaN", "inf"] {
+            assert_eq!(with(&["--api-rate", rate]), Some("api-rate"), "{rate}");
+        }
+        assert_eq!(with(&["--api-burst", "0"]), Some("api-burst"));
+        // A publish to --api-max-recipients must fit in the bucket.
+        assert_eq!(with(&["--api-rate", "999"]), Some("api-burst"));
+        assert_eq!(with(&["--api-rate", "999", "--api-burst", "1000"]), None);
+        assert_eq!(
+            with(&["--api-rate", "10", "--api-max-recipients", "10"]),
+            None
+        );
+        assert_eq!(
+            with(&["--api-rate", "9.5", "--api-max-recipients", "10"]),
+            None
+        );
+        assert_eq!(parse(&[]).api_burst(), 5000, "the rate's by default");
+        assert_eq!(parse(&["--api-rate", "9.5"]).api_burst(), 10);
+        // The limits hold without the listener too (so a later --api-listen is no surprise).
+        assert_eq!(flag_of(&["--api-rate", "0"]), Some("api-rate"));
     }
 }

@@ -1,9 +1,10 @@
-//! Ferry's gateway: the edge of the system. `run` takes bound listeners, a configuration and a
-//! shutdown token, and serves WebSocket sessions and the admin endpoints until the node has
-//! drained. `main.rs` only parses flags, sets up logging, binds and calls it.
+//! Ferry's gateway: the edge of the system. `run_with` takes bound listeners, a configuration and
+//! a shutdown token, and serves WebSocket sessions, the admin endpoints and the server HTTP API
+//! until the node has drained. `main.rs` only parses flags, sets up logging, binds and calls it.
 
 pub mod admin;
 pub mod admission;
+pub mod api;
 pub mod auth;
 pub mod close;
 pub mod config;
@@ -37,6 +38,8 @@ pub enum GatewayError {
     Config(#[from] config::ConfigError),
     #[error("authentication key: {0}")]
     Auth(#[from] auth::AuthError),
+    #[error("HTTP API: {0}")]
+    ApiKeys(#[from] api::KeysError),
     #[error("store: {0}")]
     Store(#[from] ferry_router::EngineError),
     #[error(
@@ -143,18 +146,51 @@ async fn check_eviction(engine: &dyn Engine, config: &Config) -> Result<(), Gate
     Ok(())
 }
 
-/// Serves until `shutdown` is cancelled, then drains: readiness fails, no new connections are
-/// accepted, each session gets `reconnect` at a random point of the drain window and a 1012
-/// close, and `run` returns when every session has ended (or the window plus a margin passed).
+/// The listeners a node serves on, bound by the caller (`main`, or a test on port 0).
+pub struct Listeners {
+    /// WebSocket sessions (`--listen`).
+    pub ws: TcpListener,
+    /// `/healthz`, `/readyz`, `/metrics` (`--admin-listen`).
+    pub admin: TcpListener,
+    /// The server HTTP API (`--api-listen`), when it is on.
+    pub api: Option<TcpListener>,
+}
+
+/// `run_with` without the HTTP API (its configuration must not turn it on).
 pub async fn run(
     listener: TcpListener,
     admin_listener: TcpListener,
     config: Config,
     shutdown: CancellationToken,
 ) -> Result<(), GatewayError> {
+    let listeners = Listeners {
+        ws: listener,
+        admin: admin_listener,
+        api: None,
+    };
+    run_with(listeners, config, shutdown).await
+}
+
+/// Serves until `shutdown` is cancelled, then drains: readiness fails, no new connections are
+/// accepted (the HTTP API finishes its requests in flight and closes), each session gets
+/// `reconnect` at a random point of the drain window and a 1012 close, and `run_with` returns
+/// when every session has ended (or the window plus a margin passed).
+pub async fn run_with(
+    listeners: Listeners,
+    config: Config,
+    shutdown: CancellationToken,
+) -> Result<(), GatewayError> {
     config.validate()?;
+    if config.api_listen.is_some() != listeners.api.is_some() {
+        return Err(config::ConfigError::Invalid {
+            flag: "api-listen",
+            reason: "the API listener must be bound exactly when --api-listen is set".into(),
+        }
+        .into());
+    }
     metrics::init();
     let auth = auth::Authenticator::from_config(&config)?;
+    let api = api::Api::from_config(&config)?;
     let engine = build_engine(&config).await?;
     check_eviction(engine.as_ref(), &config).await?;
     let hub = Hub::new(
@@ -175,11 +211,17 @@ pub async fn run(
         admission: Arc::default(),
         catchups,
     });
+    let Listeners {
+        ws: listener,
+        admin: admin_listener,
+        api: api_listener,
+    } = listeners;
     tracing::info!(
         node = %node.node_id,
         engine = node.engine.name(),
         listen = ?listener.local_addr().ok(),
         admin = ?admin_listener.local_addr().ok(),
+        api = ?api_listener.as_ref().and_then(|l| l.local_addr().ok()),
         "gateway serving"
     );
 
@@ -199,6 +241,11 @@ pub async fn run(
         span.clone(),
     ));
     let admission = tokio::spawn(admission::run(node.admission.clone(), after_drain.clone()));
+    // The API stops at the drain's start, with the WebSocket listener.
+    let api = api_listener.zip(api).map(|(listener, api)| {
+        let serve = api::serve(listener, node.clone(), Arc::new(api));
+        tokio::spawn(tracing::Instrument::instrument(serve, span.clone()))
+    });
     metrics::NODE_INFO
         .with_label_values(&[&node.node_id])
         .set(1);
@@ -220,6 +267,9 @@ pub async fn run(
             left = tracker.len(),
             "drain window passed with sessions still open"
         );
+    }
+    if let Some(api) = api {
+        let _ = api.await;
     }
     after_drain.cancel();
     let _ = admin.await;

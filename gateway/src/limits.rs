@@ -1,6 +1,7 @@
-//! Per-connection send rate: a token bucket (`--send-rate` per second, `--send-burst` deep, full
-//! at the start). Written here rather than taken from a crate because it must run on tokio's
-//! clock (paused-clock tests) and tell the client exactly when to retry (`retry_after_ms`).
+//! Send rates: a token bucket per connection (`--send-rate` per second, `--send-burst` deep, full
+//! at the start), and one per HTTP API key (`--api-rate`, `--api-burst`). Written here rather
+//! than taken from a crate because it must run on tokio's clock (paused-clock tests) and tell the
+//! client exactly when to retry (`retry_after_ms`).
 
 use tokio::time::Instant;
 
@@ -27,15 +28,22 @@ impl TokenBucket {
     /// Takes one token, or says in how many milliseconds one is there (rounded up, so a client
     /// that waits exactly that long finds it).
     pub fn take(&mut self) -> Result<(), u64> {
+        self.take_n(1)
+    }
+
+    /// Takes `n` tokens at once, or none and says in how many milliseconds `n` are there. `n`
+    /// above the burst never fits (the caller's configuration rules that out).
+    pub fn take_n(&mut self, n: u32) -> Result<(), u64> {
+        let n = f64::from(n);
         let now = Instant::now();
         let elapsed = now.saturating_duration_since(self.updated).as_secs_f64();
         self.tokens = (self.tokens + elapsed * self.rate).min(self.burst);
         self.updated = now;
-        if self.tokens >= 1.0 {
-            self.tokens -= 1.0;
+        if self.tokens >= n {
+            self.tokens -= n;
             Ok(())
         } else {
-            let wait_ms = (1.0 - self.tokens) / self.rate * 1000.0;
+            let wait_ms = (n - self.tokens) / self.rate * 1000.0;
             // `as` saturates; a rate so low that this overflows is refused by config validation.
             Err((wait_ms.ceil() as u64).max(1))
         }
@@ -68,5 +76,19 @@ mod tests {
             assert!(bucket.take().is_ok(), "refills to the burst, not beyond");
         }
         assert!(bucket.take().is_err());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn take_n_is_all_or_nothing() {
+        let mut bucket = TokenBucket::new(10.0, 5.0);
+        assert_eq!(bucket.take_n(3), Ok(()));
+        assert_eq!(
+            bucket.take_n(3),
+            Err(100),
+            "two left: one more takes 100 ms"
+        );
+        assert_eq!(bucket.take_n(2), Ok(()), "the refused call took nothing");
+        tokio::time::advance(Duration::from_millis(500)).await;
+        assert_eq!(bucket.take_n(5), Ok(()));
     }
 }

@@ -3,8 +3,8 @@
 
 use anyhow::Context;
 use clap::Parser;
-use ferry_gateway::Config;
 use ferry_gateway::config::LogFormat;
+use ferry_gateway::{Config, Listeners};
 use tokio::net::TcpListener;
 use tokio::signal::unix::{Signal, SignalKind, signal};
 use tokio_util::sync::CancellationToken;
@@ -31,10 +31,23 @@ async fn main() -> anyhow::Result<()> {
     let admin = TcpListener::bind(config.admin_listen)
         .await
         .with_context(|| format!("binding --admin-listen {}", config.admin_listen))?;
+    let api = match config.api_listen {
+        Some(addr) => Some(
+            TcpListener::bind(addr)
+                .await
+                .with_context(|| format!("binding --api-listen {addr}"))?,
+        ),
+        None => None,
+    };
 
     let shutdown = CancellationToken::new();
     tokio::spawn(stop_on_signal(terminate, shutdown.clone()));
-    ferry_gateway::run(listener, admin, config, shutdown).await?;
+    let listeners = Listeners {
+        ws: listener,
+        admin,
+        api,
+    };
+    ferry_gateway::run_with(listeners, config, shutdown).await?;
     Ok(())
 }
 

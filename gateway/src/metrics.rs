@@ -182,6 +182,35 @@ pub static HELLO_DURATION: LazyLock<Histogram> = LazyLock::new(|| {
     .expect(REGISTERED)
 });
 
+pub static API_REQUESTS: LazyLock<IntCounterVec> = LazyLock::new(|| {
+    register_int_counter_vec!(
+        "ferry_api_requests_total",
+        "HTTP API requests answered, by route template and status code",
+        &["route", "status"]
+    )
+    .expect(REGISTERED)
+});
+
+pub static API_REFUSALS: LazyLock<IntCounterVec> = LazyLock::new(|| {
+    register_int_counter_vec!(
+        "ferry_api_refusals_total",
+        "HTTP API requests refused for their key (no_key, unknown_key, user_token) or rate \
+         (rate_limited), and connections closed at capacity",
+        &["reason"]
+    )
+    .expect(REGISTERED)
+});
+
+/// Labelled by the key's name from --api-keys-file: a closed set the operator writes.
+pub static API_MESSAGES: LazyLock<IntCounterVec> = LazyLock::new(|| {
+    register_int_counter_vec!(
+        "ferry_api_messages_total",
+        "Recipient-messages published through the HTTP API, by key name and outcome",
+        &["key", "outcome"]
+    )
+    .expect(REGISTERED)
+});
+
 /// Touches every metric so that all series exist from the start (and a registration bug shows
 /// at start-up, not on the first rare event).
 pub fn init() {
@@ -237,6 +266,9 @@ pub fn init() {
     for reason in CLOSE_REASONS {
         SESSION_CLOSES.with_label_values(&[reason]);
     }
+    for reason in API_REFUSAL_REASONS {
+        API_REFUSALS.with_label_values(&[reason]);
+    }
     ferry_router::metrics::init();
 }
 
@@ -249,6 +281,14 @@ pub const SEND_OUTCOMES: [&str; 8] = [
     "inbox_full",
     "unavailable",
     "internal",
+];
+
+pub const API_REFUSAL_REASONS: [&str; 5] = [
+    "no_key",
+    "unknown_key",
+    "user_token",
+    "rate_limited",
+    "capacity",
 ];
 
 pub const CLOSE_REASONS: [&str; 10] = [

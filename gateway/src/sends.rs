@@ -104,6 +104,48 @@ impl Sends {
     }
 }
 
+/// An append the store took: `to`'s seq for it, and whether it was stored before (G5).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Accepted {
+    pub seq: u64,
+    pub duplicate: bool,
+}
+
+/// What the store's answer to an append to `to` means for its sender: the mapping of store
+/// outcomes to protocol error codes, shared by `send` frames and the HTTP API's publishes.
+pub fn accepted(
+    to: &str,
+    outcome: Result<AppendOutcome, EngineError>,
+) -> Result<Accepted, Refused> {
+    match outcome {
+        Ok(AppendOutcome::Stored { seq }) => Ok(Accepted {
+            seq,
+            duplicate: false,
+        }),
+        Ok(AppendOutcome::Duplicate { seq }) => Ok(Accepted {
+            seq,
+            duplicate: true,
+        }),
+        Ok(AppendOutcome::InboxFull) => Err(Refused::new(
+            ErrorCode::InboxFull,
+            format!("{to}'s inbox is full"),
+        )),
+        Err(EngineError::Unavailable(e)) => {
+            // Per message, so at debug: an outage shows in the store metrics and the
+            // watchdog's log, not as one line per refused send.
+            tracing::debug!(error = %e, "append failed");
+            Err(Refused::new(
+                ErrorCode::Unavailable,
+                "the store did not answer in time; retry with the same id",
+            ))
+        }
+        Err(EngineError::Internal(e)) => {
+            tracing::error!(error = %e, "append failed");
+            Err(Refused::new(ErrorCode::Internal, "store fault"))
+        }
+    }
+}
+
 /// The frame answering `pending`, given the store's outcome when it was issued.
 fn answer_frame(
     pending: Pending,
@@ -112,40 +154,19 @@ fn answer_frame(
     let Pending { id, to, answer } = pending;
     let refused = match (answer, outcome) {
         (Answer::Refused(refused), _) => refused,
-        (Answer::Store(_), Some(Ok(AppendOutcome::Stored { seq }))) => {
-            metrics::SENDS.with_label_values(&["stored"]).inc();
-            return ServerFrame::Sent {
-                id,
-                to,
-                seq,
-                duplicate: false,
-            };
-        }
-        (Answer::Store(_), Some(Ok(AppendOutcome::Duplicate { seq }))) => {
-            metrics::SENDS.with_label_values(&["duplicate"]).inc();
-            return ServerFrame::Sent {
-                id,
-                to,
-                seq,
-                duplicate: true,
-            };
-        }
-        (Answer::Store(_), Some(Ok(AppendOutcome::InboxFull))) => {
-            Refused::new(ErrorCode::InboxFull, format!("{to}'s inbox is full"))
-        }
-        (Answer::Store(_), Some(Err(EngineError::Unavailable(e)))) => {
-            // Per message, so at debug: an outage shows in the store metrics and the
-            // watchdog's log, not as one line per refused send.
-            tracing::debug!(error = %e, "append failed");
-            Refused::new(
-                ErrorCode::Unavailable,
-                "the store did not answer in time; retry with the same id",
-            )
-        }
-        (Answer::Store(_), Some(Err(EngineError::Internal(e)))) => {
-            tracing::error!(error = %e, "append failed");
-            Refused::new(ErrorCode::Internal, "store fault")
-        }
+        (Answer::Store(_), Some(outcome)) => match accepted(&to, outcome) {
+            Ok(Accepted { seq, duplicate }) => {
+                let label = if duplicate { "duplicate" } else { "stored" };
+                metrics::SENDS.with_label_values(&[label]).inc();
+                return ServerFrame::Sent {
+                    id,
+                    to,
+                    seq,
+                    duplicate,
+                };
+            }
+            Err(refused) => refused,
+        },
         (Answer::Store(_), None) => Refused::new(ErrorCode::Internal, "send lost its answer"),
     };
     metrics::SENDS

@@ -69,6 +69,8 @@ pub struct TestGateway {
     pub config: Config,
     pub addr: SocketAddr,
     pub admin: SocketAddr,
+    /// The HTTP API's listener, when the config turned it on (see `with_api`).
+    pub api: Option<SocketAddr>,
     pub redis: Option<RedisServer>,
     auth: Authenticator,
     shutdown: CancellationToken,
@@ -138,13 +140,24 @@ impl TestGateway {
     async fn launch(kind: EngineKind, redis: Option<RedisServer>, config: Config) -> Self {
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let admin_listener = TcpListener::bind("127.0.0.1:0").await.expect("bind admin");
+        let api_listener = match config.api_listen {
+            Some(at) => Some(TcpListener::bind(at).await.expect("bind api")),
+            None => None,
+        };
         let addr = listener.local_addr().expect("addr");
         let admin = admin_listener.local_addr().expect("admin addr");
+        let api = api_listener
+            .as_ref()
+            .map(|l| l.local_addr().expect("api addr"));
         let auth = Authenticator::from_config(&config).expect("authenticator");
         let shutdown = CancellationToken::new();
-        let task = tokio::spawn(ferry_gateway::run(
-            listener,
-            admin_listener,
+        let listeners = ferry_gateway::Listeners {
+            ws: listener,
+            admin: admin_listener,
+            api: api_listener,
+        };
+        let task = tokio::spawn(ferry_gateway::run_with(
+            listeners,
             config.clone(),
             shutdown.clone(),
         ));
@@ -153,6 +166,7 @@ impl TestGateway {
             config,
             addr,
             admin,
+            api,
             redis,
             auth,
             shutdown,
@@ -307,7 +321,32 @@ impl Drop for TestGateway {
         if let Some(task) = self.task.take() {
             task.abort();
         }
+        // A keys file `with_api` wrote (read at start, so another node started from this one
+        // has read it already).
+        if let Some(path) = &self.config.api_keys_file
+            && path.starts_with(std::env::temp_dir())
+            && path
+                .file_name()
+                .is_some_and(|n| n.to_string_lossy().starts_with("ferry-test-api-keys-"))
+        {
+            let _ = std::fs::remove_file(path);
+        }
     }
+}
+
+/// Turns the HTTP API on (on `127.0.0.1:0`) with `keys` as (name, secret), written to a keys file
+/// of the test's own under the temp directory (the gateway reads it once, at start).
+pub fn with_api(config: &mut Config, keys: &[(&str, &str)]) {
+    static FILES: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    let n = FILES.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let path = std::env::temp_dir().join(format!("ferry-test-api-keys-{}-{n}", std::process::id()));
+    let text: String = keys
+        .iter()
+        .map(|(name, secret)| format!("{name} {secret}\n"))
+        .collect();
+    std::fs::write(&path, text).expect("write the API keys file");
+    config.api_listen = Some("127.0.0.1:0".parse().expect("addr"));
+    config.api_keys_file = Some(path);
 }
 
 /// A minimal HTTP/1.1 GET: (status, body).

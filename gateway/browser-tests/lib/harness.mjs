@@ -5,6 +5,8 @@ import { spawn } from 'node:child_process';
 import net from 'node:net';
 import path from 'node:path';
 import fs from 'node:fs';
+import os from 'node:os';
+import crypto from 'node:crypto';
 import { fileURLToPath } from 'node:url';
 import { before, after } from 'node:test';
 import { chromium } from 'playwright-core';
@@ -61,42 +63,82 @@ export async function stopProcess(child, graceMs = 3000) {
 const ANSI = /\x1b\[[0-9;]*m/g;
 
 /**
- * Starts `ferry-gateway --dev` on 127.0.0.1:0 and reads the bound port from its
- * "gateway serving ... listen=Some(127.0.0.1:PORT)" log line.
+ * Writes a keys file for `--api-keys-file` into a new temp dir: one key named `backend` whose
+ * secret is 32 random bytes in hex, as the README's `openssl rand -hex 32` makes.
  */
-export async function startGateway({ args = [], timeoutMs = 15000, name = 'gateway' } = {}) {
+function writeApiKeys() {
+  const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'ferry-browser-tests-'));
+  const key = crypto.randomBytes(32).toString('hex');
+  const file = path.join(dir, 'keys.txt');
+  fs.writeFileSync(file, `backend ${key}\n`, { mode: 0o600 });
+  return { dir, file, key };
+}
+
+/** The port of `field=Some(127.0.0.1:PORT)` in a log line, or null. */
+function loggedPort(line, field) {
+  const m = line.match(new RegExp(`\\b${field}\\W*Some\\(127\\.0\\.0\\.1:(\\d+)\\)`));
+  return m ? Number(m[1]) : null;
+}
+
+/**
+ * Starts `ferry-gateway --dev` on 127.0.0.1:0 and reads the bound port from its
+ * "gateway serving ... listen=Some(127.0.0.1:PORT)" log line. With `api: true` it also turns on
+ * the HTTP API (`--api-listen 127.0.0.1:0`, a keys file written to a temp dir, removed at stop)
+ * and reads that port from the same line's `api=Some(127.0.0.1:PORT)`; the result's `api` is
+ * then `{ base, key }` (key: the secret of the file's one key, `backend`).
+ */
+export async function startGateway({ args = [], timeoutMs = 15000, name = 'gateway', api = false } = {}) {
   if (!fs.existsSync(GATEWAY_BIN)) throw new Error(`no gateway binary at ${GATEWAY_BIN} (run run.sh)`);
+  const keys = api ? writeApiKeys() : null;
+  const apiArgs = keys ? ['--api-listen', '127.0.0.1:0', '--api-keys-file', keys.file] : [];
   const child = spawn(
     GATEWAY_BIN,
-    ['--dev', '--listen', '127.0.0.1:0', '--admin-listen', '127.0.0.1:0', '--drain-timeout', '1s', ...args],
+    ['--dev', '--listen', '127.0.0.1:0', '--admin-listen', '127.0.0.1:0', '--drain-timeout', '1s', ...apiArgs, ...args],
     { stdio: ['ignore', 'pipe', 'pipe'], env: { ...process.env, NO_COLOR: '1', FERRY_LOG: process.env.FERRY_LOG || 'info' } },
   );
   const log = [];
   const logFile = path.join(ARTIFACTS, `${name}.log`);
   fs.mkdirSync(ARTIFACTS, { recursive: true });
   const sink = fs.createWriteStream(logFile);
-  const port = await new Promise((resolve, reject) => {
-    let buf = '';
-    const timer = setTimeout(() => reject(new Error(`gateway did not report its port in ${timeoutMs} ms:\n${log.join('')}`)), timeoutMs);
-    const onData = (chunk) => {
-      const s = chunk.toString();
-      log.push(s);
-      sink.write(s);
-      buf += s.replace(ANSI, '');
-      const m = buf.match(/gateway serving.*?listen\W*Some\(127\.0\.0\.1:(\d+)\)/);
-      if (m) { clearTimeout(timer); resolve(Number(m[1])); }
-    };
-    child.stdout.on('data', onData);
-    child.stderr.on('data', onData);
-    child.once('exit', (code, sig) => { clearTimeout(timer); reject(new Error(`gateway exited (${code ?? sig}) before serving:\n${log.join('')}`)); });
-  });
-  await waitForPort(port, timeoutMs, 'gateway');
+  const removeKeys = () => { if (keys) fs.rmSync(keys.dir, { recursive: true, force: true }); };
+  let ports;
+  try {
+    ports = await new Promise((resolve, reject) => {
+      let buf = '';
+      const timer = setTimeout(() => reject(new Error(`gateway did not report its port in ${timeoutMs} ms:\n${log.join('')}`)), timeoutMs);
+      const onData = (chunk) => {
+        const s = chunk.toString();
+        log.push(s);
+        sink.write(s);
+        buf += s.replace(ANSI, '');
+        // The whole line, so that every field of it has arrived.
+        const line = buf.match(/^.*gateway serving.*\n/m)?.[0];
+        if (!line) return;
+        clearTimeout(timer);
+        const listen = loggedPort(line, 'listen');
+        const apiPort = keys ? loggedPort(line, 'api') : null;
+        if (listen === null || (keys && apiPort === null)) reject(new Error(`no port in the gateway's log line: ${line}`));
+        else resolve({ listen, api: apiPort });
+      };
+      child.stdout.on('data', onData);
+      child.stderr.on('data', onData);
+      child.once('exit', (code, sig) => { clearTimeout(timer); reject(new Error(`gateway exited (${code ?? sig}) before serving:\n${log.join('')}`)); });
+    });
+    await waitForPort(ports.listen, timeoutMs, 'gateway');
+    if (keys) await waitForPort(ports.api, timeoutMs, 'gateway HTTP API');
+  } catch (e) {
+    await stopProcess(child);
+    sink.end();
+    removeKeys();
+    throw e;
+  }
   return {
-    port,
-    base: `http://127.0.0.1:${port}`,
+    port: ports.listen,
+    base: `http://127.0.0.1:${ports.listen}`,
+    api: keys ? { base: `http://127.0.0.1:${ports.api}`, key: keys.key } : null,
     pid: child.pid,
     log,
-    async stop() { await stopProcess(child); sink.end(); },
+    async stop() { await stopProcess(child); sink.end(); removeKeys(); },
   };
 }
 
@@ -139,11 +181,23 @@ export async function launchBrowser() {
   return chromium.launch({ executablePath: CHROMIUM, headless: true, args: CHROMIUM_ARGS, timeout: 30000 });
 }
 
-/** A new page (own context, so own localStorage) with console errors collected. */
+/**
+ * A new page (own context, so own localStorage) with console errors collected, and every frame
+ * its WebSockets receive (the page's own clients' too) recorded in `wsReceived` as
+ * `{ socket, frame }` (socket: the page's n-th WebSocket, from 0; frame: parsed JSON).
+ */
 export async function newPage(browser, gw, urlPath = '/demo') {
   const context = await browser.newContext({ viewport: { width: 1280, height: 900 } });
   const page = await context.newPage();
   page.setDefaultTimeout(10000);
+  const wsReceived = [];
+  let sockets = 0;
+  page.on('websocket', (ws) => {
+    const socket = sockets++;
+    ws.on('framereceived', ({ payload }) => {
+      try { wsReceived.push({ socket, frame: JSON.parse(String(payload)) }); } catch { wsReceived.push({ socket, frame: { raw: String(payload) } }); }
+    });
+  });
   const errors = [];
   page.on('pageerror', (e) => errors.push(`pageerror: ${e.message}`));
   // Failed WebSocket connects are expected (tests block reconnects on purpose) and Chromium
@@ -156,13 +210,13 @@ export async function newPage(browser, gw, urlPath = '/demo') {
   });
   await page.goto(gw.base + urlPath);
   await installDriver(page);
-  return { page, context, errors };
+  return { page, context, errors, wsReceived };
 }
 
 /**
  * Registers the suite's `before`/`after`: one gateway (started with `gatewayOptions`) and one
- * browser for the file, every page closed at the end. Returns `open()`, which makes a new page
- * (see newPage) on that gateway.
+ * browser for the file, every page closed at the end. Returns `open(urlPath = '/demo')`, which
+ * makes a new page (see newPage) on that gateway.
  */
 export function pagesOnOneGateway(gatewayOptions) {
   let gw;
@@ -177,8 +231,8 @@ export function pagesOnOneGateway(gatewayOptions) {
     await browser?.close().catch(() => {});
     await gw?.stop();
   });
-  return async function open() {
-    const p = await newPage(browser, gw);
+  return async function open(urlPath) {
+    const p = await newPage(browser, gw, urlPath);
     pages.push(p);
     return p;
   };
@@ -194,7 +248,7 @@ export function pagesOnOneGateway(gatewayOptions) {
 export async function installDriver(page) {
   await page.evaluate(async () => {
     const mod = await import('/v1/ferry-client.js');
-    const EVENTS = ['state', 'welcome', 'reset', 'message', 'sent', 'error', 'reconnect', 'authed'];
+    const EVENTS = ['state', 'welcome', 'reset', 'message', 'gap', 'sent', 'error', 'reconnect', 'authed'];
     const t = {
       FerryClient: mod.FerryClient,
       c: {},

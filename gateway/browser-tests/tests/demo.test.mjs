@@ -1,11 +1,14 @@
-// The demo page (`/demo`, served with --dev) as a user drives it: two panels, alice and bob.
-// Live delivery, then bob goes offline, alice sends 3, bob comes back and the 3 arrive in seq
-// order; a screenshot of that is kept in artifacts/demo-offline.png. Then a reload resumes
-// from localStorage without redelivering anything.
+// The demo page (`/demo`, served with --dev) as a user drives it: two panels, alice and bob,
+// each showing its device id. Live delivery, then bob goes offline, alice sends 3, bob comes
+// back and the 3 arrive in seq order; a screenshot of that is kept in artifacts/demo-offline.png.
+// Then a reload resumes from localStorage (same devices) without redelivering anything, and a
+// message from a sender with no panel (as a backend publishing as `app` would be) shows up.
 import { test, before, after } from 'node:test';
 import assert from 'node:assert/strict';
 import path from 'node:path';
-import { startGateway, launchBrowser, newPage, ARTIFACTS, sleep } from '../lib/harness.mjs';
+import {
+  startGateway, launchBrowser, newPage, installDriver, connectClient, ARTIFACTS, sleep,
+} from '../lib/harness.mjs';
 
 let gw;
 let browser;
@@ -24,6 +27,10 @@ after(async () => {
 });
 
 const panel = (user) => `#panel-${user}`;
+const GENERATED = /^web-[0-9a-f]{16}$/;
+
+const deviceOf = async (page, user) => (await page.locator(`${panel(user)} [data-role=device]`).textContent()).trim();
+let devices;
 
 async function waitState(page, user, state) {
   await page.waitForFunction(
@@ -66,6 +73,10 @@ test('demo page: both panels come online', { timeout: 20000 }, async () => {
   await page.locator('#panel-bob').waitFor();
   await waitState(page, 'alice', 'open');
   await waitState(page, 'bob', 'open');
+  devices = { alice: await deviceOf(page, 'alice'), bob: await deviceOf(page, 'bob') };
+  assert.match(devices.alice, GENERATED);
+  assert.match(devices.bob, GENERATED);
+  assert.notEqual(devices.alice, devices.bob);
 });
 
 test('demo page: live delivery from alice to bob', { timeout: 20000 }, async () => {
@@ -111,6 +122,8 @@ test('demo page: a reload resumes from localStorage without redelivering', { tim
   await page.reload();
   await waitState(page, 'alice', 'open');
   await waitState(page, 'bob', 'open');
+  assert.equal(await deviceOf(page, 'alice'), devices.alice, 'the same device after a reload');
+  assert.equal(await deviceOf(page, 'bob'), devices.bob);
   await sleep(500);
   assert.deepEqual(await received(page, 'bob'), [], 'seqs 1-4 are not delivered again');
 
@@ -120,5 +133,17 @@ test('demo page: a reload resumes from localStorage without redelivering', { tim
   const got = await received(page, 'bob');
   assert.deepEqual(got.map((m) => m.seq), [5]);
   assert.match(got[0].text, /after reload/);
+  assert.deepEqual(errors, []);
+});
+
+test('demo page: a message from a sender with no panel (a backend publishing as app) shows up', { timeout: 20000 }, async () => {
+  const { page, errors } = opened;
+  await installDriver(page); // the reload above dropped it
+  await connectClient(page, 'app', 'app');
+  await page.evaluate(() => window.__t.c.app.client.send('alice', 'order 42 shipped', { id: 'app-1' }));
+  const li = page.locator(`${panel('alice')} [data-role=messages] li[data-from=app]`);
+  await li.waitFor({ timeout: 10000 });
+  assert.equal(await li.getAttribute('data-id'), 'app-1');
+  assert.match(await li.textContent(), /app: order 42 shipped/);
   assert.deepEqual(errors, []);
 });

@@ -151,31 +151,19 @@ fn shared_msg(codec: Codec, msg: &InboxMessage, frames: &[OnceLock<Bytes>; 2]) -
 /// Runs a connection from just after the upgrade to its close.
 pub async fn run<St>(
     mut stream: St,
-    mut out: Outbound,
+    out: Outbound,
     node: Arc<Node>,
     codec: Codec,
     token: Option<String>,
 ) where
     St: Stream<Item = Result<Message, WsError>> + Unpin,
 {
-    let opened = match hello::hello(&mut stream, &node, codec, token).await {
-        Ok(opened) => opened,
-        Err(refusal) => {
-            metrics::HELLOS.with_label_values(&[refusal.outcome]).inc();
-            if let Some((code, message)) = refusal.error {
-                out.push(encode(codec, &ServerFrame::error(code, message), None));
-            }
-            out.close(refusal.close, refusal.reason, CLOSE_GRACE).await;
-            drain_reads(&mut stream).await;
-            return;
-        }
+    // Boxed: the hello phase (frames, the token, the inbox opening, the welcome) would otherwise
+    // size every session's task for its whole life.
+    let Some((mut session, span)) = Box::pin(open(&mut stream, out, node, codec, token)).await
+    else {
+        return;
     };
-    let span = tracing::info_span!("session", user = %opened.user);
-    out.push(encode(codec, &opened.welcome, None));
-    if let Some(gap) = &opened.gap {
-        out.push(encode(codec, gap, None));
-    }
-    let mut session = Session::new(node, codec, out, opened);
     let lifetime = async {
         let reason = session.run(&mut stream).await;
         metrics::SESSION_CLOSES
@@ -189,6 +177,38 @@ pub async fn run<St>(
         session.finish().await;
     };
     tracing::Instrument::instrument(lifetime, span).await;
+}
+
+/// The hello phase: a session that said a good `hello` and was answered `welcome` (and `gap`),
+/// with its tracing span; `None` when it was refused (and closed).
+async fn open<St>(
+    stream: &mut St,
+    mut out: Outbound,
+    node: Arc<Node>,
+    codec: Codec,
+    token: Option<String>,
+) -> Option<(Session, tracing::Span)>
+where
+    St: Stream<Item = Result<Message, WsError>> + Unpin,
+{
+    let opened = match hello::hello(stream, &node, codec, token).await {
+        Ok(opened) => opened,
+        Err(refusal) => {
+            metrics::HELLOS.with_label_values(&[refusal.outcome]).inc();
+            if let Some((code, message)) = refusal.error {
+                out.push(encode(codec, &ServerFrame::error(code, message), None));
+            }
+            out.close(refusal.close, refusal.reason, CLOSE_GRACE).await;
+            drain_reads(stream).await;
+            return None;
+        }
+    };
+    let span = tracing::info_span!("session", user = %opened.user);
+    out.push(encode(codec, &opened.welcome, None));
+    if let Some(gap) = &opened.gap {
+        out.push(encode(codec, gap, None));
+    }
+    Some((Session::new(node, codec, out, opened), span))
 }
 
 /// After a close frame went out, read (and drop) until the client answers or a grace period

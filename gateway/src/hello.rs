@@ -5,7 +5,7 @@
 
 use std::time::Duration;
 
-use ferry_router::{EngineError, Membership};
+use ferry_router::{DeviceSeen, EngineError, Membership};
 use ferry_shared::{ClientFrame, Codec, DeviceId, ErrorCode, ServerFrame, UserId};
 use futures_util::{Stream, StreamExt};
 use tokio::time::Instant;
@@ -173,7 +173,7 @@ where
         None => last_seq > 0,
     };
     let acked = if reset { 0 } else { last_seq };
-    let (resume, gap) = resume_point(acked, reset, &inbox);
+    let (resume, gap) = resume_point(acked, reset, client_epoch.is_some(), &inbox);
     if gap.is_some() {
         metrics::GAPS.with_label_values(&["resume"]).inc();
     }
@@ -205,26 +205,36 @@ where
     })
 }
 
-/// Where delivery starts for a client that acknowledged `acked` (0 after `reset`), and the gap
-/// it must be told of. The device's position kept by the store counts when it is further (a
-/// client that lost its own). Everything at or below the floor is trimmed: a device below it
-/// lost what lies between (it stopped holding the inbox), unless it is new (no record, and the
-/// client names no position): a new device starts at the floor. After `reset` the client drops
-/// its position anyway and gets the whole inbox.
+/// Where delivery starts, and the gap the device must be told of. `acked` is what the client
+/// acknowledged (its `last_seq`, 0 after `reset`); `named_epoch` whether it named an epoch.
+///
+/// The device's position kept by the store counts when it is further (a client that lost its
+/// own), after `reset` too when it is of this epoch (the client's epoch was stale, the device's
+/// position is not). Everything at or below the floor is trimmed: a device whose position is
+/// below it lost what lies between and is told so. A new device whose client names no position
+/// in this epoch starts at the floor without a gap, and so does a client after `reset` whose
+/// device holds no position of this epoch: it gets the inbox from its start.
 fn resume_point(
     acked: u64,
     reset: bool,
+    named_epoch: bool,
     inbox: &ferry_router::Opened,
 ) -> (u64, Option<(u64, u64)>) {
-    if reset {
-        return (0, None);
-    }
-    let resume = acked.max(inbox.device.unwrap_or(0));
+    let kept = match inbox.device {
+        DeviceSeen::At(position) => Some(position),
+        DeviceSeen::New | DeviceSeen::OtherEpoch => None,
+    };
+    let resume = acked.max(kept.unwrap_or(0));
     if resume >= inbox.floor {
         return (resume, None);
     }
-    if inbox.device.is_none() && acked == 0 {
-        return (inbox.floor, None);
+    let fresh = if reset {
+        kept.is_none()
+    } else {
+        inbox.device == DeviceSeen::New && !named_epoch
+    };
+    if fresh {
+        return (if reset { 0 } else { inbox.floor }, None);
     }
     (inbox.floor, Some((resume + 1, inbox.floor)))
 }

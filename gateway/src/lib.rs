@@ -189,6 +189,16 @@ pub async fn run_with(
         .into());
     }
     metrics::init();
+    if config.device_ttl < config.position_check * 3 {
+        // A connected device is seen at each position check: one that only listens stops
+        // holding its inbox between two checks.
+        tracing::warn!(
+            device_ttl = ?config.device_ttl,
+            position_check = ?config.position_check,
+            "--device-ttl is under three --position-check intervals: a connected device that does \
+             not acknowledge may stop holding its inbox and be told of gaps"
+        );
+    }
     let auth = auth::Authenticator::from_config(&config)?;
     let api = api::Api::from_config(&config)?;
     let engine = build_engine(&config).await?;

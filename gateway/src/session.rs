@@ -269,6 +269,8 @@ struct Session {
     refused: Option<(Box<str>, Instant)>,
     /// Highest seq the client acknowledged (clamped to `delivered`).
     ack_wanted: u64,
+    /// The end of the last `gap` this session announced (0 if none).
+    gap_to: u64,
     /// Highest seq trimmed from the inbox by this session.
     ack_done: u64,
     /// The one trim in flight, if any, and the seq it trims up to.
@@ -300,6 +302,7 @@ impl Session {
             refused: None,
             ack_wanted: 0,
             ack_done: 0,
+            gap_to: 0,
             trim: None,
             next_trim_at: Instant::now(),
             last_activity: Instant::now(),
@@ -635,7 +638,9 @@ impl Session {
             }
         };
         if msg.seq <= self.delivered {
-            if msg.stamp > self.stamp {
+            // Seqs up to a session's gap were stepped over without their stamps: a late live
+            // copy of one is no sign of a reused seq.
+            if msg.stamp > self.stamp && msg.seq > self.gap_to {
                 // Stored after everything this connection delivered, yet at or below it: the
                 // store went back in time and reuses seqs. End the epoch for every connection.
                 return Some(self.seq_reused().await);
@@ -733,10 +738,18 @@ impl Session {
                         to: floor,
                     });
                     self.delivered = floor;
+                    self.gap_to = floor;
                 }
+                // Acknowledged by another connection of this device, and still stored for the
+                // user's other devices: stepped over, never delivered again to this device (G4).
+                let acknowledged = device_acked;
                 let mut complete = entries.len() < page && !cut;
                 for entry in &entries {
                     if entry.seq() <= self.delivered {
+                        continue;
+                    }
+                    if entry.seq() <= acknowledged {
+                        self.step_to(entry.seq(), entry.stamp());
                         continue;
                     }
                     // The byte bound holds for catch-up too; the rest is read again later.

@@ -216,6 +216,47 @@ every_engine! {
         assert_eq!(got.iter().map(|m| m.0).collect::<Vec<_>>(), [1, 2]);
     }
 
+    // A device evicted by the cap that comes back naming its epoch (even with last_seq 0) is
+    // told of what was trimmed meanwhile, and again at its next hello if it did not acknowledge
+    // past it.
+    async fn an_evicted_device_naming_its_epoch_is_told_of_its_gap(kind: EngineKind) {
+        let gw = gateway(kind, |c| c.max_devices = 1).await;
+        let (a, welcome) = device_hello(&gw, "bob", "a", 0, None).await;
+        let epoch = epoch_of(&welcome);
+        drop(a);
+        let (mut b, _) = device_hello(&gw, "bob", "b", 0, Some(&epoch)).await;
+        send_many(&gw, "alice", "bob", "m", 3).await;
+        raw_messages(&mut b, 3).await;
+        ack(&mut b, 3).await;
+        wait_acked(&gw, "bob", "b", 3).await;
+        b.close(1000, "bye").await.expect("close");
+        for _ in 0..2 {
+            let (mut a, welcome) = device_hello(&gw, "bob", "a", 0, Some(&epoch)).await;
+            assert_eq!(resume_of(&welcome), 3);
+            assert_eq!(next_frame(&mut a).await, ServerFrame::Gap { from: 1, to: 3 });
+            a.close(1000, "bye").await.expect("close");
+        }
+    }
+
+    // A client whose epoch is stale gets `reset`, yet its device's position in the current
+    // epoch still counts: what the device acknowledged is not delivered again (G4), even while
+    // another device holds it.
+    async fn a_reset_resumes_from_the_device_position(kind: EngineKind) {
+        let gw = gateway(kind, |_| {}).await;
+        let (laptop, welcome) = device_hello(&gw, "bob", "laptop", 0, None).await;
+        let epoch = epoch_of(&welcome);
+        drop(laptop);
+        let (mut phone, _) = device_hello(&gw, "bob", "phone", 0, Some(&epoch)).await;
+        send_many(&gw, "alice", "bob", "m", 3).await;
+        raw_messages(&mut phone, 3).await;
+        ack(&mut phone, 2).await;
+        wait_acked(&gw, "bob", "phone", 2).await;
+        phone.close(1000, "bye").await.expect("close");
+        let (mut phone, welcome) = device_hello(&gw, "bob", "phone", 7, Some("stale-epoch")).await;
+        assert!(matches!(welcome, ServerFrame::Welcome { reset: true, resume: Some(2), .. }), "{welcome:?}");
+        assert_eq!(raw_messages(&mut phone, 1).await[0].0, 3);
+    }
+
     // A device id outside the alphabet is refused before anything is opened.
     async fn a_bad_device_id_is_refused(kind: EngineKind) {
         let gw = gateway(kind, |_| {}).await;

@@ -21,7 +21,20 @@
 
 use std::collections::BTreeMap;
 
-use crate::engine::DeviceInfo;
+use crate::engine::{DeviceInfo, DeviceSeen};
+
+/// Where `hello` records a device: a known one keeps its position, even below the floor (it
+/// learns of its gap until it acknowledges past it); a new one whose client names a position in
+/// this epoch (`claimed`, an evicted device coming back) is recorded there, capped at the floor,
+/// so that it too hears of its gap again if it misses it; any other new device starts at the
+/// floor.
+pub fn opening_position(known: bool, claimed: Option<u64>, floor: u64) -> u64 {
+    match (known, claimed) {
+        (true, _) => 0,
+        (false, Some(last_seq)) => last_seq.min(floor),
+        (false, None) => floor,
+    }
+}
 
 /// One device's record.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -55,9 +68,8 @@ pub struct Devices {
 
 impl Devices {
     /// Records `device` as seen at `now_ms` with its position moved up to `acked` (in `epoch`),
-    /// evicting the device seen longest ago when a new one would pass `cap`. Returns the
-    /// position it had in `epoch` before (0 for a record of another epoch), `None` if it had no
-    /// record.
+    /// evicting the device seen longest ago when a new one would pass `cap`. Returns what was
+    /// known of it before.
     pub fn touch(
         &mut self,
         device: &str,
@@ -65,12 +77,13 @@ impl Devices {
         epoch: &str,
         now_ms: u64,
         cap: usize,
-    ) -> Option<u64> {
-        let before = self
-            .records
-            .get(device)
-            .map(|r| if r.epoch == epoch { r.acked } else { 0 });
-        if before.is_none() {
+    ) -> DeviceSeen {
+        let before = match self.records.get(device) {
+            None => DeviceSeen::New,
+            Some(r) if r.epoch == epoch => DeviceSeen::At(r.acked),
+            Some(_) => DeviceSeen::OtherEpoch,
+        };
+        if before == DeviceSeen::New {
             while self.records.len() >= cap.max(1) {
                 let Some(oldest) = self
                     .records
@@ -86,7 +99,10 @@ impl Devices {
         self.records.insert(
             device.to_owned(),
             Record {
-                acked: acked.max(before.unwrap_or(0)),
+                acked: match before {
+                    DeviceSeen::At(position) => acked.max(position),
+                    _ => acked,
+                },
                 epoch: epoch.to_owned(),
                 seen_ms: now_ms,
             },
@@ -135,9 +151,12 @@ mod tests {
     #[test]
     fn positions_hold_until_the_device_goes_silent() {
         let mut devices = Devices::default();
-        assert_eq!(devices.touch("phone", 0, "e1", 1_000, 16), None);
-        assert_eq!(devices.touch("laptop", 0, "e1", 1_000, 16), None);
-        assert_eq!(devices.touch("phone", 7, "e1", 2_000, 16), Some(0));
+        assert_eq!(devices.touch("phone", 0, "e1", 1_000, 16), DeviceSeen::New);
+        assert_eq!(devices.touch("laptop", 0, "e1", 1_000, 16), DeviceSeen::New);
+        assert_eq!(
+            devices.touch("phone", 7, "e1", 2_000, 16),
+            DeviceSeen::At(0)
+        );
         assert_eq!(
             devices.low("e1", 0, 2_000, 5_000),
             Some(0),
@@ -150,7 +169,10 @@ mod tests {
         devices.touch("phone", 3, "e1", 6_002, 16);
         assert_eq!(devices.records["phone"].acked, 7);
         assert_eq!(devices.low("e2", 4, 6_002, 5_000), Some(4));
-        assert_eq!(devices.touch("phone", 0, "e2", 6_003, 16), Some(0));
+        assert_eq!(
+            devices.touch("phone", 0, "e2", 6_003, 16),
+            DeviceSeen::OtherEpoch
+        );
     }
 
     #[test]

@@ -19,7 +19,7 @@ use futures_util::future::{self, BoxFuture};
 use tokio::sync::mpsc::{self, error::TrySendError};
 use tokio::time::Instant;
 
-use crate::devices::Devices;
+use crate::devices::{Devices, opening_position};
 use crate::engine::{
     AppendOutcome, Checked, DeviceInfo, Engine, EngineError, EngineOptions, EpochName, InboxInfo,
     InboxMessage, InboxState, Live, LiveEvent, LiveSink, NewMessage, Opened, Page, Position,
@@ -60,6 +60,10 @@ struct State {
     resync_owed: bool,
     /// The engine's clock for stamps: one tick per append, so stamps order an inbox's writes.
     clock: u64,
+    /// The last seq of each erased inbox, until the inbox would have expired: a new one counts
+    /// on from it, so a seq is never given twice (a retried send answered from the dedupe
+    /// window names an erased message, never another one).
+    erased: HashMap<UserId, (u64, Instant)>,
 }
 
 struct Inbox {
@@ -95,6 +99,7 @@ impl EmbeddedEngine {
             live,
             resync_owed: false,
             clock: 0,
+            erased: HashMap::new(),
         };
         let unix_ms = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
@@ -139,10 +144,13 @@ impl EmbeddedEngine {
         }
         state.clock += 1;
         let stamp = state.clock;
-        let inbox = state
-            .inboxes
-            .entry(msg.to.clone())
-            .or_insert_with(|| Inbox::new(now));
+        if !state.inboxes.contains_key(&msg.to) {
+            let inbox = state.new_inbox(&msg.to, now);
+            state.inboxes.insert(msg.to.clone(), inbox);
+        }
+        let Some(inbox) = state.inboxes.get_mut(&msg.to) else {
+            return AppendOutcome::InboxFull;
+        };
         inbox.seq += 1;
         inbox.expires = now + self.options.inbox_ttl;
         let seq = inbox.seq;
@@ -257,6 +265,17 @@ impl Inbox {
 }
 
 impl State {
+    /// A new inbox for `user`, counting on from an erased one's seq.
+    fn new_inbox(&mut self, user: &UserId, now: Instant) -> Inbox {
+        let mut inbox = Inbox::new(now);
+        if let Some((seq, expires)) = self.erased.remove(user)
+            && expires > now
+        {
+            inbox.seq = seq;
+        }
+        inbox
+    }
+
     /// `user`'s inbox unless it has expired (an expired one is removed).
     fn live_inbox(&mut self, user: &UserId, now: Instant) -> Option<&mut Inbox> {
         if self.inboxes.get(user).is_some_and(|i| i.expires <= now) {
@@ -307,6 +326,7 @@ impl State {
         }
         if now >= self.next_sweep {
             self.inboxes.retain(|_, inbox| inbox.expires > now);
+            self.erased.retain(|_, (_, expires)| *expires > now);
             self.next_sweep = now + SWEEP_INTERVAL;
         }
     }
@@ -432,7 +452,8 @@ impl Engine for EmbeddedEngine {
         let state = &mut *guard;
         state.purge(now);
         if state.live_inbox(user, now).is_none() {
-            state.inboxes.insert(user.clone(), Inbox::new(now));
+            let inbox = state.new_inbox(user, now);
+            state.inboxes.insert(user.clone(), inbox);
         }
         let stamp = state.clock;
         let opened = state
@@ -447,12 +468,13 @@ impl Engine for EmbeddedEngine {
                     metrics::epoch_replaced(user, "resume_beyond_head");
                 }
                 let epoch = inbox.epoch.clone();
-                // A new device starts at the floor; a known one keeps its position, even below
-                // it: it learns of the gap until it acknowledges past it.
                 let known = inbox.devices.records.contains_key(device.as_str());
+                let claimed = claim
+                    .filter(|(claimed, _)| *claimed == epoch)
+                    .map(|(_, last_seq)| last_seq);
                 let before = inbox.devices.touch(
                     device.as_str(),
-                    if known { 0 } else { inbox.floor },
+                    opening_position(known, claimed, inbox.floor),
                     &epoch,
                     now_ms,
                     self.options.max_devices,
@@ -503,7 +525,9 @@ impl Engine for EmbeddedEngine {
         let mut state = self.lock();
         let removed = state.live_inbox(user, now).is_some_and(|inbox| {
             let removed = inbox.devices.records.remove(device.as_str()).is_some();
-            inbox.trim_to_devices(now_ms, ttl_ms);
+            if removed {
+                inbox.trim_to_devices(now_ms, ttl_ms);
+            }
             removed
         });
         Box::pin(future::ready(Ok(removed)))
@@ -527,8 +551,17 @@ impl Engine for EmbeddedEngine {
     }
 
     fn delete_inbox(&self, user: &UserId) -> BoxFuture<'static, Result<bool, EngineError>> {
+        let now = Instant::now();
         let mut state = self.lock();
-        let deleted = state.inboxes.remove(user).is_some();
+        let deleted = match state.inboxes.remove(user) {
+            Some(inbox) => {
+                // The seq counter outlives the erasure, as `meta`'s `seq` does in Redis.
+                let expires = now + self.options.inbox_ttl;
+                state.erased.insert(user.clone(), (inbox.seq, expires));
+                inbox.expires > now
+            }
+            None => false,
+        };
         Box::pin(future::ready(Ok(deleted)))
     }
 

@@ -184,10 +184,19 @@ pub struct Opened {
     pub stamp: u64,
     /// Every seq at or below `floor` is gone from the inbox (trimmed).
     pub floor: u64,
-    /// The device as the store knew it before this opening: `None` if it had no record (a new
-    /// device, or one evicted by the device cap), else its acknowledged position in this
-    /// epoch (0 if its record is of another epoch).
-    pub device: Option<u64>,
+    /// The device as the store knew it before this opening.
+    pub device: DeviceSeen,
+}
+
+/// What the store knew of a device when `hello` opened its inbox.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DeviceSeen {
+    /// No record: a new device, or one evicted by the device cap.
+    New,
+    /// A record of another epoch: its position is void.
+    OtherEpoch,
+    /// Its acknowledged position in this epoch.
+    At(u64),
 }
 
 /// One device of a user, as the store keeps it.
@@ -376,9 +385,11 @@ pub trait Engine: Send + Sync + 'static {
         user: &UserId,
     ) -> BoxFuture<'static, Result<Option<InboxInfo>, EngineError>>;
 
-    /// Erases the inbox: its messages, state and devices (the dedupe window's keys expire on
-    /// their own and hold only seqs). Connected sessions find their position void and
-    /// reconnect to a new epoch. True if there was anything.
+    /// Erases the inbox: its messages, epoch, floor and devices. Only the seq counter is kept
+    /// (no personal data), so that a seq is never given twice: a `send` retried within the
+    /// dedupe window is answered with the seq it got, which names nothing now. Connected
+    /// sessions find their position void and reconnect to a new epoch. True if there was an
+    /// inbox.
     fn delete_inbox(&self, user: &UserId) -> BoxFuture<'static, Result<bool, EngineError>>;
 
     /// The inbox's epoch and head without creating anything: `None` if the inbox has no epoch

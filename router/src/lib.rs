@@ -23,9 +23,9 @@ pub mod testkit;
 
 pub use embedded::EmbeddedEngine;
 pub use engine::{
-    AppendOutcome, Checked, DeviceInfo, Engine, EngineError, EngineOptions, EpochName, InboxInfo,
-    InboxMessage, InboxState, Live, LiveEvent, LiveSink, NewMessage, Opened, Page, Position,
-    StoreReport, Stored,
+    AppendOutcome, Checked, DeviceInfo, DeviceSeen, Engine, EngineError, EngineOptions, EpochName,
+    InboxInfo, InboxMessage, InboxState, Live, LiveEvent, LiveSink, NewMessage, Opened, Page,
+    Position, StoreReport, Stored,
 };
 pub use hub::{CatchUpReason, Hub, HubOptions, LiveSignal, Membership};
 pub use record::{RecordError, decode_member, decode_stored, encode_payload, split_live};

@@ -913,7 +913,8 @@ impl Engine for RedisEngine {
 
     fn delete_inbox(&self, user: &UserId) -> BoxFuture<'static, Result<bool, EngineError>> {
         let core = &self.core;
-        let mut cmd = redis::cmd("DEL");
+        let script = &SCRIPTS.erase;
+        let mut cmd = script.call(4);
         for kind in [
             KeyKind::Inbox,
             KeyKind::Meta,
@@ -922,17 +923,11 @@ impl Engine for RedisEngine {
         ] {
             cmd.arg(core.key(user, kind));
         }
-        let answer = core.lanes.submit(
-            core.inbox_lane(user),
-            core.slot(user),
-            cmd,
-            None,
-            Durability::Primary,
-        );
+        let answer = core.submit(user, cmd, script);
         Box::pin(timed(
             StoreOp::Trim,
             core.options.store_timeout,
-            async move { Ok(int(&received(answer).await?).is_some_and(|n| n > 0)) },
+            async move { Ok(int(&received(answer).await?) == Some(1)) },
         ))
     }
 

@@ -10,7 +10,7 @@ use std::sync::LazyLock;
 use redis::Value;
 
 use crate::devices::{Devices, Record};
-use crate::engine::{AppendOutcome, EngineError, InboxInfo, InboxState, Opened};
+use crate::engine::{AppendOutcome, DeviceSeen, EngineError, InboxInfo, InboxState, Opened};
 use crate::lanes::LuaScript;
 
 /// Lua that checks a session's position before a read, trim or position check. KEYS: inbox,
@@ -65,8 +65,8 @@ local now_ms = tonumber(clock[1]) * 1000 + math.floor(tonumber(clock[2]) / 1000)
 /// Lua that records device `dev` as seen at `now_ms` with its position moved up to `acked` in
 /// `epoch`, in the devices hash `dkey` (a field per device: `<acked>:<seen ms>:<epoch>`), as
 /// `devices.rs` `Devices::touch` does: a new device beyond `cap` evicts the device seen longest
-/// ago. Sets `before`: the position it had in `epoch` (0 for another epoch's record), nil if it
-/// had no record. The hash lives as long as the inbox (`ttl`).
+/// ago. Sets `before`: the position it had in `epoch`, `'x'` for a record of another epoch, nil
+/// if it had no record. The hash lives as long as the inbox (`ttl`).
 macro_rules! touch_device {
     () => {
         r#"
@@ -74,7 +74,7 @@ local before = nil
 local rec = redis.call('HGET', dkey, dev)
 if rec then
   local a, e = string.match(rec, '^(%d+):%d+:(.*)$')
-  before = 0
+  before = 'x'
   if a and e == epoch then
     before = tonumber(a)
   end
@@ -91,7 +91,7 @@ else
     redis.call('HDEL', dkey, oldest)
   end
 end
-if before and before > acked then
+if before and before ~= 'x' and before > acked then
   acked = before
 end
 redis.call('HSET', dkey, dev, string.format('%d', acked) .. ':' .. string.format('%d', now_ms) .. ':' .. epoch)
@@ -228,6 +228,7 @@ redis.call('ZADD', KEYS[1], seq, member)
 redis.call('SET', KEYS[3], seq, 'PX', ARGV[4])
 redis.call('PEXPIRE', KEYS[1], ARGV[5])
 redis.call('PEXPIRE', KEYS[2], ARGV[5])
+redis.call('PEXPIRE', KEYS[4], ARGV[5])
 if ARGV[7] == '1' then
   return {0, seq, epoch, adopted, epoch .. ':' .. member}
 end
@@ -244,7 +245,7 @@ return {0, seq, epoch, adopted}
 /// `APPEND` does; a claim beyond the head under the same epoch ends that epoch. Records the
 /// device as seen (a new one at the floor).
 /// Returns `{epoch, head, stamp, ended, adopted, floor, before}`, `before` being the device's
-/// position before (`` when it had no record).
+/// position before (`` when it had no record, `x` for a record of another epoch).
 const OPEN: &str = concat!(
     r#"
 local adopted = 0
@@ -270,16 +271,17 @@ redis.call('PEXPIRE', KEYS[2], ARGV[2])
 local now = redis.call('TIME')
 local floor = tonumber(redis.call('HGET', KEYS[1], 'floor') or '0')
 local dkey, dev, epoch, acked, cap, ttl = KEYS[3], ARGV[5], state[1], floor, tonumber(ARGV[6]), ARGV[2]
+-- Where the device is recorded (`devices.rs` `opening_position`).
 if redis.call('HEXISTS', dkey, dev) == 1 then
-  -- A known device keeps its position, even below the floor: it learns of the gap until it
-  -- acknowledges past it.
   acked = 0
+elseif ARGV[3] ~= '' and ARGV[3] == epoch and tonumber(ARGV[4]) < floor then
+  acked = tonumber(ARGV[4])
 end
 local now_ms = tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000)
 "#,
     touch_device!(),
     r#"
-return {state[1], string.format('%d', head), now[1] .. string.format('%06d', tonumber(now[2])), ended, adopted, string.format('%d', floor), before and string.format('%d', before) or ''}
+return {state[1], string.format('%d', head), now[1] .. string.format('%06d', tonumber(now[2])), ended, adopted, string.format('%d', floor), (before == 'x' and 'x') or (before and string.format('%d', before)) or ''}
 "#
 );
 
@@ -376,6 +378,19 @@ return 1
 "#
 );
 
+/// KEYS: inbox, meta, devices, quarantine. Erases the inbox: its messages, devices, epoch and
+/// floor; `meta` keeps only `seq` (and its TTL), so a new epoch counts on from it and no seq is
+/// given twice. Returns 1 if there was an inbox.
+const ERASE: &str = r#"
+local existed = redis.call('EXISTS', KEYS[1], KEYS[3]) + redis.call('HEXISTS', KEYS[2], 'epoch')
+redis.call('DEL', KEYS[1], KEYS[3], KEYS[4])
+redis.call('HDEL', KEYS[2], 'epoch', 'floor')
+if existed > 0 then
+  return 1
+end
+return 0
+"#;
+
 /// KEYS: meta, inbox. Returns `{epoch or '', head, floor, oldest or '', count}`.
 const INFO: &str = r#"
 local state = redis.call('HMGET', KEYS[1], 'epoch', 'seq', 'floor')
@@ -438,6 +453,7 @@ pub(crate) struct Scripts {
     pub devices: LuaScript,
     pub remove_device: LuaScript,
     pub info: LuaScript,
+    pub erase: LuaScript,
 }
 
 pub(crate) static SCRIPTS: LazyLock<Scripts> = LazyLock::new(|| Scripts {
@@ -452,6 +468,7 @@ pub(crate) static SCRIPTS: LazyLock<Scripts> = LazyLock::new(|| Scripts {
     devices: LuaScript::new(DEVICES),
     remove_device: LuaScript::new(REMOVE_DEVICE),
     info: LuaScript::new(INFO),
+    erase: LuaScript::new(ERASE),
 });
 
 /// Why a checked script found a session's position void: the epoch had changed already, or the
@@ -521,8 +538,9 @@ pub(crate) fn parse_open(value: &Value) -> Result<OpenAnswer, EngineError> {
         return Err(bad());
     };
     let device = match string(before).ok_or_else(bad)?.as_str() {
-        "" => None,
-        _ => Some(int(before).ok_or_else(bad)?),
+        "" => DeviceSeen::New,
+        "x" => DeviceSeen::OtherEpoch,
+        _ => DeviceSeen::At(int(before).ok_or_else(bad)?),
     };
     Ok(OpenAnswer {
         opened: Opened {

@@ -9,7 +9,9 @@ mod common;
 use std::time::Duration;
 
 use common::*;
-use ferry_router::{AppendOutcome, Checked, Engine, EngineOptions, Opened, Page, Position};
+use ferry_router::{
+    AppendOutcome, Checked, DeviceSeen, Engine, EngineOptions, Opened, Page, Position,
+};
 use ferry_shared::DeviceId;
 
 fn device(name: &str) -> DeviceId {
@@ -125,10 +127,10 @@ on_both_engines!(
         );
         // Back: it is known, at its old position, below the floor.
         let back = open_as(&*engine, "bob", &laptop).await;
-        assert_eq!((back.device, back.floor), (Some(0), 3));
+        assert_eq!((back.device, back.floor), (DeviceSeen::At(0), 3));
         // A device never seen starts new.
         let tablet = open_as(&*engine, "bob", &device("tablet")).await;
-        assert_eq!((tablet.device, tablet.floor), (None, 3));
+        assert_eq!((tablet.device, tablet.floor), (DeviceSeen::New, 3));
     }
 );
 
@@ -226,7 +228,26 @@ on_both_engines!(
             .map(|d| d.device)
             .collect();
         assert_eq!(names, ["b", "c"]);
-        assert_eq!(open_as(&*engine, "bob", &device("a")).await.device, None);
+        assert_eq!(
+            open_as(&*engine, "bob", &device("a")).await.device,
+            DeviceSeen::New
+        );
+        // Back with a position of this epoch below the floor: recorded there, so that its gap
+        // is told again until it acknowledges past it.
+        let epoch = epoch(&*engine, "bob").await;
+        fill(&*engine, "bob", "m", 2).await;
+        ack_as(&*engine, "bob", &device("a"), 2).await;
+        ack_as(&*engine, "bob", &device("c"), 2).await;
+        let back = engine
+            .open_inbox(&user("bob"), &device("b"), Some((&epoch, 0)))
+            .await
+            .unwrap();
+        assert_eq!((back.device, back.floor), (DeviceSeen::New, 2));
+        let again = engine
+            .open_inbox(&user("bob"), &device("b"), None)
+            .await
+            .unwrap();
+        assert_eq!(again.device, DeviceSeen::At(0));
     }
 );
 
@@ -276,6 +297,19 @@ on_both_engines!(
         assert_eq!(read.unwrap(), Checked::Void);
         let again = open_as(&*engine, "bob", &phone).await;
         assert_ne!(again.epoch, opened.epoch);
-        assert_eq!((again.head, again.device), (0, None));
+        // The seq counter outlives the erasure: no seq is given twice, and a send retried within
+        // the dedupe window is answered with the seq it got.
+        assert_eq!((again.head, again.device), (2, DeviceSeen::New));
+        assert_eq!(
+            stored(&*engine, &message("alice", "bob", "n1", b"x")).await,
+            3
+        );
+        assert_eq!(
+            engine
+                .append(&message("alice", "bob", "m-0", b"x"))
+                .await
+                .unwrap(),
+            AppendOutcome::Duplicate { seq: 1 }
+        );
     }
 );

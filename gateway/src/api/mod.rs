@@ -38,6 +38,9 @@ use keys::ApiKey;
 use reply::{ApiError, Reply};
 use routes::{Route, path_id};
 
+/// KiB of message the node's publishes in flight may hold at once (a body times its
+/// recipients); a publish waits up to `--store-timeout` for room, then is answered 503.
+pub const IN_FLIGHT_KIB: u32 = 64 * 1024;
 /// API connections open at once; one more is closed as soon as it is accepted.
 pub const MAX_CONNECTIONS: usize = 1024;
 /// Time for a request head, from when the connection waits for one: it also closes keep-alive
@@ -77,6 +80,9 @@ pub struct Api {
     /// Largest request body read: a `--max-body-bytes` body three times over (base64 takes 4/3,
     /// JSON escapes of non-ASCII text up to 3), and every recipient.
     body_limit: usize,
+    /// What the node's publishes in flight may hold, in KiB of message (a body stored for N
+    /// recipients counts N times: each append carries its own copy to the store).
+    in_flight: Arc<tokio::sync::Semaphore>,
 }
 
 impl Api {
@@ -95,6 +101,7 @@ impl Api {
             keys,
             max_recipients: config.api_max_recipients,
             body_limit: body_limit(config),
+            in_flight: Arc::new(tokio::sync::Semaphore::new(IN_FLIGHT_KIB as usize)),
         }))
     }
 

@@ -17,7 +17,7 @@ use serde::{Deserialize, Serialize};
 
 use super::keys::ApiKey;
 use super::reply::{ApiError, ErrorDetail, Reply, json};
-use super::{Api, BODY_READ_TIMEOUT};
+use super::{Api, BODY_READ_TIMEOUT, IN_FLIGHT_KIB};
 use crate::config::Config;
 use crate::metrics;
 use crate::outbound::now_ms;
@@ -122,6 +122,15 @@ pub async fn publish(
         recipients = publish.to.len(),
         "publishing"
     );
+    // Bounded node-wide: 1,000 recipients of a 64 KiB body are 64 MiB on their way to the store.
+    let kib = (publish.body.len().max(1) * publish.to.len()).div_ceil(1024);
+    let kib = u32::try_from(kib).unwrap_or(u32::MAX).min(IN_FLIGHT_KIB);
+    let room = tokio::time::timeout(config.store_timeout, api.in_flight.acquire_many(kib));
+    let Ok(Ok(_room)) = room.await else {
+        return Err(ApiError::Unavailable(
+            "the node has too many publishes in flight; retry",
+        ));
+    };
     let results = append_all(engine, publish).await;
     for result in &results {
         let outcome = match result {

@@ -33,8 +33,9 @@ pub enum ApiError {
     NotFound(String),
     #[error("this route takes {allow}")]
     MethodNotAllowed { allow: &'static str },
-    #[error("the store did not answer in time; retry")]
-    Unavailable,
+    /// The store did not answer in time, or the node has too many publishes in flight.
+    #[error("{0}")]
+    Unavailable(&'static str),
     #[error("{0}")]
     Internal(&'static str),
 }
@@ -49,7 +50,7 @@ impl ApiError {
             ApiError::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
             ApiError::NotFound(_) => StatusCode::NOT_FOUND,
             ApiError::MethodNotAllowed { .. } => StatusCode::METHOD_NOT_ALLOWED,
-            ApiError::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
+            ApiError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -64,7 +65,7 @@ impl ApiError {
             ApiError::RateLimited { .. } => "rate_limited",
             ApiError::NotFound(_) => "not_found",
             ApiError::MethodNotAllowed { .. } => "method_not_allowed",
-            ApiError::Unavailable => "unavailable",
+            ApiError::Unavailable(_) => "unavailable",
             ApiError::Internal(_) => "internal",
         }
     }
@@ -76,7 +77,7 @@ impl ApiError {
             // log.
             EngineError::Unavailable(e) => {
                 tracing::debug!(error = %e, "store call failed");
-                ApiError::Unavailable
+                ApiError::Unavailable("the store did not answer in time; retry")
             }
             EngineError::Internal(e) => {
                 tracing::error!(error = %e, "store call failed");
@@ -109,7 +110,7 @@ impl ApiError {
                 let secs = retry_after_ms.div_ceil(1000).max(1);
                 headers.insert(header::RETRY_AFTER, HeaderValue::from(secs));
             }
-            ApiError::Unavailable => {
+            ApiError::Unavailable(_) => {
                 headers.insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
             }
             ApiError::MethodNotAllowed { allow } => {

@@ -335,7 +335,8 @@ fi
 # --- 4. gateway nodes -------------------------------------------------------------------------
 # One HS256 secret shared by every node. Without it each --dev node draws its own random secret,
 # and a token from one node's /dev/token (HAProxy picks the node) would fail on the others. With
-# --jwt-secret set, /dev/token mints with it. Kept in the state dir (mode 600) and reused, and
+# --jwt-secret set, /dev/token is off unless --dev-token-with-key says to mint with it (a
+# throwaway secret of this local cluster, never a production key). Kept in the state dir (mode 600) and reused, and
 # passed through the environment (the launcher reads the file) so it does not show in `ps`.
 # A node's Redis URL can be overridden with FERRY_LOCAL_REDIS_URL_<i> (e.g. to go through a
 # fault-injecting proxy).
@@ -347,7 +348,7 @@ read -r -a extra_args <<<"$GATEWAY_ARGS"
 for i in $(seq 1 "$N"); do
     url_var="FERRY_LOCAL_REDIS_URL_$i"
     PRELUDE="export FERRY_JWT_SECRET=\$(<$(printf %q "$SECRET_FILE"))" \
-        launcher "gw-$i" env NO_COLOR=1 "$GATEWAY" --dev \
+        launcher "gw-$i" env NO_COLOR=1 "$GATEWAY" --dev --dev-token-with-key \
         --listen "127.0.0.1:$((WS_BASE + i))" --admin-listen "127.0.0.1:$((ADMIN_BASE + i))" \
         --redis-url "${!url_var:-$REDIS_URL}" ${CLUSTER_ARGS[@]+"${CLUSTER_ARGS[@]}"} \
         --node-id "gw-$i" --drain-timeout "$DRAIN_TIMEOUT" --log-format text \

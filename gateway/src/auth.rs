@@ -11,6 +11,7 @@ use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
 use serde::{Deserialize, Serialize};
 
 use crate::config::{Config, JwtAlg};
+use crate::metrics;
 
 /// Clock skew tolerated on `exp` and `nbf`, in seconds.
 const LEEWAY_SECS: u64 = 5;
@@ -43,6 +44,45 @@ impl AuthError {
         ErrorCode::Unauthorized
     }
 
+    /// The message a client gets with [`AuthError::code`]: always `unauthorized`. Why a token
+    /// was refused tells a caller probing with forged tokens what to change; the reason goes to
+    /// the log (`Display`) and to `ferry_auth_failures_total` ([`AuthError::reason`]) instead.
+    pub fn client_message(&self) -> &'static str {
+        "unauthorized"
+    }
+
+    /// A label for this failure, from a closed set ([`AuthError::REASONS`]), for metrics and
+    /// structured logs.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            AuthError::Missing => "missing",
+            AuthError::Malformed => "malformed",
+            AuthError::Expired => "expired",
+            AuthError::BadSignature => "bad_signature",
+            AuthError::WrongAlgorithm => "wrong_algorithm",
+            AuthError::BadClaims(_) => "claims",
+            AuthError::Key(_) => "key",
+        }
+    }
+
+    /// Every value of [`AuthError::reason`].
+    pub const REASONS: [&'static str; 7] = [
+        "missing",
+        "malformed",
+        "expired",
+        "bad_signature",
+        "wrong_algorithm",
+        "claims",
+        "key",
+    ];
+
+    /// Counts this refusal in `ferry_auth_failures_total{at, reason}`.
+    pub fn record(&self, at: AuthAt) {
+        metrics::AUTH_FAILURES
+            .with_label_values(&[at.label(), self.reason()])
+            .inc();
+    }
+
     fn from_jwt(e: JwtError) -> AuthError {
         let claims = |s: &str| AuthError::BadClaims(s.to_owned());
         match e.kind() {
@@ -67,6 +107,27 @@ impl AuthError {
             | ErrorKind::InvalidEddsaKey
             | ErrorKind::InvalidKeyFormat => AuthError::Key(e.to_string()),
             _ => AuthError::BadClaims(e.to_string()),
+        }
+    }
+}
+
+/// Where a token was refused: the `at` label of `ferry_auth_failures_total`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AuthAt {
+    /// The token of `hello` (or of the upgrade): the connection is closed.
+    Hello,
+    /// A fresh token in an `auth` frame: the session goes on under its current token.
+    Auth,
+}
+
+impl AuthAt {
+    /// Every place, in label order.
+    pub const ALL: [AuthAt; 2] = [AuthAt::Hello, AuthAt::Auth];
+
+    pub fn label(self) -> &'static str {
+        match self {
+            AuthAt::Hello => "hello",
+            AuthAt::Auth => "auth",
         }
     }
 }

@@ -14,12 +14,22 @@ use clap::{ArgAction, CommandFactory, FromArgMatches, Parser, ValueEnum};
 #[derive(Debug, Clone, Parser)]
 #[command(name = "ferry-gateway", version, about = "Ferry's WebSocket gateway")]
 pub struct Config {
-    /// WebSocket listener.
-    #[arg(long, env = "FERRY_LISTEN", default_value = "0.0.0.0:8080")]
+    /// WebSocket listener [with --dev the default is 127.0.0.1:8080].
+    #[arg(
+        long,
+        env = "FERRY_LISTEN",
+        default_value = "0.0.0.0:8080",
+        default_value_ifs = dev_default("127.0.0.1:8080")
+    )]
     pub listen: SocketAddr,
 
-    /// Admin listener: /healthz, /readyz, /metrics.
-    #[arg(long, env = "FERRY_ADMIN_LISTEN", default_value = "0.0.0.0:9090")]
+    /// Admin listener: /healthz, /readyz, /metrics [with --dev the default is 127.0.0.1:9090].
+    #[arg(
+        long,
+        env = "FERRY_ADMIN_LISTEN",
+        default_value = "0.0.0.0:9090",
+        default_value_ifs = dev_default("127.0.0.1:9090")
+    )]
     pub admin_listen: SocketAddr,
 
     /// `redis://` or `rediss://` URL (`rediss://user:password@host:port/db`); without one the
@@ -98,13 +108,19 @@ pub struct Config {
     #[arg(long, env = "FERRY_DEDUPE_WINDOW", default_value = "60s", value_parser = parse_duration)]
     pub dedupe_window: Duration,
 
-    /// Per-connection token bucket for `send`: sends per second.
+    /// Token bucket for `send`, per user across the user's connections on this node (kept
+    /// across a reconnect): sends per second.
     #[arg(long, env = "FERRY_SEND_RATE", default_value_t = 100.0)]
     pub send_rate: f64,
 
-    /// Per-connection token bucket for `send`: the bucket's size (it starts full).
+    /// Token bucket for `send`, per user on this node: the bucket's size (it starts full).
     #[arg(long, env = "FERRY_SEND_BURST", default_value_t = 200)]
     pub send_burst: u32,
+
+    /// Connections of one user this node takes at once; one more is refused at `hello`
+    /// (`rate_limited`, close 1013).
+    #[arg(long, env = "FERRY_MAX_CONNECTIONS_PER_USER", default_value_t = 16)]
+    pub max_connections_per_user: usize,
 
     /// A store command slower than this fails (`unavailable`, or close 1013 at `hello`).
     #[arg(long, env = "FERRY_STORE_TIMEOUT", default_value = "2s", value_parser = parse_duration)]
@@ -248,6 +264,35 @@ pub struct Config {
     /// --api-rate]. At least --api-max-recipients.
     #[arg(long, env = "FERRY_API_BURST")]
     pub api_burst: Option<u32>,
+
+    /// With --dev, allow listening on addresses other than loopback. --dev hands out tokens for
+    /// any user, so without this it refuses a --listen, --admin-listen or --api-listen that is
+    /// not 127.0.0.1 / ::1. (`FERRY_DEV_ALLOW_REMOTE` takes true/false, 1/0, yes/no, on/off.)
+    #[arg(long, env = "FERRY_DEV_ALLOW_REMOTE", action = ArgAction::SetTrue, value_parser = BoolishValueParser::new())]
+    pub dev_allow_remote: bool,
+
+    /// With --dev and a JWT key, serve /dev/token anyway, minting with that key. Only for a
+    /// local multi-node trial whose nodes share a throwaway secret (`deploy/local/up.sh`): it
+    /// hands anyone a token for any user, signed with the real key. Without it, /dev/token is
+    /// off whenever a key is configured.
+    #[arg(long, env = "FERRY_DEV_TOKEN_WITH_KEY", action = ArgAction::SetTrue, value_parser = BoolishValueParser::new())]
+    pub dev_token_with_key: bool,
+
+    /// Origins allowed to open a WebSocket, comma-separated and exact (`https://app.example.com`,
+    /// scheme and host and any port, no path). An upgrade whose `Origin` header is not listed
+    /// gets 403; one without an `Origin` (not a browser) is allowed. Unset: any origin.
+    #[arg(long, env = "FERRY_ALLOWED_ORIGINS", value_delimiter = ',')]
+    pub allowed_origins: Vec<String>,
+
+    /// Refuse a token in the upgrade URL (`?token=`, 400): URLs end up in proxies' access logs.
+    /// The token then travels in `hello` or as `Authorization: Bearer`.
+    /// (`FERRY_REFUSE_QUERY_TOKEN` takes true/false, 1/0, yes/no, on/off.)
+    #[arg(long, env = "FERRY_REFUSE_QUERY_TOKEN", action = ArgAction::SetTrue, value_parser = BoolishValueParser::new())]
+    pub refuse_query_token: bool,
+
+    /// Connections the admin listener serves at once; more are closed at once.
+    #[arg(long, env = "FERRY_ADMIN_MAX_CONNECTIONS", default_value_t = 64)]
+    pub admin_max_connections: usize,
 }
 
 /// The Redis URL setting (one URL, or comma-separated cluster seeds). Its `Debug` hides the
@@ -365,6 +410,13 @@ pub enum ConfigError {
     Invalid { flag: &'static str, reason: String },
 }
 
+/// The conditional default of a listener under --dev (given as a flag, or as `FERRY_DEV` with any
+/// of the spellings of true it takes): loopback. A spelling not listed here (`FERRY_DEV=TRUE`)
+/// leaves the public default, which validation then refuses under --dev: it fails closed.
+fn dev_default(addr: &'static str) -> [(&'static str, &'static str, Option<&'static str>); 6] {
+    ["true", "1", "yes", "on", "y", "t"].map(|yes| ("dev", yes, Some(addr)))
+}
+
 fn parse_duration(s: &str) -> Result<Duration, String> {
     humantime::parse_duration(s).map_err(|e| format!("{e} (write durations like 10s, 500ms, 30d)"))
 }
@@ -420,6 +472,7 @@ impl Config {
     /// is read by `Authenticator::from_config`).
     pub fn validate(&self) -> Result<(), ConfigError> {
         self.validate_jwt()?;
+        self.validate_edge()?;
         self.validate_names()?;
         self.validate_limits()?;
         self.validate_durations()
@@ -466,6 +519,72 @@ impl Config {
         }
         if self.jwt_audience.as_ref().is_some_and(|s| s.is_empty()) {
             return Err(invalid("jwt-audience", "must not be empty when set"));
+        }
+        Ok(())
+    }
+
+    /// Whether `/dev/token` is served: with --dev and no configured key. Beside a real key
+    /// (--jwt-secret, --jwt-public-key) it is not (404): it would sign tokens for any user with
+    /// the key that production tokens verify against.
+    pub fn dev_token_enabled(&self) -> bool {
+        self.dev
+            && (self.dev_token_with_key
+                || (self.jwt_secret.is_none() && self.jwt_public_key.is_none()))
+    }
+
+    /// The origins of --allowed-origins, trimmed; empty entries are skipped, so an empty
+    /// `FERRY_ALLOWED_ORIGINS` means unset.
+    fn listed_origins(&self) -> impl Iterator<Item = &str> {
+        self.allowed_origins
+            .iter()
+            .map(|o| o.trim())
+            .filter(|o| !o.is_empty())
+    }
+
+    /// Whether an upgrade with this `Origin` header may open a WebSocket: any origin when
+    /// --allowed-origins is unset, else only those listed (exactly, ASCII case aside).
+    pub fn origin_allowed(&self, origin: &str) -> bool {
+        let mut listed = self.listed_origins().peekable();
+        listed.peek().is_none() || listed.any(|allowed| allowed.eq_ignore_ascii_case(origin.trim()))
+    }
+
+    /// --dev kept to loopback, the origin list, the admin port's cap.
+    fn validate_edge(&self) -> Result<(), ConfigError> {
+        if self.dev_allow_remote && !self.dev {
+            return Err(invalid("dev-allow-remote", "needs --dev"));
+        }
+        if self.dev_token_with_key && !self.dev {
+            return Err(invalid("dev-token-with-key", "needs --dev"));
+        }
+        if self.dev && !self.dev_allow_remote {
+            let listeners = [
+                ("listen", Some(self.listen)),
+                ("admin-listen", Some(self.admin_listen)),
+                ("api-listen", self.api_listen),
+            ];
+            let remote = |addr: &Option<SocketAddr>| addr.is_some_and(|a| !a.ip().is_loopback());
+            if let Some((flag, _)) = listeners.iter().find(|(_, addr)| remote(addr)) {
+                return Err(invalid(
+                    flag,
+                    "is not a loopback address (127.0.0.1 or ::1), and --dev is for a local \
+                     trial (without a key, /dev/token gives anyone a token for any user): listen \
+                     on loopback, or add --dev-allow-remote",
+                ));
+            }
+        }
+        if let Some(bad) = self.listed_origins().find(|o| !is_origin(o)) {
+            return Err(invalid(
+                "allowed-origins",
+                &format!(
+                    "{bad:?} is not an origin: give scheme://host[:port] (http or https, no path \
+                     or trailing slash), comma-separated; leave it unset to allow any origin"
+                ),
+            ));
+        }
+        if self.admin_max_connections == 0 {
+            return Err(ConfigError::Zero {
+                flag: "admin-max-connections",
+            });
         }
         Ok(())
     }
@@ -578,6 +697,7 @@ impl Config {
             ("redis-pool-size", self.redis_pool_size),
             ("max-catchup-reads", self.max_catchup_reads),
             ("max-devices", self.max_devices),
+            ("max-connections-per-user", self.max_connections_per_user),
         ];
         if let Some((flag, _)) = counts.iter().find(|(_, v)| *v == 0) {
             return Err(ConfigError::Zero { flag });
@@ -684,6 +804,21 @@ impl Config {
     }
 }
 
+/// `scheme://host[:port]` as browsers send it in `Origin`: http or https, a host, nothing after.
+fn is_origin(s: &str) -> bool {
+    let Some(host) = s
+        .strip_prefix("https://")
+        .or_else(|| s.strip_prefix("http://"))
+    else {
+        return false;
+    };
+    !host.is_empty()
+        && !host.starts_with(':')
+        && !host
+            .chars()
+            .any(|c| matches!(c, '/' | '?' | '#' | '*' | '@') || c.is_whitespace())
+}
+
 fn invalid(flag: &'static str, reason: &str) -> ConfigError {
     ConfigError::Invalid {
         flag,
@@ -754,7 +889,7 @@ mod tests {
     }
 
     /// The flag names are an interface (DESIGN.md's table, then the additions).
-    const FLAGS: [&str; 51] = [
+    const FLAGS: [&str; 57] = [
         "listen",
         "admin-listen",
         "redis-url",
@@ -775,6 +910,7 @@ mod tests {
         "dedupe-window",
         "send-rate",
         "send-burst",
+        "max-connections-per-user",
         "store-timeout",
         "store-check",
         "store-outage-grace",
@@ -806,6 +942,11 @@ mod tests {
         "api-max-recipients",
         "api-rate",
         "api-burst",
+        "dev-allow-remote",
+        "dev-token-with-key",
+        "allowed-origins",
+        "refuse-query-token",
+        "admin-max-connections",
     ];
 
     #[test]
@@ -1075,9 +1216,147 @@ mod tests {
         assert_eq!(flag_of(&["--key-prefix", "staging:ferry"]), None);
         assert_eq!(flag_of(&["--node-id", "a b"]), Some("node-id"));
         assert_eq!(
-            flag_of(&["--listen", "0.0.0.0:80", "--admin-listen", "0.0.0.0:80"]),
+            flag_of(&[
+                "--listen",
+                "0.0.0.0:80",
+                "--admin-listen",
+                "0.0.0.0:80",
+                "--dev-allow-remote"
+            ]),
             Some("admin-listen")
         );
+    }
+
+    #[test]
+    fn dev_stays_on_loopback() {
+        let addr = |s: &str| -> SocketAddr { s.parse().expect("addr") };
+        // --dev moves the default listeners to loopback; without it they stay public.
+        let dev = parse(&["--dev"]);
+        assert_eq!(dev.listen, addr("127.0.0.1:8080"));
+        assert_eq!(dev.admin_listen, addr("127.0.0.1:9090"));
+        assert_eq!(dev.validate(), Ok(()));
+        let stated = parse(&["--dev", "--listen", "127.0.0.1:1234"]);
+        assert_eq!(stated.listen, addr("127.0.0.1:1234"));
+        assert_eq!(parse(&["--dev", "--listen", "[::1]:80"]).validate(), Ok(()));
+
+        let flag_of = |args: &[&str]| match parse(args).validate() {
+            Ok(()) => None,
+            Err(ConfigError::Invalid { flag, reason }) => {
+                assert!(reason.contains("--dev-allow-remote"), "{reason}");
+                Some(flag)
+            }
+            Err(other) => panic!("unexpected {other}"),
+        };
+        assert_eq!(
+            flag_of(&["--dev", "--listen", "0.0.0.0:8080"]),
+            Some("listen")
+        );
+        assert_eq!(
+            flag_of(&["--dev", "--admin-listen", "10.0.0.1:9090"]),
+            Some("admin-listen")
+        );
+        assert_eq!(flag_of(&["--dev", "--listen", "[::]:8080"]), Some("listen"));
+        let api = ["--api-listen", "0.0.0.0:8081", "--api-keys-file", "/keys"];
+        assert_eq!(
+            flag_of(&[&["--dev"][..], &api[..]].concat()),
+            Some("api-listen")
+        );
+        let remote = ["--dev", "--listen", "0.0.0.0:8080", "--dev-allow-remote"];
+        assert_eq!(flag_of(&remote), None);
+        // Without --dev the flag means nothing: refused, not ignored.
+        assert!(matches!(
+            parse(&["--jwt-secret", "s", "--dev-allow-remote"]).validate(),
+            Err(ConfigError::Invalid {
+                flag: "dev-allow-remote",
+                ..
+            })
+        ));
+        // Production listens where it is told.
+        assert_eq!(parse(&["--jwt-secret", "s"]).validate(), Ok(()));
+    }
+
+    #[test]
+    fn dev_token_needs_dev_and_no_key() {
+        assert!(parse(&["--dev"]).dev_token_enabled());
+        assert!(!parse(&["--dev", "--jwt-secret", "s"]).dev_token_enabled());
+        let key = ["--dev", "--jwt-public-key", "k.pem", "--jwt-alg", "ES256"];
+        assert!(!parse(&key).dev_token_enabled());
+        assert!(!parse(&["--jwt-secret", "s"]).dev_token_enabled());
+        let local = ["--dev", "--jwt-secret", "s", "--dev-token-with-key"];
+        assert!(
+            parse(&local).dev_token_enabled(),
+            "the local cluster's explicit choice"
+        );
+        assert!(parse(&["--dev-token-with-key"]).validate().is_err());
+    }
+
+    #[test]
+    fn origin_and_token_rules() {
+        let c = parse(&[]);
+        assert!(c.allowed_origins.is_empty());
+        assert!(!c.refuse_query_token);
+        assert_eq!(c.admin_max_connections, 64);
+        assert!(c.origin_allowed("https://anything.example"));
+
+        let c = parse(&[
+            "--dev",
+            "--allowed-origins",
+            "https://app.example.com, http://localhost:3000",
+            "--refuse-query-token",
+        ]);
+        assert_eq!(c.validate(), Ok(()));
+        assert!(c.refuse_query_token);
+        assert_eq!(c.allowed_origins.len(), 2);
+        assert!(c.origin_allowed("https://app.example.com"));
+        assert!(c.origin_allowed("https://APP.example.com"));
+        assert!(c.origin_allowed("http://localhost:3000"));
+        for refused in [
+            "https://app.example.com.evil.example",
+            "http://app.example.com",
+            "https://app.example.com:444",
+            "http://localhost:3001",
+            "null",
+            "",
+        ] {
+            assert!(!c.origin_allowed(refused), "{refused}");
+        }
+
+        let flag_of =
+            |origins: &str| match parse(&["--dev", "--allowed-origins", origins]).validate() {
+                Ok(()) => None,
+                Err(ConfigError::Invalid { flag, .. }) => Some(flag),
+                Err(other) => panic!("unexpected {other}"),
+            };
+        for good in [
+            "https://a.example",
+            "http://10.0.0.1:8080",
+            "https://[::1]:443",
+        ] {
+            assert_eq!(flag_of(good), None, "{good}");
+        }
+        for bad in [
+            "a.example",
+            "https://a.example/",
+            "https://a.example/app",
+            "*",
+            "https://*.example",
+            "null",
+            "https://",
+            "ws://a.example",
+        ] {
+            assert_eq!(flag_of(bad), Some("allowed-origins"), "{bad}");
+        }
+        // Empty entries are skipped: an empty FERRY_ALLOWED_ORIGINS means unset.
+        assert_eq!(flag_of("https://a.example,"), None);
+        let empty = parse(&["--allowed-origins", ""]);
+        assert_eq!(flag_of(""), None);
+        assert!(empty.origin_allowed("https://anything.example"));
+        assert!(matches!(
+            parse(&["--dev", "--admin-max-connections", "0"]).validate(),
+            Err(ConfigError::Zero {
+                flag: "admin-max-connections"
+            })
+        ));
     }
 
     #[test]

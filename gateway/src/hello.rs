@@ -11,11 +11,12 @@ use futures_util::{Stream, StreamExt};
 use tokio::time::Instant;
 use tokio_tungstenite::tungstenite::{Error as WsError, Message};
 
-use crate::auth::Verified;
+use crate::auth::{AuthAt, AuthError, Verified};
 use crate::close;
 use crate::metrics;
 use crate::node::Node;
 use crate::session::{Incoming, classify};
+use crate::users::Slot;
 
 /// A session that said a good `hello`.
 pub struct Opened {
@@ -23,6 +24,8 @@ pub struct Opened {
     /// The token's expiry: the session ends then unless an `auth` frame brings a fresh token.
     pub token: Verified,
     pub membership: Membership,
+    /// One of the user's connection slots on this node, held for the session's life.
+    pub slot: Slot,
     pub device: DeviceId,
     pub epoch: String,
     /// Delivery starts after this seq: the client's `last_seq`, the device's position kept by
@@ -134,11 +137,14 @@ where
         return Err(Refusal::unauthorized("hello must be the first frame"));
     };
     let Some(token) = token.or(upgrade_token) else {
+        AuthError::Missing.record(AuthAt::Hello);
         return Err(Refusal::unauthorized("no token in hello or at the upgrade"));
     };
+    // Why a token failed stays in the log and metrics; the client hears `unauthorized`.
     let token = node.auth.verify_with_expiry(&token).map_err(|e| {
-        tracing::info!(error = %e, "hello refused");
-        Refusal::unauthorized(e.to_string())
+        e.record(AuthAt::Hello);
+        tracing::info!(error = %e, reason = e.reason(), "hello refused");
+        Refusal::unauthorized(e.client_message())
     })?;
     let user = token.user.clone();
     let device = match device.as_deref().map(DeviceId::parse) {
@@ -154,6 +160,18 @@ where
         }
     };
 
+    let Some(slot) = node.users.connect(&user) else {
+        tracing::info!(%user, "hello refused: too many connections for this user");
+        return Err(Refusal {
+            error: Some((
+                ErrorCode::RateLimited,
+                "too many connections for this user on this node".into(),
+            )),
+            close: close::TRY_AGAIN_LATER,
+            reason: "too many connections for this user",
+            outcome: "too_many_connections",
+        });
+    };
     // Live delivery first, then the inbox: a message stored in between is both live and read,
     // and the session drops the copy at or below what it delivered.
     let membership = node.hub.join(&user).await.map_err(Refusal::unavailable)?;
@@ -195,6 +213,7 @@ where
         user,
         token,
         membership,
+        slot,
         device,
         epoch: inbox.epoch,
         resume,

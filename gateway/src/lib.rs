@@ -18,6 +18,7 @@ pub mod sends;
 pub mod server;
 pub mod session;
 pub mod store_watch;
+pub mod users;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -126,8 +127,9 @@ pub fn redis_target(config: &Config) -> Result<Option<RedisTarget>, GatewayError
 
 /// Refuses a store that may evict Ferry's keys, unless `--allow-redis-eviction`. A store that
 /// does not answer now is not refused: the node starts (commands fail until it is back), and
-/// the store watchdog's checks export the policy as `ferry_store_may_evict`.
-async fn check_eviction(engine: &dyn Engine, config: &Config) -> Result<(), GatewayError> {
+/// the store watchdog's checks export the policy as `ferry_store_may_evict`. Whether the store
+/// answered: readiness starts from it.
+async fn check_eviction(engine: &dyn Engine, config: &Config) -> Result<bool, GatewayError> {
     match tokio::time::timeout(config.store_timeout, engine.check()).await {
         Ok(Ok(report)) if report.may_evict => {
             let policy = report.eviction_policy.unwrap_or_default();
@@ -140,10 +142,16 @@ async fn check_eviction(engine: &dyn Engine, config: &Config) -> Result<(), Gate
             );
         }
         Ok(Ok(_)) => {}
-        Ok(Err(e)) => tracing::warn!(error = %e, "store check at start-up failed"),
-        Err(_) => tracing::warn!("store check at start-up timed out"),
+        Ok(Err(e)) => {
+            tracing::warn!(error = %e, "store check at start-up failed");
+            return Ok(false);
+        }
+        Err(_) => {
+            tracing::warn!("store check at start-up timed out");
+            return Ok(false);
+        }
     }
-    Ok(())
+    Ok(true)
 }
 
 /// The listeners a node serves on, bound by the caller (`main`, or a test on port 0).
@@ -199,10 +207,13 @@ pub async fn run_with(
              not acknowledge may stop holding its inbox and be told of gaps"
         );
     }
+    if config.dev && !config.dev_token_enabled() {
+        tracing::info!("--dev with a configured JWT key: /dev/token is off (404)");
+    }
     let auth = auth::Authenticator::from_config(&config)?;
     let api = api::Api::from_config(&config)?;
     let engine = build_engine(&config).await?;
-    check_eviction(engine.as_ref(), &config).await?;
+    let store_up = check_eviction(engine.as_ref(), &config).await?;
     let hub = Hub::new(
         engine.clone(),
         HubOptions {
@@ -210,6 +221,11 @@ pub async fn run_with(
         },
     );
     let catchups = Arc::new(tokio::sync::Semaphore::new(config.max_catchup_reads));
+    let users = users::Users::new(
+        config.max_connections_per_user,
+        config.send_rate,
+        config.send_burst,
+    );
     let node = Arc::new(node::Node {
         node_id: config.node_id(),
         config,
@@ -217,9 +233,13 @@ pub async fn run_with(
         hub,
         auth,
         draining: shutdown.clone(),
-        store: tokio::sync::watch::Sender::new(store_watch::StoreHealth::default()),
+        store: tokio::sync::watch::Sender::new(store_watch::StoreHealth {
+            up: store_up,
+            ..store_watch::StoreHealth::default()
+        }),
         admission: Arc::default(),
         catchups,
+        users,
     });
     let Listeners {
         ws: listener,

@@ -1,5 +1,6 @@
-//! Send rates: a token bucket per connection (`--send-rate` per second, `--send-burst` deep, full
-//! at the start), and one per HTTP API key (`--api-rate`, `--api-burst`). Written here rather
+//! Rates: a token bucket per user on a node for sends (`--send-rate` per second, `--send-burst`
+//! deep, full at the start; `users.rs`), one per connection for pings and acks, and one per HTTP
+//! API key (`--api-rate`, `--api-burst`). Written here rather
 //! than taken from a crate because it must run on tokio's clock (paused-clock tests) and tell the
 //! client exactly when to retry (`retry_after_ms`).
 
@@ -23,6 +24,14 @@ impl TokenBucket {
             tokens: burst,
             updated: Instant::now(),
         }
+    }
+
+    /// Whether the bucket has refilled to its burst.
+    pub fn is_full(&self) -> bool {
+        let elapsed = Instant::now()
+            .saturating_duration_since(self.updated)
+            .as_secs_f64();
+        self.tokens + elapsed * self.rate >= self.burst
     }
 
     /// Takes one token, or says in how many milliseconds one is there (rounded up, so a client

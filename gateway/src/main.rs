@@ -17,6 +17,7 @@ async fn main() -> anyhow::Result<()> {
         std::process::exit(2);
     }
     init_tracing(config.log_format);
+    raise_open_files_limit();
     if config.dev {
         tracing::warn!(
             "--dev is INSECURE: anyone can get a token for any user from /dev/token; \
@@ -49,6 +50,26 @@ async fn main() -> anyhow::Result<()> {
     };
     ferry_gateway::run_with(listeners, config, shutdown).await?;
     Ok(())
+}
+
+/// Raises the soft limit on open files to the hard one: many container runtimes start a process
+/// at 1,024, where a node would stop accepting at about 1,000 connections. Logged and exported
+/// (`ferry_open_files_limit`).
+fn raise_open_files_limit() {
+    match rlimit::getrlimit(rlimit::Resource::NOFILE) {
+        Ok((soft, hard)) => {
+            let now = match rlimit::increase_nofile_limit(hard) {
+                Ok(now) => now,
+                Err(e) => {
+                    tracing::warn!(error = %e, soft, hard, "cannot raise the open files limit");
+                    soft
+                }
+            };
+            tracing::info!(before = soft, now, hard, "open files limit");
+            ferry_gateway::metrics::OPEN_FILES_LIMIT.set(i64::try_from(now).unwrap_or(i64::MAX));
+        }
+        Err(e) => tracing::warn!(error = %e, "cannot read the open files limit"),
+    }
 }
 
 async fn stop_on_signal(mut terminate: Signal, shutdown: CancellationToken) {

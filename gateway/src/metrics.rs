@@ -42,8 +42,20 @@ pub static CONNECTIONS_MAX: LazyLock<IntGauge> = LazyLock::new(|| {
 pub static CONNECTIONS_REFUSED: LazyLock<IntCounterVec> = LazyLock::new(|| {
     register_int_counter_vec!(
         "ferry_connections_refused_total",
-        "Connections refused before the WebSocket opened, by reason",
+        "Connections refused before the WebSocket opened (admin_capacity: on the admin port), \
+         by reason",
         &["reason"]
+    )
+    .expect(REGISTERED)
+});
+
+/// Tokens refused, by where (`hello`, `auth`) and why (`AuthError::REASONS`). The client only
+/// ever learns `unauthorized`; this and the log say why.
+pub static AUTH_FAILURES: LazyLock<IntCounterVec> = LazyLock::new(|| {
+    register_int_counter_vec!(
+        "ferry_auth_failures_total",
+        "Tokens refused at hello or in an auth frame, by reason",
+        &["at", "reason"]
     )
     .expect(REGISTERED)
 });
@@ -53,6 +65,14 @@ pub static HELLOS: LazyLock<IntCounterVec> = LazyLock::new(|| {
         "ferry_hellos_total",
         "Hello frames by outcome",
         &["outcome"]
+    )
+    .expect(REGISTERED)
+});
+
+pub static OPEN_FILES_LIMIT: LazyLock<IntGauge> = LazyLock::new(|| {
+    register_int_gauge!(
+        "ferry_open_files_limit",
+        "The process's soft limit on open files, raised to the hard limit at start"
     )
     .expect(REGISTERED)
 });
@@ -229,10 +249,25 @@ pub fn init() {
         "bad_request",
         "protocol",
         "not_found",
+        "origin",
+        "query_token",
+        "admin_capacity",
     ] {
         CONNECTIONS_REFUSED.with_label_values(&[reason]);
     }
-    for outcome in ["ok", "unauthorized", "bad_frame", "timeout", "unavailable"] {
+    for at in crate::auth::AuthAt::ALL {
+        for reason in crate::auth::AuthError::REASONS {
+            AUTH_FAILURES.with_label_values(&[at.label(), reason]);
+        }
+    }
+    for outcome in [
+        "ok",
+        "unauthorized",
+        "bad_frame",
+        "timeout",
+        "unavailable",
+        "too_many_connections",
+    ] {
         HELLOS.with_label_values(&[outcome]);
     }
     for kind in ["hello", "send", "ack", "ping", "auth"] {

@@ -14,6 +14,7 @@ use crate::admission::Admission;
 use crate::auth::Authenticator;
 use crate::config::Config;
 use crate::store_watch::StoreHealth;
+use crate::users::Users;
 
 pub struct Node {
     pub config: Config,
@@ -29,6 +30,8 @@ pub struct Node {
     pub admission: Arc<Admission>,
     /// Catch-up reads running at once on this node, at most `--max-catchup-reads`.
     pub catchups: Arc<Semaphore>,
+    /// Each user's connections and send bucket on this node.
+    pub users: Arc<Users>,
 }
 
 impl Node {

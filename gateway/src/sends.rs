@@ -13,6 +13,9 @@ use futures_util::future::BoxFuture;
 
 use crate::metrics;
 
+/// The most of a refused send's `id` its answer echoes: a valid message id's length.
+const ECHOED_ID: usize = 64;
+
 /// Why a send is refused before it reaches the store.
 #[derive(Debug)]
 pub struct Refused {
@@ -73,9 +76,11 @@ impl Sends {
     }
 
     /// A send refused before the store: answered in its turn.
+    /// A refused send's answer; it echoes at most a message id's length of the client's `id`
+    /// (which was not validated: it may be close to a frame's size).
     pub fn refused(&mut self, id: String, refused: Refused) {
         self.queue.push_back(Pending {
-            id,
+            id: crate::session::truncated(id, ECHOED_ID),
             to: String::new(),
             answer: Answer::Refused(refused),
         });

@@ -1,7 +1,8 @@
 //! The WebSocket listener: accepts connections up to `--max-connections`, reads the upgrade
-//! request, negotiates the subprotocol, answers `101`, and runs a session. It also serves the
-//! JavaScript client; in `--dev`, the token endpoint and the demo page too. Refusals are plain
-//! HTTP statuses.
+//! request, checks its `Origin` (`--allowed-origins`) and where it carries a token
+//! (`--refuse-query-token`), negotiates the subprotocol, answers `101`, and runs a session. It
+//! also serves the JavaScript client; in `--dev`, the demo page and (without a configured key)
+//! the token endpoint too. Refusals are plain HTTP statuses, counted by reason.
 
 use std::sync::Arc;
 
@@ -85,7 +86,17 @@ async fn serve(mut stream: TcpStream, node: Arc<Node>) {
     };
     match (request.method.as_str(), request.path.as_str()) {
         ("GET", "/v1/ws") => upgrade(stream, request, node).await,
-        ("GET", "/dev/token") if node.config.dev => dev_token(stream, &request, &node).await,
+        ("GET", "/dev/token") if node.config.dev_token_enabled() => {
+            dev_token(stream, &request, &node).await;
+        }
+        ("GET", "/dev/token") if node.config.dev => {
+            metrics::CONNECTIONS_REFUSED
+                .with_label_values(&["not_found"])
+                .inc();
+            let text = "no /dev/token beside a configured key (--jwt-secret, --jwt-public-key): \
+                        it would sign tokens for any user with it; get tokens from the issuer";
+            refuse(stream, 404, text).await;
+        }
         ("GET", "/v1/ferry-client.js") => {
             let _ = http::respond(&mut stream, 200, JS_TYPE, CLIENT_JS.as_bytes()).await;
         }
@@ -104,21 +115,41 @@ async fn serve(mut stream: TcpStream, node: Arc<Node>) {
     }
 }
 
+/// A refused upgrade: the status, the `ferry_connections_refused_total` reason, and the text.
+struct Refused {
+    status: u16,
+    reason: &'static str,
+    text: String,
+}
+
+impl Refused {
+    fn protocol(status: u16, text: impl Into<String>) -> Self {
+        Self {
+            status,
+            reason: "protocol",
+            text: text.into(),
+        }
+    }
+}
+
 /// Checks the upgrade request; the chosen codec and the token given at the upgrade, if any.
-fn check_upgrade(request: &Request) -> Result<(Codec, Option<String>, String), (u16, String)> {
+fn check_upgrade(
+    request: &Request,
+    node: &Node,
+) -> Result<(Codec, Option<String>, String), Refused> {
     let has = |name: &str, token: &str| {
         request
             .header_values(name)
             .any(|v| v.eq_ignore_ascii_case(token))
     };
     if !has("upgrade", "websocket") || !has("connection", "upgrade") {
-        return Err((426, "a WebSocket upgrade is required".into()));
+        return Err(Refused::protocol(426, "a WebSocket upgrade is required"));
     }
     if request.header("sec-websocket-version") != Some("13") {
-        return Err((400, "Sec-WebSocket-Version must be 13".into()));
+        return Err(Refused::protocol(400, "Sec-WebSocket-Version must be 13"));
     }
     let Some(key) = request.header("sec-websocket-key") else {
-        return Err((400, "Sec-WebSocket-Key is missing".into()));
+        return Err(Refused::protocol(400, "Sec-WebSocket-Key is missing"));
     };
     let Some(codec) = Codec::negotiate(request.header_values("sec-websocket-protocol")) else {
         let message = format!(
@@ -126,17 +157,44 @@ fn check_upgrade(request: &Request) -> Result<(Codec, Option<String>, String), (
             Codec::MSGPACK_SUBPROTOCOL,
             Codec::JSON_SUBPROTOCOL
         );
-        return Err((400, message));
+        return Err(Refused::protocol(400, message));
     };
+    check_origin(request, node)?;
+    let query_token = request.query_param("token");
+    if query_token.is_some() && node.config.refuse_query_token {
+        return Err(Refused {
+            status: 400,
+            reason: "query_token",
+            text: "a token in the URL is refused here (URLs end up in access logs): send it in \
+                   hello, or as Authorization: Bearer <token>"
+                .into(),
+        });
+    }
     let token = request
         .header("authorization")
         .and_then(|v| v.strip_prefix("Bearer ").map(|t| t.trim().to_string()))
-        .or_else(|| request.query_param("token"));
+        .or(query_token);
     Ok((codec, token, derive_accept_key(key.as_bytes())))
 }
 
+/// With `--allowed-origins`, every `Origin` header of the upgrade must be listed. A request
+/// without one is let in: browsers always send it on a WebSocket upgrade, other clients (apps,
+/// servers) do not, and they could send any value anyway. So the check keeps other sites' pages
+/// from opening sessions from their visitors' browsers; it keeps no other client out.
+fn check_origin(request: &Request, node: &Node) -> Result<(), Refused> {
+    let mut origins = request.headers.iter().filter(|(name, _)| name == "origin");
+    if origins.all(|(_, origin)| node.config.origin_allowed(origin)) {
+        return Ok(());
+    }
+    Err(Refused {
+        status: 403,
+        reason: "origin",
+        text: "origin not allowed".into(),
+    })
+}
+
 async fn upgrade(mut stream: TcpStream, request: Request, node: Arc<Node>) {
-    let Some((codec, token, rest)) = handshake(&mut stream, request).await else {
+    let Some((codec, token, rest)) = handshake(&mut stream, request, &node).await else {
         return;
     };
     let ws =
@@ -161,14 +219,20 @@ async fn upgrade(mut stream: TcpStream, request: Request, node: Arc<Node>) {
 async fn handshake(
     stream: &mut TcpStream,
     request: Request,
+    node: &Node,
 ) -> Option<(Codec, Option<String>, Vec<u8>)> {
-    let (codec, token, accept) = match check_upgrade(&request) {
+    let (codec, token, accept) = match check_upgrade(&request, node) {
         Ok(ok) => ok,
-        Err((status, text)) => {
+        Err(refused) => {
+            tracing::debug!(
+                reason = refused.reason,
+                status = refused.status,
+                "upgrade refused"
+            );
             metrics::CONNECTIONS_REFUSED
-                .with_label_values(&["protocol"])
+                .with_label_values(&[refused.reason])
                 .inc();
-            let _ = http::respond_text(stream, status, &text).await;
+            let _ = http::respond_text(stream, refused.status, &refused.text).await;
             return None;
         }
     };
@@ -207,7 +271,8 @@ fn ws_config(node: &Node) -> WebSocketConfig {
         .max_frame_size(Some(max))
 }
 
-/// `GET /dev/token?user=alice` → `{"user":"alice","token":"…"}`; only with `--dev`.
+/// `GET /dev/token?user=alice` → `{"user":"alice","token":"…"}`; only with `--dev` and no
+/// configured key.
 async fn dev_token(mut stream: TcpStream, request: &Request, node: &Node) {
     let user = request.query_param("user").unwrap_or_default();
     let answer = UserId::parse(&user)

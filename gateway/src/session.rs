@@ -37,6 +37,7 @@ use tokio::time::Instant;
 use tokio_tungstenite::tungstenite::error::CapacityError;
 use tokio_tungstenite::tungstenite::{Error as WsError, Message, Utf8Bytes};
 
+use crate::auth::AuthAt;
 use crate::close;
 use crate::hello::{self, Opened};
 use crate::limits::TokenBucket;
@@ -44,6 +45,7 @@ use crate::metrics;
 use crate::node::Node;
 use crate::outbound::{Frame, Item, Outbound, Path, WriteFailed, now_ms};
 use crate::sends::{Refused, Sends};
+use crate::users::Slot;
 
 /// How long a closing session waits for its close frame to be written and answered.
 const CLOSE_GRACE: Duration = Duration::from_secs(2);
@@ -52,6 +54,12 @@ const CATCHUP_RETRY: Duration = Duration::from_millis(250);
 /// Sends of one connection in flight at most; beyond it the session stops reading the socket
 /// until the oldest is answered (TCP pushes back on the client).
 const SENDS_IN_FLIGHT: usize = 64;
+/// Pings and acks a client may send per second, and at once: far above what any client needs
+/// (the JS client pings every 20 s and acks every 250 ms), far below a flood.
+const CONTROL_RATE: f64 = 20.0;
+const CONTROL_BURST: f64 = 100.0;
+/// The most of a decoder's error message a `bad_frame` carries: it may quote the client's input.
+const BAD_FRAME_ECHO: usize = 160;
 /// A session starts at most one trim per this interval: acks coalesce, so a client that acks
 /// every message costs the store what one that acks every quarter second does. The last ack is
 /// applied at once when the session ends.
@@ -89,8 +97,21 @@ pub fn classify(next: Option<Result<Message, WsError>>, codec: Codec) -> Incomin
     };
     match codec.decode_client(&wire) {
         Ok(frame) => Incoming::Frame(frame),
-        Err(e) => Incoming::Bad(e.to_string()),
+        Err(e) => Incoming::Bad(truncated(e.to_string(), BAD_FRAME_ECHO)),
     }
+}
+
+/// `text` cut to at most `max` bytes (at a character boundary), marked with `…` when cut.
+pub fn truncated(mut text: String, max: usize) -> String {
+    if text.len() > max {
+        let mut end = max.saturating_sub('…'.len_utf8());
+        while !text.is_char_boundary(end) {
+            end -= 1;
+        }
+        text.truncate(end);
+        text.push('…');
+    }
+    text
 }
 
 /// Encodes a server frame for the queue.
@@ -260,7 +281,11 @@ struct Session {
     catchup_retry_at: Option<Instant>,
     /// In the `ferry_sessions_lagging` gauge.
     lagging: bool,
-    bucket: TokenBucket,
+    /// Pings and acks: a client may send them at `CONTROL_RATE`; beyond, it is not read for a
+    /// while.
+    controls: TokenBucket,
+    /// The user's connection slot on this node, given back when the session ends.
+    _slot: Slot,
     /// Sends issued to the store and not answered yet, oldest first.
     sends: Sends,
     /// The client is not read before this: it retried a refused send too early.
@@ -282,7 +307,7 @@ struct Session {
 
 impl Session {
     fn new(node: Arc<Node>, codec: Codec, out: Outbound, opened: Opened) -> Self {
-        let bucket = TokenBucket::new(node.config.send_rate, f64::from(node.config.send_burst));
+        let controls = TokenBucket::new(CONTROL_RATE, CONTROL_BURST);
         let mut session = Self {
             codec,
             out,
@@ -296,7 +321,8 @@ impl Session {
             catching_up: None,
             catchup_retry_at: None,
             lagging: false,
-            bucket,
+            controls,
+            _slot: opened.slot,
             sends: Sends::default(),
             paused_until: None,
             refused: None,
@@ -444,8 +470,14 @@ impl Session {
         metrics::FRAMES_IN.with_label_values(&[frame.kind()]).inc();
         match frame {
             ClientFrame::Send { id, to, body } => self.on_send(id, to, body),
-            ClientFrame::Ack { seq } => self.on_ack(seq),
-            ClientFrame::Ping => self.reply(ServerFrame::Pong),
+            ClientFrame::Ack { seq } => {
+                self.on_ack(seq);
+                self.throttle_controls();
+            }
+            ClientFrame::Ping => {
+                self.reply(ServerFrame::Pong);
+                self.throttle_controls();
+            }
             ClientFrame::Auth { token } => return self.on_auth(&token),
             ClientFrame::Hello { .. } => {
                 let error = ServerFrame::error(ErrorCode::BadFrame, "hello was already said");
@@ -454,6 +486,13 @@ impl Session {
             }
         }
         None
+    }
+
+    /// Counts a ping or an ack; past their rate the client is not read until a token is there.
+    fn throttle_controls(&mut self) {
+        if let Err(wait_ms) = self.controls.take() {
+            self.paused_until = Some(Instant::now() + Duration::from_millis(wait_ms));
+        }
     }
 
     /// A fresh token: the session now lasts as long as it does. One that does not verify is
@@ -476,8 +515,12 @@ impl Session {
                 Some(End::closing("unauthorized", close::POLICY))
             }
             Err(e) => {
-                tracing::info!(user = %self.user, error = %e, "auth refused");
-                self.reply(ServerFrame::error(ErrorCode::Unauthorized, e.to_string()));
+                e.record(AuthAt::Auth);
+                tracing::info!(user = %self.user, error = %e, reason = e.reason(), "auth refused");
+                self.reply(ServerFrame::error(
+                    ErrorCode::Unauthorized,
+                    e.client_message(),
+                ));
                 None
             }
         }
@@ -503,7 +546,7 @@ impl Session {
     /// The message a `send` asks to store, or why it is refused.
     fn check_send(&mut self, id: &str, to: &str, body: Body) -> Result<NewMessage, Refused> {
         let invalid = |m: String| Refused::new(ErrorCode::Invalid, m);
-        if let Err(retry_ms) = self.bucket.take() {
+        if let Err(retry_ms) = self.node.users.take_send(&self.user) {
             return Err(Refused {
                 retry_after_ms: Some(retry_ms),
                 ..Refused::new(ErrorCode::RateLimited, "send rate exceeded")

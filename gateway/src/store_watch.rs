@@ -1,6 +1,6 @@
-//! The store watchdog: checks the store every `--store-check` and, when it has failed every check
-//! for `--store-outage-grace`, declares an outage: readiness fails and every session is asked to
-//! reconnect, so clients move to a node that still reaches the store. On a Redis Cluster a check
+//! The store watchdog: checks the store every `--store-check` (readiness follows the last check)
+//! and, when it has failed every check for `--store-outage-grace`, declares an outage: every
+//! session is asked to reconnect, so clients move to a node that still reaches the store. On a Redis Cluster a check
 //! fails only when no primary answers (this node is cut off); some shards down is logged and
 //! exported per shard (`ferry_store_shard_up`), not an outage, since every node sees the same. The first check that
 //! answers ends the outage. The check also reads the store's eviction policy (exported as
@@ -19,6 +19,10 @@ use crate::node::Node;
 /// What the watchdog knows about the store, published through `Node::store`.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct StoreHealth {
+    /// The last check answered in time: `/readyz` reads it. Seeded by the check at start-up,
+    /// then set by every check without notifying receivers (sessions wait for outages only, and
+    /// waking every one of them each `--store-check` would cost more than the check).
+    pub up: bool,
     /// True from the declaration of an outage until a check answers again.
     pub outage: bool,
     /// Outages declared since the node started. A session leaves when this moves past the value
@@ -114,6 +118,10 @@ pub async fn run(node: Arc<Node>, stop: CancellationToken) {
                 _ => false,
             };
         metrics::STORE_UP.set(i64::from(answered));
+        node.store.send_if_modified(|health| {
+            health.up = answered;
+            false
+        });
         match outage.observe(answered, started, Instant::now()) {
             None => {}
             Some(Change::Started { failing_for }) => {

@@ -116,11 +116,15 @@ async fn send_refused(conn: &mut RawConnection, frame: ClientFrame, code: ErrorC
     let id = id.clone();
     conn.send_frame(&frame).await.expect("send");
     let (message, got_id, _) = expect_error(conn, code).await;
-    assert_eq!(
-        got_id.as_deref(),
-        Some(id.as_str()),
-        "the error names the send"
-    );
+    let got_id = got_id.expect("the error names the send");
+    if id.len() <= 64 {
+        assert_eq!(got_id, id, "the error names the send");
+    } else {
+        // An id too long to be valid is echoed cut to a valid id's length (issue 13, H1).
+        assert!(got_id.len() <= 64, "echoed {} bytes", got_id.len());
+        let kept = got_id.trim_end_matches('…');
+        assert!(id.starts_with(kept), "{got_id} is a prefix of the id");
+    }
     ping_pong(conn).await;
     message
 }

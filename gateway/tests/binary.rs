@@ -147,3 +147,71 @@ fn the_redis_password_stays_out_of_help_and_logs() {
     let leaks: Vec<&String> = lines.iter().filter(|l| l.contains(PASSWORD)).collect();
     assert!(leaks.is_empty(), "the password is in the logs: {leaks:#?}");
 }
+
+/// The hard limit on open files of this process (which the gateway it starts inherits).
+fn hard_open_files_limit() -> u64 {
+    let limits = std::fs::read_to_string("/proc/self/limits").expect("/proc/self/limits");
+    let line = limits
+        .lines()
+        .find(|l| l.starts_with("Max open files"))
+        .expect("a Max open files line");
+    line.split_whitespace()
+        .nth(4)
+        .and_then(|v| v.parse().ok())
+        .expect("a numeric hard limit")
+}
+
+// Issue 13: many container runtimes start a process with a soft limit of 1,024 open files; the
+// gateway raises it to the hard limit at start and logs it.
+#[test]
+fn the_open_files_limit_is_raised_to_the_hard_one() {
+    let hard = hard_open_files_limit();
+    assert!(
+        hard > 512,
+        "this machine's hard limit ({hard}) leaves nothing to raise"
+    );
+    let bin = env!("CARGO_BIN_EXE_ferry-gateway");
+    let mut child = Command::new("sh")
+        .args(["-c", "ulimit -Sn 512 && exec \"$0\" \"$@\"", bin])
+        .args([
+            "--dev",
+            "--listen",
+            "127.0.0.1:0",
+            "--admin-listen",
+            "127.0.0.1:0",
+        ])
+        .args(["--drain-timeout", "0s"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("start the gateway");
+    let mut lines = BufReader::new(child.stdout.take().expect("stdout")).lines();
+    let logged = lines
+        .by_ref()
+        .map_while(Result::ok)
+        .take(50)
+        .find(|line| line.contains("open files limit"));
+    terminate(&child);
+    wait_bounded(&mut child, Duration::from_secs(20));
+    let logged = strip_ansi(&logged.expect("the limit is logged at start"));
+    assert!(logged.contains("before=512"), "{logged}");
+    assert!(logged.contains(&format!("now={hard}")), "{logged}");
+}
+
+/// `line` without terminal colour sequences (`ESC [ ... m`).
+fn strip_ansi(line: &str) -> String {
+    let mut out = String::with_capacity(line.len());
+    let mut chars = line.chars();
+    while let Some(c) = chars.next() {
+        if c == '\u{1b}' {
+            for c in chars.by_ref() {
+                if c == 'm' {
+                    break;
+                }
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}

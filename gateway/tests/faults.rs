@@ -136,8 +136,14 @@ async fn store_stopped_gives_unavailable_and_retry_stores_once() {
         .await
         .expect("ping");
     assert_eq!(next_frame(&mut other).await, ServerFrame::Pong);
-    let (status, _) = gw.get("/readyz").await.expect("readyz");
-    assert_eq!(status, 503, "not ready without the store");
+    // Readiness follows the store watchdog's next check (every --store-check).
+    eventually("not ready without the store", || async {
+        gw.get("/readyz")
+            .await
+            .map(|(s, _)| s == 503)
+            .unwrap_or(false)
+    })
+    .await;
 
     gw.redis_mut().restart();
     // The full client retries `unavailable` with the same id until it is stored.
@@ -148,7 +154,26 @@ async fn store_stopped_gives_unavailable_and_retry_stores_once() {
     assert_eq!(sent.seq, 2);
     let again = alice.send("bob", "retry-me", "y").await.expect("answered");
     assert_eq!((again.seq, again.duplicate), (2, true));
-    let (mut bob, _) = gw.raw("bob").await;
+    // A hello right after the restart may still find the live bus reconnecting (`unavailable`,
+    // close 1013): a client retries, so does this test.
+    let deadline = tokio::time::Instant::now() + WAIT;
+    let mut bob = loop {
+        let mut conn = raw_open(&gw, &["ferry.v1.msgpack"]).await;
+        let hello = ferry_shared::ClientFrame::Hello {
+            token: Some(gw.token("bob")),
+            last_seq: 0,
+            epoch: None,
+            device: None,
+        };
+        conn.send_frame(&hello).await.expect("hello");
+        if let Ok(ferry_shared::client::RawEvent::Frame(ServerFrame::Welcome { .. })) =
+            conn.next_frame(WAIT).await
+        {
+            break conn;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "bob never got in");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
     let got = raw_messages(&mut bob, 2).await;
     assert_eq!(got, [(1, "first".to_string()), (2, "retry-me".to_string())]);
     no_message(&mut bob, Duration::from_millis(300)).await;

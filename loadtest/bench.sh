@@ -170,6 +170,9 @@ start_gateways() {
   for i in $(seq 1 "$count"); do
     port=$(free_port)
     admin=$(free_port)
+    # Every generator connects from loopback: no per-address cap (an environment variable, so an
+    # older GATEWAY_BIN that has no such setting ignores it).
+    FERRY_MAX_CONNECTIONS_PER_ADDRESS=1000000 \
     FERRY_LOG=${FERRY_LOG:-warn} "$GATEWAY_BIN" "${GATEWAY_REDIS[@]}" \
       --jwt-secret "$SECRET" --listen "127.0.0.1:$port" --admin-listen "127.0.0.1:$admin" \
       --send-rate 1000000 --send-burst 1000000 --max-connections 100000 --node-id "bench-$i" \

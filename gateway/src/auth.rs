@@ -258,12 +258,12 @@ impl Authenticator {
         }
         let data = jsonwebtoken::decode::<Claims>(token, &self.decoding, &self.validation)
             .map_err(AuthError::from_jwt)?;
-        let expires_at = data
-            .claims
-            .exp
-            .as_ref()
-            .and_then(|exp| exp.as_f64())
-            .map_or(0, |exp| exp as u64);
+        // An integer `exp` is read exactly (through an `f64`, one past 2^53 would move).
+        let expires_at = data.claims.exp.as_ref().map_or(0, |exp| {
+            exp.as_u64()
+                .or_else(|| exp.as_f64().map(|exp| exp as u64))
+                .unwrap_or(0)
+        });
         match data.claims.sub {
             Some(serde_json::Value::String(sub)) => UserId::parse(&sub)
                 .map(|user| Verified { user, expires_at })

@@ -117,6 +117,32 @@ pub struct Config {
     #[arg(long, env = "FERRY_SEND_BURST", default_value_t = 200)]
     pub send_burst: u32,
 
+    /// Bytes of message bodies one user may have stored per second, across the user's
+    /// connections on this node (with a burst of four seconds' worth); beyond, `rate_limited`.
+    #[arg(long, env = "FERRY_STORE_BYTES_RATE", default_value_t = 1_048_576.0)]
+    pub store_bytes_rate: f64,
+
+    /// Connections from one client address this node takes at once (the address a trusted
+    /// proxy forwards, see --trusted-proxies); one more is refused with 503.
+    #[arg(
+        long,
+        env = "FERRY_MAX_CONNECTIONS_PER_ADDRESS",
+        default_value_t = 4096
+    )]
+    pub max_connections_per_address: usize,
+
+    /// Connections that have not finished `hello` yet (reading the upgrade request, waiting for
+    /// `hello`, checking the token) this node holds at once; one more is refused with 503. The
+    /// budget of anonymous clients.
+    #[arg(long, env = "FERRY_MAX_UNAUTHENTICATED", default_value_t = 1024)]
+    pub max_unauthenticated: usize,
+
+    /// Proxies whose `X-Forwarded-For` names the client address (CIDRs, comma-separated, e.g.
+    /// `10.0.0.0/8`): the last entry is taken for a connection from one of them, and from no
+    /// one else. Empty: the peer address counts.
+    #[arg(long, env = "FERRY_TRUSTED_PROXIES", value_delimiter = ',')]
+    pub trusted_proxies: Vec<ipnet::IpNet>,
+
     /// Connections of one user this node takes at once; one more is refused at `hello`
     /// (`rate_limited`, close 1013).
     #[arg(long, env = "FERRY_MAX_CONNECTIONS_PER_USER", default_value_t = 16)]
@@ -698,6 +724,11 @@ impl Config {
             ("max-catchup-reads", self.max_catchup_reads),
             ("max-devices", self.max_devices),
             ("max-connections-per-user", self.max_connections_per_user),
+            (
+                "max-connections-per-address",
+                self.max_connections_per_address,
+            ),
+            ("max-unauthenticated", self.max_unauthenticated),
         ];
         if let Some((flag, _)) = counts.iter().find(|(_, v)| *v == 0) {
             return Err(ConfigError::Zero { flag });
@@ -733,6 +764,12 @@ impl Config {
                 "api-burst",
                 "(default --api-rate) must be at least --api-max-recipients (a publish to that \
                  many recipients takes that many tokens at once)",
+            ));
+        }
+        if !(self.store_bytes_rate.is_finite() && self.store_bytes_rate >= 1.0) {
+            return Err(invalid(
+                "store-bytes-rate",
+                "must be at least 1 byte per second",
             ));
         }
         if !(self.send_rate.is_finite() && self.send_rate > 0.0) {
@@ -889,7 +926,7 @@ mod tests {
     }
 
     /// The flag names are an interface (DESIGN.md's table, then the additions).
-    const FLAGS: [&str; 57] = [
+    const FLAGS: [&str; 61] = [
         "listen",
         "admin-listen",
         "redis-url",
@@ -910,6 +947,10 @@ mod tests {
         "dedupe-window",
         "send-rate",
         "send-burst",
+        "store-bytes-rate",
+        "max-connections-per-address",
+        "max-unauthenticated",
+        "trusted-proxies",
         "max-connections-per-user",
         "store-timeout",
         "store-check",

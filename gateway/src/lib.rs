@@ -2,6 +2,7 @@
 //! a shutdown token, and serves WebSocket sessions, the admin endpoints and the server HTTP API
 //! until the node has drained. `main.rs` only parses flags, sets up logging, binds and calls it.
 
+pub mod addresses;
 pub mod admin;
 pub mod admission;
 pub mod api;
@@ -221,10 +222,16 @@ pub async fn run_with(
         },
     );
     let catchups = Arc::new(tokio::sync::Semaphore::new(config.max_catchup_reads));
+    let addresses = addresses::Addresses::new(
+        config.max_connections_per_address,
+        config.trusted_proxies.clone(),
+    );
+    let unauthenticated = Arc::new(tokio::sync::Semaphore::new(config.max_unauthenticated));
     let users = users::Users::new(
         config.max_connections_per_user,
         config.send_rate,
         config.send_burst,
+        config.store_bytes_rate,
     );
     let node = Arc::new(node::Node {
         node_id: config.node_id(),
@@ -240,6 +247,8 @@ pub async fn run_with(
         admission: Arc::default(),
         catchups,
         users,
+        addresses,
+        unauthenticated,
     });
     let Listeners {
         ws: listener,

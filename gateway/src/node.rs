@@ -10,6 +10,7 @@ use rand::Rng;
 use tokio::sync::{Semaphore, watch};
 use tokio_util::sync::CancellationToken;
 
+use crate::addresses::Addresses;
 use crate::admission::Admission;
 use crate::auth::Authenticator;
 use crate::config::Config;
@@ -32,6 +33,10 @@ pub struct Node {
     pub catchups: Arc<Semaphore>,
     /// Each user's connections and send bucket on this node.
     pub users: Arc<Users>,
+    /// Connections per client address.
+    pub addresses: Arc<Addresses>,
+    /// Connections that have not finished `hello` yet, at most `--max-unauthenticated`.
+    pub unauthenticated: Arc<Semaphore>,
 }
 
 impl Node {

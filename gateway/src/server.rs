@@ -8,12 +8,13 @@ use std::sync::Arc;
 
 use ferry_shared::{Codec, UserId};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::Semaphore;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_tungstenite::WebSocketStream;
 use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
 use tokio_tungstenite::tungstenite::protocol::{Role, WebSocketConfig};
 use tokio_util::task::TaskTracker;
 
+use crate::addresses::Counted;
 use crate::http::{self, Request};
 use crate::metrics;
 use crate::node::Node;
@@ -50,18 +51,40 @@ pub async fn accept_loop(listener: TcpListener, node: Arc<Node>, tracker: TaskTr
         };
         let _ = stream.set_nodelay(true);
         let permit = slots.clone().try_acquire_owned().ok();
+        let anonymous = node.unauthenticated.clone().try_acquire_owned().ok();
+        // A trusted proxy's connections are counted under the address it forwards, once the
+        // request head is read.
+        let counted =
+            (!node.addresses.is_trusted(peer.ip())).then(|| node.addresses.count(peer.ip()));
         let node = node.clone();
         tracker.spawn(async move {
             let span = tracing::debug_span!("conn", %peer);
             let _permit = permit.as_ref();
-            if permit.is_none() {
+            let refused = if permit.is_none() {
+                Some(("capacity", "node at connection capacity"))
+            } else if anonymous.is_none() {
+                Some((
+                    "unauthenticated",
+                    "too many connections not yet authenticated",
+                ))
+            } else if matches!(counted, Some(None)) {
+                Some(("address", "too many connections from this address"))
+            } else {
+                None
+            };
+            if let Some((reason, text)) = refused {
                 metrics::CONNECTIONS_REFUSED
-                    .with_label_values(&["capacity"])
+                    .with_label_values(&[reason])
                     .inc();
-                refuse(stream, 503, "node at connection capacity").await;
+                refuse(stream, 503, text).await;
                 return;
             }
-            tracing::Instrument::instrument(serve(stream, node), span).await;
+            let entry = Entry {
+                peer,
+                counted: counted.flatten(),
+                anonymous,
+            };
+            tracing::Instrument::instrument(serve(stream, node, entry), span).await;
         });
     }
 }
@@ -70,7 +93,16 @@ async fn refuse(mut stream: TcpStream, status: u16, text: &str) {
     let _ = http::respond_text(&mut stream, status, text).await;
 }
 
-async fn serve(mut stream: TcpStream, node: Arc<Node>) {
+/// What a connection holds from its accept: its peer, its count against its client address
+/// (for a trusted proxy's connection, taken once the request head names the client), and its
+/// place in the budget of connections not yet authenticated (given back after `hello`).
+struct Entry {
+    peer: std::net::SocketAddr,
+    counted: Option<Counted>,
+    anonymous: Option<OwnedSemaphorePermit>,
+}
+
+async fn serve(mut stream: TcpStream, node: Arc<Node>, mut entry: Entry) {
     let request = match http::read_request(&mut stream, node.config.hello_timeout).await {
         Ok(request) => request,
         Err(e) => {
@@ -85,7 +117,25 @@ async fn serve(mut stream: TcpStream, node: Arc<Node>) {
         }
     };
     match (request.method.as_str(), request.path.as_str()) {
-        ("GET", "/v1/ws") => upgrade(stream, request, node).await,
+        ("GET", "/v1/ws") => {
+            if entry.counted.is_none() {
+                let forwarded = request.header("x-forwarded-for");
+                let client = node
+                    .addresses
+                    .client(entry.peer.ip(), forwarded)
+                    .unwrap_or(entry.peer.ip());
+                let Some(counted) = node.addresses.count(client) else {
+                    metrics::CONNECTIONS_REFUSED
+                        .with_label_values(&["address"])
+                        .inc();
+                    refuse(stream, 503, "too many connections from this address").await;
+                    return;
+                };
+                entry.counted = Some(counted);
+            }
+            let _counted = entry.counted;
+            upgrade(stream, request, node, entry.anonymous).await;
+        }
         ("GET", "/dev/token") if node.config.dev_token_enabled() => {
             dev_token(stream, &request, &node).await;
         }
@@ -193,7 +243,12 @@ fn check_origin(request: &Request, node: &Node) -> Result<(), Refused> {
     })
 }
 
-async fn upgrade(mut stream: TcpStream, request: Request, node: Arc<Node>) {
+async fn upgrade(
+    mut stream: TcpStream,
+    request: Request,
+    node: Arc<Node>,
+    anonymous: Option<OwnedSemaphorePermit>,
+) {
     let Some((codec, token, rest)) = handshake(&mut stream, request, &node).await else {
         return;
     };
@@ -209,7 +264,7 @@ async fn upgrade(mut stream: TcpStream, request: Request, node: Arc<Node>) {
         config.write_timeout,
     );
     metrics::CONNECTIONS_OPEN.inc();
-    session::run(reader, out, node.clone(), codec, token).await;
+    session::run(reader, out, node.clone(), codec, token, anonymous).await;
     metrics::CONNECTIONS_OPEN.dec();
 }
 

@@ -54,7 +54,7 @@ const CATCHUP_RETRY: Duration = Duration::from_millis(250);
 /// Sends of one connection in flight at most; beyond it the session stops reading the socket
 /// until the oldest is answered (TCP pushes back on the client).
 const SENDS_IN_FLIGHT: usize = 64;
-/// Pings and acks a client may send per second, and at once: far above what any client needs
+/// Pings, acks and `auth`s a client may send per second, and at once: far above what any client needs
 /// (the JS client pings every 20 s and acks every 250 ms), far below a flood.
 const CONTROL_RATE: f64 = 20.0;
 const CONTROL_BURST: f64 = 100.0;
@@ -176,12 +176,14 @@ pub async fn run<St>(
     node: Arc<Node>,
     codec: Codec,
     token: Option<String>,
+    anonymous: Option<OwnedSemaphorePermit>,
 ) where
     St: Stream<Item = Result<Message, WsError>> + Unpin,
 {
     // Boxed: the hello phase (frames, the token, the inbox opening, the welcome) would otherwise
     // size every session's task for its whole life.
-    let Some((mut session, span)) = Box::pin(open(&mut stream, out, node, codec, token)).await
+    let Some((mut session, span)) =
+        Box::pin(open(&mut stream, out, node, codec, token, anonymous)).await
     else {
         return;
     };
@@ -208,11 +210,15 @@ async fn open<St>(
     node: Arc<Node>,
     codec: Codec,
     token: Option<String>,
+    anonymous: Option<OwnedSemaphorePermit>,
 ) -> Option<(Session, tracing::Span)>
 where
     St: Stream<Item = Result<Message, WsError>> + Unpin,
 {
-    let opened = match hello::hello(stream, &node, codec, token).await {
+    let hello = hello::hello(stream, &node, codec, token).await;
+    // Authenticated (or refused): no longer in the budget of anonymous connections.
+    drop(anonymous);
+    let opened = match hello {
         Ok(opened) => opened,
         Err(refusal) => {
             metrics::HELLOS.with_label_values(&[refusal.outcome]).inc();
@@ -478,7 +484,11 @@ impl Session {
                 self.reply(ServerFrame::Pong);
                 self.throttle_controls();
             }
-            ClientFrame::Auth { token } => return self.on_auth(&token),
+            ClientFrame::Auth { token } => {
+                // A token check is a signature check: paced like pings and acks.
+                self.throttle_controls();
+                return self.on_auth(&token);
+            }
             ClientFrame::Hello { .. } => {
                 let error = ServerFrame::error(ErrorCode::BadFrame, "hello was already said");
                 self.reply(error);
@@ -488,7 +498,7 @@ impl Session {
         None
     }
 
-    /// Counts a ping or an ack; past their rate the client is not read until a token is there.
+    /// Counts a ping, an ack or an `auth`; past their rate the client is not read until a token is there.
     fn throttle_controls(&mut self) {
         if let Err(wait_ms) = self.controls.take() {
             self.paused_until = Some(Instant::now() + Duration::from_millis(wait_ms));
@@ -591,6 +601,12 @@ impl Session {
         if body.0.len() > max {
             let message = format!("body of {} bytes is over {max}", body.0.len());
             return Err(Refused::new(ErrorCode::TooLarge, message));
+        }
+        if let Err(retry_ms) = self.node.users.take_bytes(&self.user, body.0.len()) {
+            return Err(Refused {
+                retry_after_ms: Some(retry_ms),
+                ..Refused::new(ErrorCode::RateLimited, "bytes stored per second exceeded")
+            });
         }
         Ok(NewMessage {
             from: self.user.clone(),

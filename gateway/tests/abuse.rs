@@ -1,14 +1,18 @@
 //! Abuse resistance (issue 13): one ordinary authenticated user cannot make a node hold much
 //! for it. No frame echoes more than a small slice of client input; a node takes at most
 //! `--max-connections-per-user` connections of one user; the send rate is per user, shared by
-//! the user's connections on a node and kept across a reconnect; pings and acks are limited.
+//! the user's connections on a node and kept across a reconnect; pings and acks are limited;
+//! connections per client address (behind a trusted proxy, the address it forwards) and
+//! connections not yet authenticated are bounded.
 
 mod common;
 
 use std::time::Duration;
 
 use common::*;
+use ferry_shared::client::{ClientError, RawConnection};
 use ferry_shared::{ClientFrame, ErrorCode, ServerFrame};
+use tokio::net::TcpStream;
 
 /// The most of a client's input any frame may echo (a message id's longest).
 const ECHO: usize = 64;
@@ -137,5 +141,86 @@ both_engines! {
         }
         assert!(pongs < 1_000, "every ping was answered at once");
         assert!(pongs >= 10, "some pings are answered ({pongs})");
+    }
+
+    // No per-address cap: one host could take all of a node's --max-connections.
+    async fn a_node_takes_a_bounded_number_of_connections_per_address(kind: EngineKind) {
+        let gw = TestGateway::start_with(kind, |c| c.max_connections_per_address = 3).await;
+        let mut held = Vec::new();
+        for _ in 0..3 {
+            held.push(raw_open(&gw, &["ferry.v1.msgpack"]).await);
+        }
+        let refused = RawConnection::connect(&gw.url(), &["ferry.v1.msgpack"], &[]).await;
+        assert!(matches!(refused, Err(ClientError::Handshake { status: 503, .. })), "{:?}", refused.err());
+        drop(held.pop());
+        eventually("a slot freed", || async {
+            RawConnection::connect(&gw.url(), &["ferry.v1.msgpack"], &[]).await.is_ok()
+        })
+        .await;
+    }
+
+    // Behind a trusted proxy the forwarded address counts; from anyone else X-Forwarded-For is
+    // ignored (a client cannot pick the address it is counted under).
+    async fn only_a_trusted_proxy_names_the_client_address(kind: EngineKind) {
+        let gw = TestGateway::start_with(kind, |c| {
+            c.max_connections_per_address = 1;
+            c.trusted_proxies = vec!["127.0.0.0/8".parse().expect("cidr")];
+        })
+        .await;
+        let url = gw.url();
+        let a = RawConnection::connect(&url, &[], &[("X-Forwarded-For", "192.0.2.1")]).await;
+        let b = RawConnection::connect(&url, &[], &[("X-Forwarded-For", "10.9.9.9, 192.0.2.2")]).await;
+        assert!(a.is_ok() && b.is_ok(), "two clients behind the proxy");
+        let again = RawConnection::connect(&url, &[], &[("X-Forwarded-For", "192.0.2.1")]).await;
+        assert!(matches!(again, Err(ClientError::Handshake { status: 503, .. })));
+        drop((a, b));
+
+        let direct = TestGateway::start_with(kind, |c| c.max_connections_per_address = 1).await;
+        let url = direct.url();
+        let a = RawConnection::connect(&url, &[], &[("X-Forwarded-For", "192.0.2.1")]).await;
+        assert!(a.is_ok());
+        let b = RawConnection::connect(&url, &[], &[("X-Forwarded-For", "192.0.2.2")]).await;
+        assert!(matches!(b, Err(ClientError::Handshake { status: 503, .. })), "not trusted");
+    }
+
+    // Connections that never authenticate hold at most --max-unauthenticated slots.
+    async fn anonymous_connections_have_a_budget(kind: EngineKind) {
+        let gw = TestGateway::start_with(kind, |c| c.max_unauthenticated = 2).await;
+        let idle_a = TcpStream::connect(gw.addr).await.expect("connect");
+        let idle_b = TcpStream::connect(gw.addr).await.expect("connect");
+        eventually("the budget is spent", || async {
+            matches!(
+                RawConnection::connect(&gw.url(), &[], &[]).await,
+                Err(ClientError::Handshake { status: 503, .. })
+            )
+        })
+        .await;
+        drop((idle_a, idle_b));
+        // Authenticated connections leave the budget: more than two can be open.
+        eventually("the budget is back", || async {
+            RawConnection::connect(&gw.url(), &[], &[]).await.is_ok()
+        })
+        .await;
+        let mut held = Vec::new();
+        for _ in 0..4 {
+            held.push(gw.raw("alice").await);
+        }
+    }
+
+    // H4: nothing bounded what one sender stores. Now bytes stored per second per user.
+    async fn bytes_stored_per_second_are_bounded_per_user(kind: EngineKind) {
+        let gw = TestGateway::start_with(kind, |c| c.store_bytes_rate = 1_000.0).await;
+        let (mut alice, _) = gw.raw("alice").await;
+        let body = "b".repeat(1_500);
+        raw_send(&mut alice, "big-1", "bob", &body).await;
+        raw_send(&mut alice, "big-2", "bob", &body).await;
+        alice.send_frame(&send_frame("big-3", "bob", &body)).await.expect("send");
+        let (message, id, retry) = expect_error(&mut alice, ErrorCode::RateLimited).await;
+        assert!(message.contains("bytes"), "{message}");
+        assert_eq!(id.as_deref(), Some("big-3"));
+        assert!(retry.is_some_and(|ms| ms > 0 && ms <= 2_000), "{retry:?}");
+        // Small sends of another user are not affected.
+        let (mut carol, _) = gw.raw("carol").await;
+        raw_send(&mut carol, "c-1", "bob", "hi").await;
     }
 }

@@ -376,6 +376,7 @@ both_engines! {
         let gateway = TestGateway::start_with(kind, |c| {
             c.send_rate = 10_000.0;
             c.send_burst = 10_000;
+            c.store_bytes_rate = 1e9;
         })
         .await;
         let (mut sender, _) = gateway.raw("clamp-sender").await;

@@ -33,6 +33,7 @@ async fn slow_gateway(kind: EngineKind) -> TestGateway {
         c.catchup_page = 8;
         c.send_rate = 1_000_000.0;
         c.send_burst = 1_000_000;
+        c.store_bytes_rate = 1e12;
     })
     .await
 }

@@ -182,4 +182,55 @@ both_engines! {
         read_all_in_order(&mut reader, 51, FLOOD).await;
         ping_pong(&mut bystander).await;
     }
+
+    // A session that lags while its inbox is full and its device no longer holds it (silent past
+    // --device-ttl: it only listens) loses the oldest messages to new ones. It is told so in
+    // the session: a `gap` before the next `msg`, never a silent skip (G2, G3).
+    async fn a_lagging_session_is_told_of_its_gap(kind: EngineKind) {
+        let _serial = SERIAL.lock().await;
+        const INBOX: u64 = 100;
+        let gateway = TestGateway::start_with(kind, |c| {
+            c.outbound_queue = 16;
+            c.outbound_queue_bytes = 64 * 1024;
+            c.write_timeout = Duration::from_secs(30);
+            c.catchup_page = 8;
+            c.send_rate = 1_000_000.0;
+            c.send_burst = 1_000_000;
+            c.store_bytes_rate = 1e12;
+            c.max_inbox = INBOX;
+            c.device_ttl = Duration::from_millis(500);
+        })
+        .await;
+        let (mut sender, _) = gateway.raw("sender").await;
+        let (mut reader, _) = gateway.raw("slow").await;
+        tokio::time::sleep(Duration::from_millis(700)).await;
+        let mut observed = Observed::default();
+        tokio::time::timeout(PHASE, flood(&gateway, &mut sender, "slow", 1, FLOOD, &mut observed))
+            .await
+            .expect("the flood is stored in time: a device that no longer holds blocks nobody");
+
+        // Every seq comes once, in order, as a message or inside exactly one gap; the last
+        // INBOX are still stored, so they arrive as messages.
+        let deadline = tokio::time::Instant::now() + PHASE;
+        let (mut next, mut gaps) = (1, 0);
+        while next <= FLOOD {
+            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+            match reader.next_frame(left).await.expect("frames in time") {
+                RawEvent::Frame(ServerFrame::Msg { seq, .. }) => {
+                    assert_eq!(seq, next, "in order, nothing skipped without a gap");
+                    next += 1;
+                }
+                RawEvent::Frame(ServerFrame::Gap { from, to }) => {
+                    assert_eq!(from, next, "a gap starts where delivery stopped");
+                    assert!(to >= from && to <= FLOOD - INBOX, "{from}..={to}");
+                    next = to + 1;
+                    gaps += 1;
+                }
+                RawEvent::Frame(_) => {}
+                RawEvent::Closed { code, reason } => panic!("closed ({code:?}, {reason})"),
+            }
+        }
+        assert!(gaps >= 1, "the session lost messages and was told");
+        assert!(metric(&gateway, r#"ferry_gaps_total{at="session"}"#).await >= Some(1.0));
+    }
 }

@@ -46,13 +46,14 @@ pub struct Record {
 }
 
 impl Record {
+    /// Its acknowledged position in `epoch`, if the record is of that epoch.
+    pub fn acked_in(&self, epoch: &str) -> Option<u64> {
+        (self.epoch == epoch).then_some(self.acked)
+    }
+
     /// The device's position in `epoch`, never below `floor`.
     pub fn position(&self, epoch: &str, floor: u64) -> u64 {
-        if self.epoch == epoch {
-            self.acked.max(floor)
-        } else {
-            floor
-        }
+        self.acked_in(epoch).map_or(floor, |acked| acked.max(floor))
     }
 
     pub fn holding(&self, now_ms: u64, ttl_ms: u64) -> bool {
@@ -80,8 +81,9 @@ impl Devices {
     ) -> DeviceSeen {
         let before = match self.records.get(device) {
             None => DeviceSeen::New,
-            Some(r) if r.epoch == epoch => DeviceSeen::At(r.acked),
-            Some(_) => DeviceSeen::OtherEpoch,
+            Some(r) => r
+                .acked_in(epoch)
+                .map_or(DeviceSeen::OtherEpoch, DeviceSeen::At),
         };
         if before == DeviceSeen::New {
             while self.records.len() >= cap.max(1) {
@@ -136,7 +138,7 @@ impl Devices {
             .iter()
             .map(|(name, r)| DeviceInfo {
                 device: name.clone(),
-                acked: if r.epoch == epoch { r.acked } else { 0 },
+                acked: r.acked_in(epoch).unwrap_or(0),
                 last_seen_ms: r.seen_ms,
                 holding: r.holding(now_ms, ttl_ms),
             })

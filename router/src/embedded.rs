@@ -360,7 +360,8 @@ impl Engine for EmbeddedEngine {
                             .devices
                             .records
                             .get(at.device.as_str())
-                            .map_or(0, |r| if r.epoch == inbox.epoch { r.acked } else { 0 }),
+                            .and_then(|r| r.acked_in(&inbox.epoch))
+                            .unwrap_or(0),
                         ..Page::default()
                     };
                     let mut bytes = 0;

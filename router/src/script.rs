@@ -290,22 +290,33 @@ return {state[1], string.format('%d', head), now[1] .. string.format('%06d', ton
 /// `verify_position!`). The page
 /// stops before the member that would pass the byte bound (the first is always returned), so a
 /// read never brings more than the session's queue can take; `cut` is 1 when it did.
+///
+/// Members are read 16 at a time, so that the script holds at most one chunk beyond
+/// the bound: a whole page read at once was up to `limit` members of the largest size (256 of
+/// 64 KiB: 16 MiB of Redis's memory for each catch-up, however little the session could take).
 const READ: &str = concat!(
     verify_position!(),
     r#"
-local page = redis.call('ZRANGE', KEYS[1], '(' .. ARGV[2], '+inf', 'BYSCORE', 'LIMIT', 0, ARGV[6], 'WITHSCORES')
-local max = tonumber(ARGV[7])
-local bytes = 0
-local cut = 0
-for i = 1, #page, 2 do
-  bytes = bytes + #page[i]
-  if bytes > max and i > 1 then
-    for j = #page, i, -1 do
-      page[j] = nil
+local limit, max = tonumber(ARGV[6]), tonumber(ARGV[7])
+local page, count, bytes, cut = {}, 0, 0, 0
+local after = '(' .. ARGV[2]
+while count < limit and cut == 0 do
+  local want = math.min(16, limit - count)
+  local chunk = redis.call('ZRANGE', KEYS[1], after, '+inf', 'BYSCORE', 'LIMIT', 0, want, 'WITHSCORES')
+  for i = 1, #chunk, 2 do
+    bytes = bytes + #chunk[i]
+    if bytes > max and count > 0 then
+      cut = 1
+      break
     end
-    cut = 1
+    page[#page + 1] = chunk[i]
+    page[#page + 1] = chunk[i + 1]
+    count = count + 1
+  end
+  if #chunk < 2 * want then
     break
   end
+  after = '(' .. chunk[#chunk]
 end
 local acked = '0'
 local rec = redis.call('HGET', KEYS[3], ARGV[5])

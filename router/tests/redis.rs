@@ -9,8 +9,8 @@ use std::time::Duration;
 use common::*;
 use ferry_router::testkit::{RedisOptions, RedisServer};
 use ferry_router::{
-    CatchUpReason, Engine, EngineError, EngineOptions, Hub, HubOptions, LiveSignal, Membership,
-    RedisEngine, decode_member,
+    CatchUpReason, Checked, Engine, EngineError, EngineOptions, Hub, HubOptions, LiveSignal,
+    Membership, RedisEngine, decode_member,
 };
 use redis::Value;
 use tokio::time::Instant;
@@ -139,6 +139,58 @@ async fn keys_share_the_hash_tag_and_carry_ttls() {
     .await;
     stored(&*other, &message("alice", "bob", "m-1", b"x")).await;
     assert_eq!(int(server.cmd(&["ZCARD", "other:{u:bob}:inbox"])), 1);
+}
+
+/// A field of `INFO memory`, in bytes.
+fn memory(server: &RedisServer, field: &str) -> u64 {
+    let Value::BulkString(info) = server.cmd(&["INFO", "memory"]) else {
+        panic!("no INFO");
+    };
+    let info = String::from_utf8(info).unwrap();
+    info.lines()
+        .find_map(|line| line.strip_prefix(field)?.strip_prefix(':'))
+        .unwrap_or_else(|| panic!("no {field} in INFO memory"))
+        .trim()
+        .parse()
+        .unwrap()
+}
+
+// Finding H2 (issue 13): a catch-up read loaded a whole page of members (256 of up to 64 KiB:
+// 16 MiB) into the script before cutting it at the session's byte bound, so every
+// `hello{last_seq:0}` cost Redis that much memory. Now it reads in small chunks and stops at
+// the bound: Redis's peak memory rises by a chunk, not a page.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_catch_up_read_holds_a_bounded_number_of_bytes_in_redis() {
+    let server = RedisServer::start();
+    let engine = engine_on(&server, options()).await;
+    let bob = user("bob");
+    let body = vec![b'x'; 60 * 1024];
+    for i in 0..200 {
+        stored(&*engine, &message("alice", "bob", &format!("m{i}"), &body)).await;
+    }
+    let epoch = epoch(&*engine, "bob").await;
+    let before = memory(&server, "used_memory");
+    let peak_before = memory(&server, "used_memory_peak");
+    let Checked::Valid(page) = engine
+        .read_after(&bob, &at(&epoch, 0), 256, 256 * 1024)
+        .await
+        .unwrap()
+    else {
+        panic!("void");
+    };
+    assert_eq!(
+        page.entries.len(),
+        4,
+        "256 KiB holds four members of 60 KiB"
+    );
+    assert!(page.cut);
+    // A chunk of members (16 of 60 KiB here: under 1 MiB) may be loaded beyond the bound, and
+    // the reply is copied once more on its way out; the page of 200 members was 12 MiB.
+    let rise = memory(&server, "used_memory_peak").max(peak_before) - before;
+    assert!(
+        rise < 4 * 1024 * 1024,
+        "a read raised Redis's peak memory by {rise} bytes"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

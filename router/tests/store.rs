@@ -217,6 +217,23 @@ on_both_engines!(ping_and_name, options(), |engine| async move {
     let _events = live_events(&*engine);
 });
 
+// Redis reads a page in chunks of 16 members: pages across chunk boundaries are whole and in
+// order, and stop at the count bound.
+on_both_engines!(
+    a_page_spans_chunks_in_order,
+    options(),
+    |engine| async move {
+        let all = fill(&*engine, "bob", "m", 40).await;
+        assert_eq!(seqs(&read(&*engine, "bob", 0, 37).await), all[..37]);
+        assert_eq!(seqs(&read(&*engine, "bob", 0, 100).await), all);
+        assert_eq!(seqs(&read(&*engine, "bob", all[15], 16).await), all[16..32]);
+        assert_eq!(
+            seqs(&read(&*engine, "bob", all[39], 16).await),
+            Vec::<u64>::new()
+        );
+    }
+);
+
 on_both_engines!(
     a_read_stops_at_its_byte_bound,
     options(),

@@ -100,6 +100,17 @@ TMP=$(mktemp -d)
 trap 'rm -rf "$TMP"' EXIT
 
 # --- 1. render --------------------------------------------------------------------------------
+# Rendered from a copy of deploy/k8s (and deploy/monitoring, which the base includes): the dev
+# overlay reads two files each user generates (and git ignores), which the copy gets with
+# throw-away values. Nothing is written into the repository.
+RENDER="$TMP/deploy/k8s"
+mkdir -p "$TMP/deploy"
+cp -R "$K8S" "$RENDER"
+cp -R "$HERE/monitoring" "$TMP/deploy/monitoring"
+DEV_JWT="check-sh-throwaway-jwt-secret-$RANDOM$RANDOM-of-32-bytes"
+DEV_KEYS="dev-backend check-sh-throwaway-api-key-$RANDOM$RANDOM-of-32-bytes"
+printf 'secret=%s\n' "$DEV_JWT" >"$RENDER/overlays/dev/jwt-secret.env"
+printf 'keys=%s\n' "$DEV_KEYS" >"$RENDER/overlays/dev/api-keys.env"
 # The Ingress alternative is a kustomize Component; render it on top of the dev overlay through
 # a throw-away kustomization.
 # (kustomize wants relative paths there.)
@@ -108,11 +119,11 @@ rel() { realpath --relative-to="$TMP/dev-ingress" "$1"; }
 cat >"$TMP/dev-ingress/kustomization.yaml" <<EOF
 apiVersion: kustomize.config.k8s.io/v1beta1
 kind: Kustomization
-resources: ["$(rel "$K8S/overlays/dev")"]
-components: ["$(rel "$K8S/components/ingress")"]
+resources: ["$(rel "$RENDER/overlays/dev")"]
+components: ["$(rel "$RENDER/components/ingress")"]
 EOF
-targets=(base:"$K8S/base")
-for d in "$K8S"/overlays/*/; do
+targets=(base:"$RENDER/base")
+for d in "$RENDER"/overlays/*/; do
     d=${d%/}
     targets+=("overlays/${d##*/}:$d")
 done
@@ -128,6 +139,28 @@ for t in "${targets[@]}"; do
         fail "kubectl kustomize $name: $(cat "$TMP/err")"
     fi
 done
+# The dev overlay's Secrets hold exactly what the generated files say, and the overlay itself
+# holds no secret (issue 13, L7: it once shipped a public placeholder).
+if grep -q 'literals:' "$K8S/overlays/dev/kustomization.yaml"; then
+    fail "overlays/dev/kustomization.yaml has literals: secrets come from the generated .env files"
+elif "$PY" - "$TMP/overlays_dev.yaml" "$DEV_JWT" "$DEV_KEYS" <<'PY'; then
+import base64
+import sys
+import yaml
+
+path, jwt, keys = sys.argv[1:]
+data = {d["metadata"]["name"].rsplit("-", 1)[0]: d.get("data", {})
+        for d in yaml.safe_load_all(open(path)) if d and d["kind"] == "Secret"}
+got = {name: {k: base64.b64decode(v).decode() for k, v in values.items()}
+       for name, values in data.items()}
+want = {"ferry-jwt": {"secret": jwt}, "ferry-api-keys": {"keys": keys}}
+if got != want:
+    sys.exit(f"check.sh: FAIL: overlays/dev Secrets {sorted(got)} do not hold the generated values")
+PY
+    ok "overlays/dev: Secrets ferry-jwt and ferry-api-keys come from jwt-secret.env and api-keys.env"
+else
+    failures=$((failures + 1))
+fi
 
 # --- 2. schema validation ---------------------------------------------------------------------
 for t in "${rendered[@]}"; do

@@ -201,16 +201,8 @@ impl Authenticator {
             .validate_jwt()
             .map_err(|e| AuthError::Key(e.to_string()))?;
         let (alg, decoding, minting) = match (&config.jwt_secret, &config.jwt_public_key) {
-            (Some(secret), None) => {
-                let secret = secret.expose().as_bytes();
-                if secret.len() < 32 {
-                    tracing::warn!(
-                        bytes = secret.len(),
-                        "the JWT secret is shorter than 32 bytes; HS256 wants at least 256 bits"
-                    );
-                }
-                hs256(secret)
-            }
+            // `validate_jwt` refused a secret shorter than `MIN_JWT_SECRET_BYTES`.
+            (Some(secret), None) => hs256(secret.expose().as_bytes()),
             (None, Some(path)) => public_key(path, config.jwt_alg)?,
             (None, None) => hs256(&rand::random::<[u8; 32]>()),
             (Some(_), Some(_)) => return Err(AuthError::Key("two keys configured".into())),
@@ -661,3 +653,8 @@ mod tests {
         );
     }
 }
+        let short = auth(&["--jwt-secret", &SECRET[..31]]);
+        assert!(
+            matches!(&short, Err(AuthError::Key(e)) if e.contains("at least 32 bytes")),
+            "a 31-byte secret"
+        );

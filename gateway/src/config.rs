@@ -421,6 +421,10 @@ impl fmt::Debug for JwtSecret {
 /// Why a configuration is refused.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum ConfigError {
+/// Shortest HS256 secret accepted, in bytes: HS256 wants a key of at least 256 bits, and a shorter
+/// one can be guessed offline from any one token (issue 13, L7).
+pub const MIN_JWT_SECRET_BYTES: usize = 32;
+
     #[error(
         "no JWT key configured: give --jwt-secret (HS256) or --jwt-public-key with --jwt-alg \
          RS256 or ES256, or run with --dev (insecure, for development only)"
@@ -529,9 +533,13 @@ impl Config {
         if self
             .jwt_secret
             .as_ref()
-            .is_some_and(|s| s.expose().is_empty())
+            .is_some_and(|s| s.expose().len() < MIN_JWT_SECRET_BYTES)
         {
-            return Err(invalid("jwt-secret", "must not be empty"));
+            return Err(invalid(
+                "jwt-secret",
+                "the JWT secret must be at least 32 bytes (HS256 wants 256 bits); generate one \
+                 with `openssl rand -base64 48`",
+            ));
         }
         if self
             .jwt_public_key
@@ -919,6 +927,9 @@ mod tests {
         assert_eq!(
             (c.redis_ca_file, c.redis_client_cert, c.redis_client_key),
             (None, None, None)
+    /// An HS256 secret long enough to be accepted (34 bytes).
+    const SECRET: &str = "a-test-secret-of-at-least-32-bytes";
+
         );
         assert_eq!(c.api_max_recipients, 1000);
         assert_eq!((c.api_rate, c.api_burst), (5000.0, None));
@@ -1085,7 +1096,13 @@ mod tests {
             assert!(msg.contains(flag), "{msg}");
         }
         assert_eq!(err(&["--dev"]), None);
-        assert_eq!(err(&["--jwt-secret", "s"]), None);
+        assert_eq!(err(&["--jwt-secret", SECRET]), None);
+        assert_eq!(err(&["--jwt-secret", &SECRET[..32]]), None);
+        let short = err(&["--jwt-secret", &SECRET[..31]]).map(|e| e.to_string());
+        assert!(
+            short.is_some_and(|e| e.contains("the JWT secret must be at least 32 bytes")),
+            "a 31-byte secret is refused"
+        );
         assert_eq!(
             err(&["--jwt-public-key", "k.pem", "--jwt-alg", "RS256"]),
             None
@@ -1306,14 +1323,14 @@ mod tests {
         assert_eq!(flag_of(&remote), None);
         // Without --dev the flag means nothing: refused, not ignored.
         assert!(matches!(
-            parse(&["--jwt-secret", "s", "--dev-allow-remote"]).validate(),
+            parse(&["--jwt-secret", SECRET, "--dev-allow-remote"]).validate(),
             Err(ConfigError::Invalid {
                 flag: "dev-allow-remote",
                 ..
             })
         ));
         // Production listens where it is told.
-        assert_eq!(parse(&["--jwt-secret", "s"]).validate(), Ok(()));
+        assert_eq!(parse(&["--jwt-secret", SECRET]).validate(), Ok(()));
     }
 
     #[test]

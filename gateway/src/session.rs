@@ -501,7 +501,7 @@ impl Session {
     /// Counts a ping, an ack or an `auth`; past their rate the client is not read until a token is there.
     fn throttle_controls(&mut self) {
         if let Err(wait_ms) = self.controls.take() {
-            self.paused_until = Some(Instant::now() + Duration::from_millis(wait_ms));
+            self.pause_for(wait_ms);
         }
     }
 
@@ -559,10 +559,19 @@ impl Session {
         if let Err(retry_ms) = self.node.users.take_send(&self.user) {
             return Err(Refused {
                 retry_after_ms: Some(retry_ms),
+    /// Stops reading the client for `wait_ms`, when a rate refused its send: the frames it sent
+    /// meanwhile wait in the socket until a token is there, so a client cannot make the node
+    /// decode and refuse sends faster than the rate it is allowed.
+    fn pause_for(&mut self, wait_ms: u64) {
+        let until = Instant::now() + Duration::from_millis(wait_ms);
+        self.paused_until = Some(self.paused_until.map_or(until, |paused| paused.max(until)));
+    }
+
                 ..Refused::new(ErrorCode::RateLimited, "send rate exceeded")
             });
         }
         let now = Instant::now();
+            self.pause_for(retry_ms);
         let early_retry = match &self.refused {
             Some((refused_id, until)) if **refused_id == *id && now < *until => Some(*until),
             _ => None,
@@ -613,6 +622,7 @@ impl Session {
             to: recipient,
             id: message_id,
             ts: now_ms(),
+            self.pause_for(retry_ms);
             body: body.0,
         })
     }

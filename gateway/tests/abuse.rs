@@ -122,6 +122,32 @@ both_engines! {
         raw_send(&mut bob, "b1", "alice", "hi").await;
     }
 
+    // Sends refused by the user's rate were answered at once, so a client that reads its
+    // answers made the node decode and refuse a send per frame, as fast as it could write. Now
+    // a refusal stops reading the client until a token is there: refusals come at most at the
+    // rate sends are accepted.
+    async fn a_send_flood_is_paced_by_the_rate(kind: EngineKind) {
+        let gw = TestGateway::start_with(kind, |c| {
+            c.send_rate = 100.0;
+            c.send_burst = 1;
+        })
+        .await;
+        let (mut alice, _) = gw.raw("alice").await;
+        const N: usize = 100;
+        for i in 0..N {
+            alice.send_frame(&send_frame(&format!("f-{i}"), "bob", "x")).await.expect("send");
+        }
+        let (mut stored, mut refused) = (0, 0);
+        while stored + refused < N {
+            match next_frame(&mut alice).await {
+                ServerFrame::Sent { .. } => stored += 1,
+                ServerFrame::Error { code: ErrorCode::RateLimited, .. } => refused += 1,
+                other => panic!("unexpected {other:?}"),
+            }
+        }
+        assert!(refused <= stored + 1, "{refused} refused, {stored} stored");
+    }
+
     // Pings beyond their rate are not answered at once: the node stops reading the client for a
     // while rather than answer a flood.
     async fn a_ping_flood_is_throttled(kind: EngineKind) {

@@ -208,6 +208,33 @@ both_engines! {
         bystander.check(&gateway).await;
     }
 
+    // Issue 13, M3: a frame may not hold more array elements and map entries (1,024) or nest
+    // deeper (16) than a frame ever needs, even in a field the frame ignores.
+    async fn msgpack_over_the_element_or_depth_bound_is_a_bad_frame(kind: EngineKind) {
+        let gateway = TestGateway::start(kind).await;
+        let bystander = Bystander::open(&gateway).await;
+        // `{"type":"ping","x":[nil × 500,000]}`: once a ping.
+        let (mut conn, _) = gateway.raw("many-nils").await;
+        let mut nils = b"\x82\xa4type\xa4ping\xa1x\xdd".to_vec();
+        nils.extend_from_slice(&500_000u32.to_be_bytes());
+        nils.resize(nils.len() + 500_000, 0xc0);
+        conn.send_binary(nils).await.expect("send");
+        let (message, ..) = expect_error(&mut conn, ErrorCode::BadFrame).await;
+        assert_eq!(message, "undecodable frame: more than 1024 array elements and map entries");
+        expect_closed(&mut conn, 1008).await;
+
+        // A hello with an array nested 100,000 deep in a field it ignores.
+        let mut conn = raw_open(&gateway, &[MSGPACK]).await;
+        let mut deep = b"\x82\xa4type\xa5hello\xa1x".to_vec();
+        deep.resize(deep.len() + 100_000, 0x91);
+        deep.push(0xc0);
+        conn.send_binary(deep).await.expect("send");
+        let (message, ..) = expect_error(&mut conn, ErrorCode::BadFrame).await;
+        assert_eq!(message, "undecodable frame: nested deeper than 16");
+        expect_closed(&mut conn, 1008).await;
+        bystander.check(&gateway).await;
+    }
+
     async fn a_missing_field_is_a_bad_frame(kind: EngineKind) {
         let gateway = TestGateway::start(kind).await;
         let bystander = Bystander::open(&gateway).await;
@@ -458,6 +485,17 @@ both_engines! {
 
         // Waiting exactly retry_after_ms is enough, every time ("retry_after_ms says when").
         for round in 0..5 {
+            // Empty the bucket: a refused send stops the node reading until a token is there,
+            // so sends are refused or stored until one is stored, which takes the last token.
+            for n in 0.. {
+                let spend = format!("s{round}-{n}");
+                conn.send_frame(&send_frame(&spend, "flooded", "x")).await.expect("send");
+                match next_frame(&mut conn).await {
+                    ServerFrame::Sent { .. } => break,
+                    ServerFrame::Error { code: ErrorCode::RateLimited, .. } => {}
+                    other => panic!("answer to {spend}: {other:?}"),
+                }
+            }
             let id = format!("r{round}");
             conn.send_frame(&send_frame(&id, "flooded", "x")).await.expect("send");
             let (_, got_id, retry) = expect_error(&mut conn, ErrorCode::RateLimited).await;

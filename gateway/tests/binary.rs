@@ -1,6 +1,6 @@
-//! The `ferry-gateway` binary itself: it refuses to start without a JWT key unless `--dev`,
-//! SIGTERM drains it to a clean exit, and the Redis password is in neither `--help` nor the
-//! logs. Stops only the process it started, by its PID.
+//! The `ferry-gateway` binary itself: it refuses to start without a JWT key unless `--dev`, or
+//! with an HS256 secret shorter than 32 bytes, SIGTERM drains it to a clean exit, and the Redis
+//! password is in neither `--help` nor the logs. Stops only the process it started, by its PID.
 
 use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, Stdio};
@@ -63,6 +63,61 @@ fn refuses_to_start_without_a_key_unless_dev() {
     for flag in ["--jwt-secret", "--jwt-public-key", "--dev"] {
         assert!(stderr.contains(flag), "the refusal names {flag}: {stderr}");
     }
+}
+
+// Issue 13, L7: a short HS256 secret stops the start, before any port is bound.
+#[test]
+fn refuses_a_jwt_secret_shorter_than_32_bytes() {
+    // A port the test holds: a gateway that got as far as binding would fail on it instead.
+    let held = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let addr = held.local_addr().expect("addr").to_string();
+    for secret in ["short", "tiny-secret-7f3a", &"x".repeat(31)] {
+        let output = gateway(&[
+            "--jwt-secret",
+            secret,
+            "--listen",
+            &addr,
+            "--admin-listen",
+            "127.0.0.1:0",
+        ])
+        .output()
+        .expect("run the gateway");
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        let stdout = String::from_utf8_lossy(&output.stdout);
+        assert_eq!(output.status.code(), Some(2), "{stderr}{stdout}");
+        assert!(
+            stderr.contains("the JWT secret must be at least 32 bytes"),
+            "{stderr}"
+        );
+        assert!(!stderr.contains("binding"), "it tried to listen: {stderr}");
+        assert!(!stdout.contains("gateway serving"), "{stdout}");
+        assert!(
+            !stderr.contains("7f3a"),
+            "the secret is not shown: {stderr}"
+        );
+    }
+    drop(held);
+
+    // 32 bytes is enough.
+    let mut child = gateway(&[
+        "--jwt-secret",
+        &"x".repeat(32),
+        "--listen",
+        "127.0.0.1:0",
+        "--admin-listen",
+        "127.0.0.1:0",
+    ])
+    .stdout(Stdio::piped())
+    .stderr(Stdio::null())
+    .spawn()
+    .expect("start the gateway");
+    let lines = BufReader::new(child.stdout.take().expect("stdout")).lines();
+    let serving = lines
+        .map_while(Result::ok)
+        .any(|line| line.contains("gateway serving"));
+    terminate(&child);
+    wait_bounded(&mut child, Duration::from_secs(20));
+    assert!(serving, "a 32-byte secret is accepted");
 }
 
 #[test]

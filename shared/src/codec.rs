@@ -28,8 +28,36 @@ pub enum DecodeError {
     MsgPack(#[from] rmp_serde::decode::Error),
     #[error("undecodable frame: {0}")]
     Json(#[from] serde_json::Error),
+    #[error("undecodable frame: {0}")]
+    MsgPackShape(#[from] ShapeError),
+    /// A JSON frame over the same bounds (`check_json_shape`).
+    #[error("undecodable frame: {0}")]
+    JsonShape(ShapeError),
     #[error("body_b64 is not valid base64")]
     Base64,
+}
+
+/// The most array elements and map entries one MessagePack frame may hold, at all levels
+/// together. A real frame has fewer than 20. Without a bound, a 1 MiB frame of nils is a
+/// million values, each buffered by serde while it looks for the frame's `type` (issue 13, M3).
+pub const MAX_MSGPACK_ELEMENTS: u64 = 1024;
+
+/// The deepest one MessagePack frame may nest arrays and maps, the frame's own map included. A
+/// real frame is one level deep.
+pub const MAX_MSGPACK_DEPTH: usize = 16;
+
+/// Why a MessagePack frame was refused before serde saw it; like any `DecodeError`, a
+/// `bad_frame`. The messages quote nothing of the input.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum ShapeError {
+    #[error("more than {MAX_MSGPACK_ELEMENTS} array elements and map entries")]
+    TooManyElements,
+    #[error("nested deeper than {MAX_MSGPACK_DEPTH}")]
+    TooDeep,
+    #[error("a length runs past the end of the message")]
+    Truncated,
+    #[error("the unused marker 0xc1")]
+    Reserved,
 }
 
 /// Why a frame could not be encoded (a bug, or a non-UTF-8 body in a JSON `send`).
@@ -117,13 +145,20 @@ impl Codec {
 
     fn decode<T: DeserializeOwned>(self, wire: &Wire) -> Result<T, DecodeError> {
         match (self, wire) {
-            (Codec::MsgPack, Wire::Binary(data)) => Ok(rmp_serde::from_slice(data)?),
-            (Codec::Json, Wire::Text(text)) if text.contains("\"body_b64\"") => {
-                let mut value: serde_json::Value = serde_json::from_str(text)?;
-                body_from_b64(&mut value)?;
-                Ok(serde_json::from_value(value)?)
+            (Codec::MsgPack, Wire::Binary(data)) => {
+                check_msgpack_shape(data)?;
+                Ok(rmp_serde::from_slice(data)?)
             }
-            (Codec::Json, Wire::Text(text)) => Ok(serde_json::from_str(text)?),
+            (Codec::Json, Wire::Text(text)) => {
+                check_json_shape(text).map_err(DecodeError::JsonShape)?;
+                if text.contains("\"body_b64\"") {
+                    let mut value: serde_json::Value = serde_json::from_str(text)?;
+                    body_from_b64(&mut value)?;
+                    Ok(serde_json::from_value(value)?)
+                } else {
+                    Ok(serde_json::from_str(text)?)
+                }
+            }
             (codec, Wire::Binary(_)) => Err(DecodeError::WrongKind {
                 got: "binary",
                 codec: codec.name(),
@@ -134,6 +169,151 @@ impl Codec {
             }),
         }
     }
+}
+
+/// Walks the first MessagePack value in `data` without decoding it, and refuses it when it holds
+/// more than `MAX_MSGPACK_ELEMENTS`, nests deeper than `MAX_MSGPACK_DEPTH`, or declares more than
+/// the message holds. It reads at most one marker per element, so its cost is bounded whatever
+/// the message's size; strings, bins and exts are stepped over by their length.
+fn check_msgpack_shape(data: &[u8]) -> Result<(), ShapeError> {
+    // Values still to read in each open array or map, the innermost at `depth`; `open[0]` is
+    // the message itself, one value.
+    let mut open = [0u64; MAX_MSGPACK_DEPTH + 1];
+    open[0] = 1;
+    let mut depth = 0;
+    let mut elements = 0;
+    let mut rest = data;
+    loop {
+        if open[depth] == 0 {
+            if depth == 0 {
+                return Ok(());
+            }
+            depth -= 1;
+            continue;
+        }
+        open[depth] -= 1;
+        let (&byte, after) = rest.split_first().ok_or(ShapeError::Truncated)?;
+        rest = after;
+        match next_value(byte, &mut rest)? {
+            Item::Scalar(len) => {
+                rest = rest.get(len..).ok_or(ShapeError::Truncated)?;
+            }
+            Item::Container { entries, values } => {
+                elements += entries;
+                if elements > MAX_MSGPACK_ELEMENTS {
+                    return Err(ShapeError::TooManyElements);
+                }
+                if depth == MAX_MSGPACK_DEPTH {
+                    return Err(ShapeError::TooDeep);
+                }
+                // Every value takes at least one byte.
+                if values > rest.len() as u64 {
+                    return Err(ShapeError::Truncated);
+                }
+                depth += 1;
+                open[depth] = values;
+            }
+        }
+    }
+}
+
+/// One MessagePack value as the shape check sees it, once its marker and length are read.
+enum Item {
+    /// A value with no nested values, and the bytes of it still to skip.
+    Scalar(usize),
+    /// An array (`values` = `entries`) or a map (`values` = 2 × `entries`).
+    Container { entries: u64, values: u64 },
+}
+
+/// The JSON counterpart of `check_msgpack_shape`: one pass over the text, counting the values in
+/// arrays and objects (a `,` or an opening bracket each) and the nesting, and skipping strings.
+/// It does not validate; serde refuses what is malformed. Without it, serde buffers every value
+/// of a frame while it looks for `type`: 1 MiB of `[0,0,…]` was about 24 MiB held.
+fn check_json_shape(text: &str) -> Result<(), ShapeError> {
+    let (mut depth, mut elements) = (0usize, 0u64);
+    let mut bytes = text.bytes();
+    while let Some(byte) = bytes.next() {
+        match byte {
+            b'"' => {
+                // Skip the string, and any escaped character in it.
+                while let Some(byte) = bytes.next() {
+                    match byte {
+                        b'\\' => {
+                            bytes.next();
+                        }
+                        b'"' => break,
+                        _ => {}
+                    }
+                }
+            }
+            b'[' | b'{' => {
+                depth += 1;
+                elements += 1;
+                if depth > MAX_MSGPACK_DEPTH {
+                    return Err(ShapeError::TooDeep);
+                }
+            }
+            b']' | b'}' => depth = depth.saturating_sub(1),
+            b',' => elements += 1,
+            _ => continue,
+        }
+        if elements > MAX_MSGPACK_ELEMENTS {
+            return Err(ShapeError::TooManyElements);
+        }
+    }
+    Ok(())
+}
+
+/// Reads what follows `marker` from `rest`: a length, for the types that have one.
+fn next_value(marker: u8, rest: &mut &[u8]) -> Result<Item, ShapeError> {
+    use rmp::Marker as M;
+    let scalar = |len: u64| {
+        usize::try_from(len)
+            .map(Item::Scalar)
+            .map_err(|_| ShapeError::Truncated)
+    };
+    let array = |entries: u64| Item::Container {
+        entries,
+        values: entries,
+    };
+    let map = |entries: u64| Item::Container {
+        entries,
+        values: 2 * entries,
+    };
+    match M::from_u8(marker) {
+        M::FixPos(_) | M::FixNeg(_) | M::Null | M::True | M::False => scalar(0),
+        M::U8 | M::I8 => scalar(1),
+        M::U16 | M::I16 => scalar(2),
+        M::U32 | M::I32 | M::F32 => scalar(4),
+        M::U64 | M::I64 | M::F64 => scalar(8),
+        M::FixStr(len) => scalar(u64::from(len)),
+        M::Str8 | M::Bin8 => scalar(length(rest, 1)?),
+        M::Str16 | M::Bin16 => scalar(length(rest, 2)?),
+        M::Str32 | M::Bin32 => scalar(length(rest, 4)?),
+        // An ext is a type byte and its data.
+        M::FixExt1 => scalar(2),
+        M::FixExt2 => scalar(3),
+        M::FixExt4 => scalar(5),
+        M::FixExt8 => scalar(9),
+        M::FixExt16 => scalar(17),
+        M::Ext8 => scalar(length(rest, 1)? + 1),
+        M::Ext16 => scalar(length(rest, 2)? + 1),
+        M::Ext32 => scalar(length(rest, 4)? + 1),
+        M::FixArray(len) => Ok(array(u64::from(len))),
+        M::Array16 => Ok(array(length(rest, 2)?)),
+        M::Array32 => Ok(array(length(rest, 4)?)),
+        M::FixMap(len) => Ok(map(u64::from(len))),
+        M::Map16 => Ok(map(length(rest, 2)?)),
+        M::Map32 => Ok(map(length(rest, 4)?)),
+        M::Reserved => Err(ShapeError::Reserved),
+    }
+}
+
+/// Takes a big-endian length of `size` bytes from the front of `rest`.
+fn length(rest: &mut &[u8], size: usize) -> Result<u64, ShapeError> {
+    let (bytes, after) = rest.split_at_checked(size).ok_or(ShapeError::Truncated)?;
+    *rest = after;
+    Ok(bytes.iter().fold(0, |len, &b| len << 8 | u64::from(b)))
 }
 
 /// A `msg` whose body is not UTF-8, for a JSON client: `body_b64` instead of `body`.
@@ -368,6 +548,145 @@ mod tests {
                 ))
                 .is_err()
         );
+    }
+
+    /// `{"type":"ping","x":<value>}` in MessagePack, `x` being `value`'s raw bytes.
+    fn ping_with(value: &[u8]) -> Wire {
+        let mut out = b"\x82\xa4type\xa4ping\xa1x".to_vec();
+        out.extend_from_slice(value);
+        Wire::Binary(out.into())
+    }
+
+    /// An array32 header for `n` elements, followed by `n` nils.
+    fn nils(n: u32) -> Vec<u8> {
+        let mut out = vec![0xdd];
+        out.extend_from_slice(&n.to_be_bytes());
+        out.resize(out.len() + n as usize, 0xc0);
+        out
+    }
+
+    // Found with the MessagePack bound: 1 MiB of `[0,0,…]` in a JSON ping was decoded as a ping,
+    // after serde had buffered every value.
+    #[test]
+    fn json_over_the_bounds_is_refused() {
+        let decode = |text: String| Codec::Json.decode_client(&Wire::Text(text));
+        let zeros = vec!["0"; 500_000].join(",");
+        let refused = decode(format!(r#"{{"type":"ping","x":[{zeros}]}}"#));
+        assert!(
+            matches!(
+                refused,
+                Err(DecodeError::JsonShape(ShapeError::TooManyElements))
+            ),
+            "{refused:?}"
+        );
+        let deep = format!(
+            r#"{{"type":"ping","x":{}{}}}"#,
+            "[".repeat(16),
+            "]".repeat(16)
+        );
+        assert!(matches!(
+            decode(deep),
+            Err(DecodeError::JsonShape(ShapeError::TooDeep))
+        ));
+        // Within the bounds: 15 levels under the frame's own object, 1,020 commas in all.
+        let fits = format!(
+            r#"{{"type":"ping","x":{}{}}}"#,
+            "[".repeat(15),
+            "]".repeat(15)
+        );
+        assert_eq!(decode(fits).unwrap(), ClientFrame::Ping);
+        let zeros = vec!["0"; 1_000].join(",");
+        assert_eq!(
+            decode(format!(r#"{{"type":"ping","x":[{zeros}]}}"#)).unwrap(),
+            ClientFrame::Ping
+        );
+        // Commas, brackets and escaped quotes inside strings are not counted.
+        let body = r#"[{,\"]}"#.repeat(2_000);
+        let send = format!(r#"{{"type":"send","id":"m","to":"bob","body":"{body}"}}"#);
+        assert!(matches!(decode(send), Ok(ClientFrame::Send { .. })));
+    }
+
+    // Issue 13, M3: a field the frame ignores may not hold more than a frame ever needs.
+    #[test]
+    fn msgpack_with_too_many_elements_is_refused() {
+        let refused = Codec::MsgPack.decode_client(&ping_with(&nils(500_000)));
+        assert!(
+            matches!(refused, Err(DecodeError::MsgPackShape(_))),
+            "{refused:?}"
+        );
+        // The message says why, and quotes nothing.
+        let Err(e) = refused else { unreachable!() };
+        assert_eq!(
+            e.to_string(),
+            "undecodable frame: more than 1024 array elements and map entries"
+        );
+        // Map entries count too: an array of 600 maps of one entry each is 1,200.
+        let mut maps = vec![0xdc, 0x02, 0x58];
+        for _ in 0..600 {
+            maps.extend_from_slice(b"\x81\xc0\xc0");
+        }
+        let refused = Codec::MsgPack.decode_client(&ping_with(&maps));
+        assert!(
+            matches!(
+                refused,
+                Err(DecodeError::MsgPackShape(ShapeError::TooManyElements))
+            ),
+            "{refused:?}"
+        );
+        // At the bound (the frame's 2 entries and 1,022 nils) it is still a ping; one more is
+        // refused.
+        let at_bound = Codec::MsgPack.decode_client(&ping_with(&nils(1022)));
+        assert_eq!(at_bound.unwrap(), ClientFrame::Ping);
+        let over = Codec::MsgPack.decode_client(&ping_with(&nils(1023)));
+        assert!(matches!(
+            over,
+            Err(DecodeError::MsgPackShape(ShapeError::TooManyElements))
+        ));
+    }
+
+    #[test]
+    fn msgpack_nested_too_deep_is_refused() {
+        // The frame's map and 16 arrays. Without this check, 100,000 arrays overflowed the 2 MiB
+        // stack of a debug build's thread: rmp-serde's own limit (1,024 levels) came too late.
+        for arrays in [16, 100_000] {
+            let mut nested = vec![0x91; arrays];
+            nested.push(0xc0);
+            let refused = Codec::MsgPack.decode_client(&ping_with(&nested));
+            assert!(
+                matches!(refused, Err(DecodeError::MsgPackShape(ShapeError::TooDeep))),
+                "{arrays} arrays: {refused:?}"
+            );
+        }
+        let mut nested = vec![0x91; 15];
+        nested.push(0xc0);
+        assert_eq!(
+            Codec::MsgPack.decode_client(&ping_with(&nested)).unwrap(),
+            ClientFrame::Ping
+        );
+    }
+
+    #[test]
+    fn msgpack_declared_lengths_past_the_end_are_refused() {
+        // An array of 1,000 declared elements with 3 present, and a str32 of 4 GiB.
+        let mut short = vec![0xdc, 0x03, 0xe8];
+        short.extend_from_slice(&[0xc0; 3]);
+        for value in [short, b"\xdb\xff\xff\xff\xffabc".to_vec()] {
+            let refused = Codec::MsgPack.decode_client(&ping_with(&value));
+            assert!(
+                matches!(
+                    refused,
+                    Err(DecodeError::MsgPackShape(ShapeError::Truncated))
+                ),
+                "{refused:?}"
+            );
+        }
+        // Server frames are checked too (the Rust client's decoder).
+        let mut welcome = b"\x82\xa4type\xa7welcome\xa1x".to_vec();
+        welcome.extend_from_slice(&nils(2000));
+        assert!(matches!(
+            Codec::MsgPack.decode_server(&Wire::Binary(welcome.into())),
+            Err(DecodeError::MsgPackShape(ShapeError::TooManyElements))
+        ));
     }
 
     #[test]

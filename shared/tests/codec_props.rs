@@ -1,10 +1,13 @@
 //! Property-based tests of the two codecs: random and mutated WebSocket messages never panic a
 //! decoder, every refusal is a `DecodeError` of the kind the codec documents, every frame that
-//! decodes encodes again to the same frame, and declared lengths are never trusted.
+//! decodes encodes again to the same frame, declared lengths are never trusted, and no MessagePack
+//! frame with more elements or deeper nesting than the codec's bounds is accepted.
 
 use bytes::Bytes;
+use ferry_shared::codec::{MAX_MSGPACK_DEPTH, MAX_MSGPACK_ELEMENTS, ShapeError};
 use ferry_shared::{Body, ClientFrame, Codec, DecodeError, ErrorCode, ServerFrame, UserId, Wire};
 use proptest::prelude::*;
+use serde::de::{Deserialize, Deserializer, IgnoredAny, MapAccess, SeqAccess, Visitor};
 
 /// Cases per property: enough to reach past the happy path, few enough for a quick suite.
 const CASES: u32 = 256;
@@ -219,7 +222,8 @@ fn wire_for(codec: Codec, data: &[u8]) -> Wire {
 /// kind of message); `body_b64` is the one extra JSON refusal.
 fn check_refusal(codec: Codec, wire: &Wire, e: &DecodeError) -> Result<(), TestCaseError> {
     match (codec, e) {
-        (Codec::MsgPack, DecodeError::MsgPack(_)) | (Codec::Json, DecodeError::Json(_)) => {}
+        (Codec::MsgPack, DecodeError::MsgPack(_) | DecodeError::MsgPackShape(_))
+        | (Codec::Json, DecodeError::Json(_) | DecodeError::JsonShape(_)) => {}
         (Codec::Json, DecodeError::Base64) => {
             let Wire::Text(text) = wire else {
                 unreachable!("JSON reads text")
@@ -244,23 +248,26 @@ fn check_refusal(codec: Codec, wire: &Wire, e: &DecodeError) -> Result<(), TestC
 fn check_client(codec: Codec, wire: &Wire) -> Result<(), TestCaseError> {
     match codec.decode_client(wire) {
         Err(e) => check_refusal(codec, wire, &e),
-        Ok(frame) => match codec.encode_client(&frame) {
-            Ok(again) => {
-                let back = codec.decode_client(&again);
-                prop_assert_eq!(back.ok(), Some(frame));
-                Ok(())
+        Ok(frame) => {
+            check_within_bounds(wire)?;
+            match codec.encode_client(&frame) {
+                Ok(again) => {
+                    let back = codec.decode_client(&again);
+                    prop_assert_eq!(back.ok(), Some(frame));
+                    Ok(())
+                }
+                Err(e) => {
+                    let non_utf8_json_send = codec == Codec::Json
+                        && matches!(&frame, ClientFrame::Send { body, .. }
+                            if std::str::from_utf8(&body.0).is_err());
+                    prop_assert!(
+                        non_utf8_json_send,
+                        "{frame:?} decoded but won't encode: {e}"
+                    );
+                    Ok(())
+                }
             }
-            Err(e) => {
-                let non_utf8_json_send = codec == Codec::Json
-                    && matches!(&frame, ClientFrame::Send { body, .. }
-                        if std::str::from_utf8(&body.0).is_err());
-                prop_assert!(
-                    non_utf8_json_send,
-                    "{frame:?} decoded but won't encode: {e}"
-                );
-                Ok(())
-            }
-        },
+        }
     }
 }
 
@@ -269,6 +276,7 @@ fn check_server(codec: Codec, wire: &Wire) -> Result<(), TestCaseError> {
     match codec.decode_server(wire) {
         Err(e) => check_refusal(codec, wire, &e),
         Ok(frame) => {
+            check_within_bounds(wire)?;
             let again = codec.encode_server(&frame);
             prop_assert!(again.is_ok(), "{frame:?} decoded but won't encode");
             let back = again.ok().map(|w| codec.decode_server(&w).ok());
@@ -276,6 +284,203 @@ fn check_server(codec: Codec, wire: &Wire) -> Result<(), TestCaseError> {
             Ok(())
         }
     }
+}
+
+/// How many array elements and map entries a MessagePack value holds, and how deep its arrays and
+/// maps nest, as serde reads it: the reference the codec's own marker walk is held to. An ext is
+/// counted as a scalar, as the codec counts it.
+#[derive(Debug, Default)]
+struct Shape {
+    elements: u64,
+    depth: usize,
+}
+
+impl<'de> Deserialize<'de> for Shape {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        d.deserialize_any(ShapeVisitor)
+    }
+}
+
+struct ShapeVisitor;
+
+impl<'de> Visitor<'de> for ShapeVisitor {
+    type Value = Shape;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str("any MessagePack value")
+    }
+
+    fn visit_bool<E>(self, _: bool) -> Result<Shape, E> {
+        Ok(Shape::default())
+    }
+    fn visit_i64<E>(self, _: i64) -> Result<Shape, E> {
+        Ok(Shape::default())
+    }
+    fn visit_u64<E>(self, _: u64) -> Result<Shape, E> {
+        Ok(Shape::default())
+    }
+    fn visit_f64<E>(self, _: f64) -> Result<Shape, E> {
+        Ok(Shape::default())
+    }
+    fn visit_str<E>(self, _: &str) -> Result<Shape, E> {
+        Ok(Shape::default())
+    }
+    fn visit_bytes<E>(self, _: &[u8]) -> Result<Shape, E> {
+        Ok(Shape::default())
+    }
+    fn visit_unit<E>(self) -> Result<Shape, E> {
+        Ok(Shape::default())
+    }
+    fn visit_none<E>(self) -> Result<Shape, E> {
+        Ok(Shape::default())
+    }
+    fn visit_newtype_struct<D: Deserializer<'de>>(self, d: D) -> Result<Shape, D::Error> {
+        IgnoredAny::deserialize(d)?;
+        Ok(Shape::default())
+    }
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Shape, A::Error> {
+        let mut shape = Shape::default();
+        while let Some(inner) = seq.next_element::<Shape>()? {
+            shape.elements += 1 + inner.elements;
+            shape.depth = shape.depth.max(inner.depth);
+        }
+        shape.depth += 1;
+        Ok(shape)
+    }
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Shape, A::Error> {
+        let mut shape = Shape::default();
+        while let Some((key, value)) = map.next_entry::<Shape, Shape>()? {
+            shape.elements += 1 + key.elements + value.elements;
+            shape.depth = shape.depth.max(key.depth).max(value.depth);
+        }
+        shape.depth += 1;
+        Ok(shape)
+    }
+}
+
+/// An accepted MessagePack message is within the codec's bounds, as serde counts it.
+fn check_within_bounds(wire: &Wire) -> Result<(), TestCaseError> {
+    let Wire::Binary(data) = wire else {
+        return Ok(());
+    };
+    let shape = rmp_serde::from_slice::<Shape>(data);
+    prop_assert!(
+        shape.is_ok(),
+        "accepted, but serde can't walk it: {shape:?}"
+    );
+    let shape = shape.unwrap_or_default();
+    prop_assert!(shape.elements <= MAX_MSGPACK_ELEMENTS, "{shape:?} accepted");
+    prop_assert!(shape.depth <= MAX_MSGPACK_DEPTH, "{shape:?} accepted");
+    Ok(())
+}
+
+/// A MessagePack value, to be put where a frame ignores it.
+#[derive(Debug, Clone)]
+enum Tree {
+    Nil,
+    Int(i64),
+    Str(String),
+    Bin(Vec<u8>),
+    Ext(i8, Vec<u8>),
+    /// An array of this many nils: one byte per element, the cheapest way past the bound.
+    Nils(u32),
+    Array(Vec<Tree>),
+    Map(Vec<(Tree, Tree)>),
+}
+
+impl Tree {
+    fn elements(&self) -> u64 {
+        match self {
+            Tree::Nils(n) => u64::from(*n),
+            Tree::Array(items) => items.iter().map(|t| 1 + t.elements()).sum(),
+            Tree::Map(entries) => entries
+                .iter()
+                .map(|(k, v)| 1 + k.elements() + v.elements())
+                .sum(),
+            _ => 0,
+        }
+    }
+
+    fn depth(&self) -> usize {
+        match self {
+            Tree::Nils(_) => 1,
+            Tree::Array(items) => 1 + items.iter().map(Tree::depth).max().unwrap_or(0),
+            Tree::Map(entries) => {
+                1 + entries
+                    .iter()
+                    .map(|(k, v)| k.depth().max(v.depth()))
+                    .max()
+                    .unwrap_or(0)
+            }
+            _ => 0,
+        }
+    }
+
+    fn write(&self, out: &mut Vec<u8>) {
+        use rmp::encode as mp;
+        let len = |n: usize| u32::try_from(n).expect("small test values");
+        match self {
+            Tree::Nil => mp::write_nil(out).expect("vec"),
+            Tree::Int(n) => {
+                mp::write_sint(out, *n).expect("vec");
+            }
+            Tree::Str(s) => mp::write_str(out, s).expect("vec"),
+            Tree::Bin(b) => mp::write_bin(out, b).expect("vec"),
+            Tree::Ext(kind, data) => {
+                mp::write_ext_meta(out, len(data.len()), *kind).expect("vec");
+                out.extend_from_slice(data);
+            }
+            Tree::Nils(n) => {
+                mp::write_array_len(out, *n).expect("vec");
+                out.resize(out.len() + *n as usize, 0xc0);
+            }
+            Tree::Array(items) => {
+                mp::write_array_len(out, len(items.len())).expect("vec");
+                items.iter().for_each(|t| t.write(out));
+            }
+            Tree::Map(entries) => {
+                mp::write_map_len(out, len(entries.len())).expect("vec");
+                for (k, v) in entries {
+                    k.write(out);
+                    v.write(out);
+                }
+            }
+        }
+    }
+}
+
+/// Trees on both sides of the bounds: wide (arrays of up to 1,200 nils) and deep (up to 24
+/// levels).
+fn tree() -> impl Strategy<Value = Tree> {
+    let leaf = prop_oneof![
+        Just(Tree::Nil),
+        any::<i64>().prop_map(Tree::Int),
+        "\\PC{0,8}|x{200,300}".prop_map(Tree::Str),
+        proptest::collection::vec(any::<u8>(), 0..300).prop_map(Tree::Bin),
+        (any::<i8>(), proptest::collection::vec(any::<u8>(), 0..20))
+            .prop_map(|(kind, data)| Tree::Ext(kind, data)),
+        (0..1200u32).prop_map(Tree::Nils),
+    ];
+    let nested = leaf.prop_recursive(8, 64, 8, |inner| {
+        prop_oneof![
+            proptest::collection::vec(inner.clone(), 0..8).prop_map(Tree::Array),
+            proptest::collection::vec((inner.clone(), inner), 0..4).prop_map(Tree::Map),
+        ]
+    });
+    // Chains of one-element arrays reach past the depth bound.
+    (nested, 0..16usize).prop_map(|(mut tree, wraps)| {
+        for _ in 0..wraps {
+            tree = Tree::Array(vec![tree]);
+        }
+        tree
+    })
+}
+
+/// `{"type":"ping","x":tree}`: a ping whatever `x` holds, when it is within the bounds.
+fn ping_carrying(tree: &Tree) -> Vec<u8> {
+    let mut out = b"\x82\xa4type\xa4ping\xa1x".to_vec();
+    tree.write(&mut out);
+    out
 }
 
 /// A MessagePack `send` whose `field` has `header` (a str, bin or array header declaring far more
@@ -412,9 +617,47 @@ proptest! {
         let data = lying_send(field, &header, &present);
         let wire = Wire::Binary(Bytes::from(data));
         let client = Codec::MsgPack.decode_client(&wire);
-        prop_assert!(matches!(client, Err(DecodeError::MsgPack(_))), "client: {:?}", client);
+        let refused = |e: Option<&DecodeError>| {
+            matches!(e, Some(DecodeError::MsgPack(_) | DecodeError::MsgPackShape(_)))
+        };
+        prop_assert!(refused(client.as_ref().err()), "client: {:?}", client);
         let server = Codec::MsgPack.decode_server(&wire);
-        prop_assert!(matches!(server, Err(DecodeError::MsgPack(_))), "server: {:?}", server);
+        prop_assert!(refused(server.as_ref().err()), "server: {:?}", server);
+    }
+
+    /// A value that a frame ignores is still held to the bounds: a ping carrying it is a ping
+    /// when the frame (its own map of 2 entries included) is within them, and refused for that
+    /// reason when it is not.
+    #[test]
+    fn msgpack_beyond_the_bounds_is_refused(tree in tree()) {
+        let elements = 2 + tree.elements();
+        let depth = 1 + tree.depth();
+        let over = elements > MAX_MSGPACK_ELEMENTS || depth > MAX_MSGPACK_DEPTH;
+        let wire = Wire::Binary(Bytes::from(ping_carrying(&tree)));
+        match Codec::MsgPack.decode_client(&wire) {
+            Ok(ClientFrame::Ping) => prop_assert!(!over, "{elements} elements, depth {depth}"),
+            Err(DecodeError::MsgPackShape(ShapeError::TooManyElements)) => {
+                prop_assert!(elements > MAX_MSGPACK_ELEMENTS, "{elements} elements");
+            }
+            Err(DecodeError::MsgPackShape(ShapeError::TooDeep)) => {
+                prop_assert!(depth > MAX_MSGPACK_DEPTH, "depth {depth}");
+            }
+            other => prop_assert!(false, "{elements} elements, depth {depth}: {other:?}"),
+        }
+    }
+
+    /// Mutations of such frames (lengths, markers and nesting changed) are decoded or refused,
+    /// and never accepted beyond the bounds.
+    #[test]
+    fn mutated_msgpack_near_the_bounds_is_decoded_or_refused(
+        tree in tree(),
+        mutations in proptest::collection::vec(mutation(), 1..6),
+    ) {
+        let mut data = ping_carrying(&tree);
+        mutate(&mut data, &mutations);
+        let wire = Wire::Binary(Bytes::from(data));
+        check_client(Codec::MsgPack, &wire)?;
+        check_server(Codec::MsgPack, &wire)?;
     }
 
     /// `body_b64` is decoded from the text itself, never beyond it: any string is a body or a

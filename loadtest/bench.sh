@@ -320,8 +320,9 @@ ceiling() {
   sha=$(redis-cli -p "$REDIS_PORT" SCRIPT LOAD "$script")
   echo
   echo "== ceiling: redis-benchmark EVALSHA append script $sha"
-  # KEYS: inbox, meta, dedupe, devices; ARGV: payload, max_inbox, epoch, dedupe ms, ttl ms,
-  # channel, replicas (0), cluster (0), device ttl ms.
+  # KEYS: inbox, meta, dedupe, devices, sender's share; ARGV: payload, max_inbox, epoch,
+  # dedupe ms, ttl ms, channel, replicas (0), cluster (0), device ttl ms, known recipient (0),
+  # share (half of max_inbox, as the gateway's default --max-inbox-share).
   # A random inbox per call (one in a million users) and a dedupe key unique per call; a huge
   # max_inbox so the script always stores. Payload ≈ Ferry's record for a 100-byte body.
   local payload
@@ -330,9 +331,10 @@ ceiling() {
   wait_quiet
   cpu_mark
   timeout 120 redis-benchmark -p "$REDIS_PORT" -c 50 -P 16 -r 1000000 -n "$CEILING_REQUESTS" --csv \
-    EVALSHA "$sha" 4 'bench:{u:__rand_int__}:inbox' 'bench:{u:__rand_int__}:meta' \
-    'bench:dedupe:__rand_int__:__rand_int__' 'bench:{u:__rand_int__}:devices' "$payload" \
-    1000000000 e1 60000 2592000000 'bench:live' 0 0 604800000 >"$OUT/ceiling.csv"
+    EVALSHA "$sha" 5 'bench:{u:__rand_int__}:inbox' 'bench:{u:__rand_int__}:meta' \
+    'bench:dedupe:__rand_int__:__rand_int__' 'bench:{u:__rand_int__}:devices' \
+    'bench:{u:__rand_int__}:from:lt-bench' "$payload" \
+    1000000000 e1 60000 2592000000 'bench:live' 0 0 604800000 0 500000000 >"$OUT/ceiling.csv"
   CEILING=$(tail -n 1 "$OUT/ceiling.csv" | cut -d, -f2 | tr -d '"')
   echo "redis-benchmark EVALSHA append: $CEILING ops/s (-c 50 -P 16, $CEILING_REQUESTS calls)"
   cpu_report

@@ -1,8 +1,10 @@
 //! Token verification: a client's JWT is checked against the one configured algorithm and key, and
 //! names the `UserId` the connection acts as; with an HS256 secret, tokens can also be minted.
 
+use std::collections::HashSet;
 use std::fmt;
 use std::path::Path;
+use std::sync::Arc;
 use std::time::Duration;
 
 use ferry_shared::{ErrorCode, UserId};
@@ -10,7 +12,7 @@ use jsonwebtoken::errors::{Error as JwtError, ErrorKind};
 use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
 use serde::{Deserialize, Serialize};
 
-use crate::config::{Config, JwtAlg};
+use crate::config::{Config, JwtAlg, Recipients};
 use crate::metrics;
 
 /// Clock skew tolerated on `exp` and `nbf`, in seconds.
@@ -144,6 +146,8 @@ pub struct Authenticator {
     validation: Validation,
     /// The HS256 secret as a signing key, for `mint_dev_token`; `None` with a public key.
     minting: Option<EncodingKey>,
+    /// Whether `send_to` is read (`--recipients token`).
+    reads_send_to: bool,
     /// Put into minted tokens so that they pass `verify`.
     issuer: Option<String>,
     audience: Option<String>,
@@ -158,7 +162,13 @@ struct Claims {
     /// is reported by the validation (`BadClaims`), not as an undecodable token.
     #[serde(default)]
     exp: Option<serde_json::Value>,
+    /// Read under `--recipients token` only.
+    #[serde(default)]
+    send_to: Option<serde_json::Value>,
 }
+
+/// Most users a token's `send_to` may name: a session keeps the set for its lifetime.
+pub const MAX_SEND_TO: usize = 10_000;
 
 /// Who a token names, and until when it is good.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -166,6 +176,56 @@ pub struct Verified {
     pub user: UserId,
     /// The token's `exp`, unix seconds.
     pub expires_at: u64,
+    /// Under `--recipients token`: whom the token's `send_to` claim lets its user send to.
+    pub send_to: SendTo,
+}
+
+/// The users a token's `send_to` claim names (`--recipients token`): the app decides, when it
+/// mints the token, whom its user may send to.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub enum SendTo {
+    /// No claim (or not read): nobody, under `--recipients token`.
+    #[default]
+    Nobody,
+    /// `["*"]`.
+    Anyone,
+    Only(Arc<HashSet<UserId>>),
+}
+
+impl SendTo {
+    pub fn allows(&self, to: &UserId) -> bool {
+        match self {
+            SendTo::Nobody => false,
+            SendTo::Anyone => true,
+            SendTo::Only(users) => users.contains(to),
+        }
+    }
+
+    /// Reads a `send_to` claim: an array of at most `MAX_SEND_TO` user ids, or `["*"]`.
+    fn parse(claim: &serde_json::Value) -> Result<SendTo, AuthError> {
+        let bad = |why: &str| AuthError::BadClaims(format!("send_to: {why}"));
+        let serde_json::Value::Array(items) = claim else {
+            return Err(bad("not an array"));
+        };
+        if items.len() > MAX_SEND_TO {
+            return Err(bad("too many users"));
+        }
+        if let [serde_json::Value::String(only)] = items.as_slice()
+            && only == "*"
+        {
+            return Ok(SendTo::Anyone);
+        }
+        let users = items
+            .iter()
+            .map(|item| match item {
+                serde_json::Value::String(user) => {
+                    UserId::parse(user).map_err(|_| bad("a bad user id"))
+                }
+                _ => Err(bad("not a string")),
+            })
+            .collect::<Result<HashSet<_>, _>>()?;
+        Ok(SendTo::Only(Arc::new(users)))
+    }
 }
 
 impl Verified {
@@ -233,6 +293,7 @@ impl Authenticator {
             decoding,
             validation,
             minting,
+            reads_send_to: config.recipients == Recipients::Token,
             issuer: config.jwt_issuer.clone(),
             audience: config.jwt_audience.clone(),
         })
@@ -256,9 +317,17 @@ impl Authenticator {
                 .or_else(|| exp.as_f64().map(|exp| exp as u64))
                 .unwrap_or(0)
         });
+        let send_to = match &data.claims.send_to {
+            Some(claim) if self.reads_send_to => SendTo::parse(claim)?,
+            _ => SendTo::Nobody,
+        };
         match data.claims.sub {
             Some(serde_json::Value::String(sub)) => UserId::parse(&sub)
-                .map(|user| Verified { user, expires_at })
+                .map(|user| Verified {
+                    user,
+                    expires_at,
+                    send_to,
+                })
                 .map_err(|e| AuthError::BadClaims(format!("sub: {e}"))),
             Some(_) => Err(AuthError::BadClaims("sub is not a string".into())),
             None => Err(AuthError::BadClaims("missing sub".into())),
@@ -642,6 +711,11 @@ mod tests {
             matches!(auth(&[]), Err(AuthError::Key(_))),
             "no key without --dev"
         );
+        let short = auth(&["--jwt-secret", &SECRET[..31]]);
+        assert!(
+            matches!(&short, Err(AuthError::Key(e)) if e.contains("at least 32 bytes")),
+            "a 31-byte secret"
+        );
     }
 
     #[test]
@@ -653,8 +727,3 @@ mod tests {
         );
     }
 }
-        let short = auth(&["--jwt-secret", &SECRET[..31]]);
-        assert!(
-            matches!(&short, Err(AuthError::Key(e)) if e.contains("at least 32 bytes")),
-            "a 31-byte secret"
-        );

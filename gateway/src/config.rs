@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use clap::builder::BoolishValueParser;
 use clap::{ArgAction, CommandFactory, FromArgMatches, Parser, ValueEnum};
+use ferry_router::SenderChecks;
 
 /// Every setting of a gateway node. Each flag `--some-name` can also be given as the environment
 /// variable `FERRY_SOME_NAME`; a flag on the command line wins over the variable.
@@ -121,6 +122,24 @@ pub struct Config {
     /// connections on this node (with a burst of four seconds' worth); beyond, `rate_limited`.
     #[arg(long, env = "FERRY_STORE_BYTES_RATE", default_value_t = 1_048_576.0)]
     pub store_bytes_rate: f64,
+
+    /// Who a `send` may name: `any` user; only `known` users (those who have connected and
+    /// still have a device record); or those the sender's `token` names in its `send_to` claim.
+    /// Others are refused with `forbidden`. The server HTTP API may publish to anyone either way.
+    #[arg(
+        long,
+        env = "FERRY_RECIPIENTS",
+        value_enum,
+        ignore_case = true,
+        default_value = "any"
+    )]
+    pub recipients: Recipients,
+
+    /// The share of an inbox (of --max-inbox) one sender's `send`s may hold at once, so that no
+    /// single sender fills an inbox alone; beyond it, `inbox_full`. 1 turns the bound off. The
+    /// server HTTP API's publishes neither count nor are bounded.
+    #[arg(long, env = "FERRY_MAX_INBOX_SHARE", default_value_t = 0.5)]
+    pub max_inbox_share: f64,
 
     /// Connections from one client address this node takes at once (the address a trusted
     /// proxy forwards, see --trusted-proxies); one more is refused with 503.
@@ -380,6 +399,19 @@ pub enum JwtAlg {
     Es256,
 }
 
+/// Who a `send` may name (`--recipients`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Recipients {
+    /// Any valid user id.
+    Any,
+    /// Users with a device record: they connected, and were not erased or left without devices
+    /// since.
+    Known,
+    /// Users the sender's token names in its `send_to` claim (an array of user ids, or `["*"]`
+    /// for anyone): the app decides when it mints the token.
+    Token,
+}
+
 /// How log events are written.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum LogFormat {
@@ -388,6 +420,10 @@ pub enum LogFormat {
     /// One JSON object per event.
     Json,
 }
+
+/// Shortest HS256 secret accepted, in bytes: HS256 wants a key of at least 256 bits, and a shorter
+/// one can be guessed offline from any one token (issue 13, L7).
+pub const MIN_JWT_SECRET_BYTES: usize = 32;
 
 /// The HS256 secret. Its `Debug` is redacted so that logging the config never leaks it.
 #[derive(Clone, PartialEq, Eq)]
@@ -421,10 +457,6 @@ impl fmt::Debug for JwtSecret {
 /// Why a configuration is refused.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum ConfigError {
-/// Shortest HS256 secret accepted, in bytes: HS256 wants a key of at least 256 bits, and a shorter
-/// one can be guessed offline from any one token (issue 13, L7).
-pub const MIN_JWT_SECRET_BYTES: usize = 32;
-
     #[error(
         "no JWT key configured: give --jwt-secret (HS256) or --jwt-public-key with --jwt-alg \
          RS256 or ES256, or run with --dev (insecure, for development only)"
@@ -482,6 +514,20 @@ impl Config {
         // `as` saturates; validation keeps the rate finite and positive.
         self.api_burst
             .unwrap_or_else(|| self.api_rate.ceil() as u32)
+    }
+
+    /// What the store checks of a `send`'s sender (`--recipients`, `--max-inbox-share`).
+    pub fn sender_checks(&self) -> SenderChecks {
+        let max_share = if self.max_inbox_share >= 1.0 {
+            0
+        } else {
+            // At least one message, whatever the fraction: a share of 0 would mean no bound.
+            ((self.max_inbox as f64 * self.max_inbox_share).ceil() as u64).max(1)
+        };
+        SenderChecks {
+            known_recipient: self.recipients == Recipients::Known,
+            max_share,
+        }
     }
 
     /// This node's name: `--node-id`, else the host name, else `ferry`.
@@ -774,6 +820,12 @@ impl Config {
                  many recipients takes that many tokens at once)",
             ));
         }
+        if !(self.max_inbox_share > 0.0 && self.max_inbox_share <= 1.0) {
+            return Err(invalid(
+                "max-inbox-share",
+                "must be a fraction above 0 and at most 1 (1: no bound)",
+            ));
+        }
         if !(self.store_bytes_rate.is_finite() && self.store_bytes_rate >= 1.0) {
             return Err(invalid(
                 "store-bytes-rate",
@@ -875,6 +927,9 @@ fn invalid(flag: &'static str, reason: &str) -> ConfigError {
 mod tests {
     use super::*;
 
+    /// An HS256 secret long enough to be accepted (34 bytes).
+    const SECRET: &str = "a-test-secret-of-at-least-32-bytes";
+
     fn parse(extra: &[&str]) -> Config {
         let args = std::iter::once("ferry-gateway").chain(extra.iter().copied());
         Config::from_args(args).expect("arguments parse")
@@ -895,11 +950,18 @@ mod tests {
         assert_eq!(c.jwt_secret, None);
         assert_eq!(c.jwt_public_key, None);
         assert_eq!(c.jwt_alg, JwtAlg::Hs256);
-        assert_eq!((c.jwt_issuer, c.jwt_audience), (None, None));
+        assert_eq!((&c.jwt_issuer, &c.jwt_audience), (&None, &None));
         assert!(!c.dev);
         assert_eq!(c.max_frame_bytes, 1_048_576);
         assert_eq!(c.max_body_bytes, 65_536);
         assert_eq!(c.max_inbox, 10_000);
+        assert_eq!(
+            c.sender_checks(),
+            SenderChecks {
+                known_recipient: false,
+                max_share: 5_000
+            }
+        );
         assert_eq!(c.inbox_ttl, secs(30 * 24 * 3600));
         assert_eq!(c.dedupe_window, secs(60));
         assert_eq!((c.send_rate, c.send_burst), (100.0, 200));
@@ -927,9 +989,6 @@ mod tests {
         assert_eq!(
             (c.redis_ca_file, c.redis_client_cert, c.redis_client_key),
             (None, None, None)
-    /// An HS256 secret long enough to be accepted (34 bytes).
-    const SECRET: &str = "a-test-secret-of-at-least-32-bytes";
-
         );
         assert_eq!(c.api_max_recipients, 1000);
         assert_eq!((c.api_rate, c.api_burst), (5000.0, None));
@@ -937,7 +996,7 @@ mod tests {
     }
 
     /// The flag names are an interface (DESIGN.md's table, then the additions).
-    const FLAGS: [&str; 61] = [
+    const FLAGS: [&str; 63] = [
         "listen",
         "admin-listen",
         "redis-url",
@@ -959,6 +1018,8 @@ mod tests {
         "send-rate",
         "send-burst",
         "store-bytes-rate",
+        "recipients",
+        "max-inbox-share",
         "max-connections-per-address",
         "max-unauthenticated",
         "trusted-proxies",
@@ -1044,6 +1105,24 @@ mod tests {
         assert_eq!((c.jwt_alg, c.log_format), (JwtAlg::Rs256, LogFormat::Json));
         assert_eq!(parse(&["--jwt-alg", "ES256"]).jwt_alg, JwtAlg::Es256);
         assert!(Config::from_args(["ferry-gateway", "--jwt-alg", "none"]).is_err());
+        let c = parse(&[
+            "--recipients",
+            "known",
+            "--max-inbox",
+            "3",
+            "--max-inbox-share",
+            "0.1",
+        ]);
+        assert_eq!(
+            c.sender_checks(),
+            SenderChecks {
+                known_recipient: true,
+                max_share: 1
+            }
+        );
+        let off = parse(&["--max-inbox-share", "1"]).sender_checks();
+        assert_eq!(off.max_share, 0);
+        assert!(Config::from_args(["ferry-gateway", "--recipients", "friends"]).is_err());
     }
 
     #[test]
@@ -1154,8 +1233,13 @@ mod tests {
             "max-catchup-reads",
             "listen-backlog",
             "send-rate",
+            "max-inbox-share",
         ] {
             assert_eq!(flag_of(&[format!("--{flag}").as_str(), "0"]), Some(flag));
+        }
+        for share in ["1.5", "NaN", "-0.5"] {
+            let arg = format!("--max-inbox-share={share}");
+            assert_eq!(flag_of(&[arg.as_str()]), Some("max-inbox-share"));
         }
         for flag in [
             "inbox-ttl",

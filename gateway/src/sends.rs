@@ -135,6 +135,14 @@ pub fn accepted(
             ErrorCode::InboxFull,
             format!("{to}'s inbox is full"),
         )),
+        Ok(AppendOutcome::ShareFull) => Err(Refused::new(
+            ErrorCode::InboxFull,
+            format!("{to}'s inbox holds as many of your messages as one sender may"),
+        )),
+        Ok(AppendOutcome::UnknownRecipient) => Err(Refused::new(
+            ErrorCode::Forbidden,
+            format!("{to} is not a known user"),
+        )),
         Err(EngineError::Unavailable(e)) => {
             // Per message, so at debug: an outage shows in the store metrics and the
             // watchdog's log, not as one line per refused send.

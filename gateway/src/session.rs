@@ -37,8 +37,9 @@ use tokio::time::Instant;
 use tokio_tungstenite::tungstenite::error::CapacityError;
 use tokio_tungstenite::tungstenite::{Error as WsError, Message, Utf8Bytes};
 
-use crate::auth::AuthAt;
+use crate::auth::{AuthAt, SendTo};
 use crate::close;
+use crate::config::Recipients;
 use crate::hello::{self, Opened};
 use crate::limits::TokenBucket;
 use crate::metrics;
@@ -276,6 +277,9 @@ struct Session {
     /// When the session's token stops being good (its `exp` plus the leeway); an `auth` frame
     /// with a fresh token moves it.
     token_expiry: Instant,
+    /// Whom the token lets the user send to (read under `--recipients token`); an `auth` frame
+    /// with a fresh token replaces it.
+    send_to: SendTo,
     epoch: String,
     /// Highest seq written to the client (the resume point at first).
     delivered: u64,
@@ -321,6 +325,7 @@ impl Session {
             device: opened.device,
             membership: opened.membership,
             token_expiry: Instant::now() + opened.token.remaining(),
+            send_to: opened.token.send_to,
             epoch: opened.epoch,
             delivered: opened.resume,
             stamp: opened.stamp,
@@ -515,6 +520,7 @@ impl Session {
                 self.reply(ServerFrame::Authed {
                     expires_at: fresh.expires_at,
                 });
+                self.send_to = fresh.send_to;
                 None
             }
             Ok(other) => {
@@ -553,12 +559,6 @@ impl Session {
         }
     }
 
-    /// The message a `send` asks to store, or why it is refused.
-    fn check_send(&mut self, id: &str, to: &str, body: Body) -> Result<NewMessage, Refused> {
-        let invalid = |m: String| Refused::new(ErrorCode::Invalid, m);
-        if let Err(retry_ms) = self.node.users.take_send(&self.user) {
-            return Err(Refused {
-                retry_after_ms: Some(retry_ms),
     /// Stops reading the client for `wait_ms`, when a rate refused its send: the frames it sent
     /// meanwhile wait in the socket until a token is there, so a client cannot make the node
     /// decode and refuse sends faster than the rate it is allowed.
@@ -567,11 +567,17 @@ impl Session {
         self.paused_until = Some(self.paused_until.map_or(until, |paused| paused.max(until)));
     }
 
+    /// The message a `send` asks to store, or why it is refused.
+    fn check_send(&mut self, id: &str, to: &str, body: Body) -> Result<NewMessage, Refused> {
+        let invalid = |m: String| Refused::new(ErrorCode::Invalid, m);
+        if let Err(retry_ms) = self.node.users.take_send(&self.user) {
+            self.pause_for(retry_ms);
+            return Err(Refused {
+                retry_after_ms: Some(retry_ms),
                 ..Refused::new(ErrorCode::RateLimited, "send rate exceeded")
             });
         }
         let now = Instant::now();
-            self.pause_for(retry_ms);
         let early_retry = match &self.refused {
             Some((refused_id, until)) if **refused_id == *id && now < *until => Some(*until),
             _ => None,
@@ -603,6 +609,10 @@ impl Session {
         }
         let message_id = MessageId::parse(id).map_err(|e| invalid(e.to_string()))?;
         let recipient = UserId::parse(to).map_err(|e| invalid(format!("to: {e}")))?;
+        if self.node.config.recipients == Recipients::Token && !self.send_to.allows(&recipient) {
+            let message = format!("{to} is not among the users this token may send to");
+            return Err(Refused::new(ErrorCode::Forbidden, message));
+        }
         if body.0.is_empty() {
             return Err(invalid("empty body".into()));
         }
@@ -612,6 +622,7 @@ impl Session {
             return Err(Refused::new(ErrorCode::TooLarge, message));
         }
         if let Err(retry_ms) = self.node.users.take_bytes(&self.user, body.0.len()) {
+            self.pause_for(retry_ms);
             return Err(Refused {
                 retry_after_ms: Some(retry_ms),
                 ..Refused::new(ErrorCode::RateLimited, "bytes stored per second exceeded")
@@ -622,8 +633,8 @@ impl Session {
             to: recipient,
             id: message_id,
             ts: now_ms(),
-            self.pause_for(retry_ms);
             body: body.0,
+            checks: self.node.config.sender_checks(),
         })
     }
 

@@ -513,7 +513,11 @@ both_engines! {
     }
 
     async fn a_full_inbox_refuses_until_acked(kind: EngineKind) {
-        let gateway = TestGateway::start_with(kind, |c| c.max_inbox = 3).await;
+        let gateway = TestGateway::start_with(kind, |c| {
+            c.max_inbox = 3;
+            // One sender fills it here: no share bound (see recipients.rs for the share).
+            c.max_inbox_share = 1.0;
+        }).await;
         let bystander = Bystander::open(&gateway).await;
         let (mut sender, _) = gateway.raw("filler").await;
         for i in 1..=3 {

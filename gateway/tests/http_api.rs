@@ -182,6 +182,21 @@ every_engine! {
         assert_eq!(next_msg(&mut again).await.2, "n-2");
     }
 
+    // The recipient policy binds clients' sends, not the backend: under `--recipients known`
+    // and a share of one message, the API publishes to a user who never connected, twice.
+    async fn a_publish_is_not_bound_by_the_recipient_policy(kind: EngineKind) {
+        let gw = api_gateway(kind, |c| {
+            c.recipients = ferry_gateway::config::Recipients::Known;
+            c.max_inbox = 2;
+            c.max_inbox_share = 0.5;
+        })
+        .await;
+        for (id, seq) in [("p-1", 1), ("p-2", 2)] {
+            let answer = publish(&gw, json!({"id": id, "to": "newcomer", "body": "hi"})).await;
+            assert_eq!(answer.json["results"][0]["seq"], seq, "{answer:?}");
+        }
+    }
+
     // One publish to 1,000 users: each gets its own answer in the request's order; the one
     // whose inbox is full gets `inbox_full`, the rest are stored. Repeated, every stored one is
     // a duplicate with its original seq.

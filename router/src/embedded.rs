@@ -10,7 +10,7 @@
 //! then further live messages are dropped. That is safe because every dropped message is already
 //! in the store that the resync makes every session read.
 
-use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
@@ -74,6 +74,9 @@ struct Inbox {
     /// The highest seq trimmed.
     floor: u64,
     devices: Devices,
+    /// The seqs of the messages each sender holds here, for senders whose appends counted
+    /// their share (`SenderChecks::max_share`); trimmed with the messages.
+    senders: HashMap<UserId, BTreeSet<u64>>,
     /// The inbox is gone at this instant unless an append or open refreshes it.
     expires: Instant,
 }
@@ -136,6 +139,15 @@ impl EmbeddedEngine {
             return AppendOutcome::Duplicate { seq: seen.seq };
         }
         let (now_ms, ttl_ms) = (self.unix_ms(now), self.device_ttl_ms());
+        match state.live_inbox(&msg.to, now) {
+            Some(inbox) => {
+                if let Some(refused) = inbox.refuses(msg) {
+                    return refused;
+                }
+            }
+            None if msg.checks.known_recipient => return AppendOutcome::UnknownRecipient,
+            None => {}
+        }
         if let Some(inbox) = state.live_inbox(&msg.to, now)
             && inbox.messages.len() as u64 >= self.options.max_inbox
             && !inbox.make_room(self.options.max_inbox, now_ms, ttl_ms)
@@ -164,6 +176,13 @@ impl EmbeddedEngine {
             stamp,
         };
         inbox.messages.insert(seq, stored.clone());
+        if msg.checks.max_share > 0 {
+            inbox
+                .senders
+                .entry(msg.from.clone())
+                .or_default()
+                .insert(seq);
+        }
         let expires = now + self.options.dedupe_window;
         state
             .dedupe
@@ -220,18 +239,36 @@ impl Inbox {
             messages: BTreeMap::new(),
             floor: 0,
             devices: Devices::default(),
+            senders: HashMap::new(),
             expires: now,
         }
     }
 
     /// Deletes every message at or below `upto`.
     fn trim(&mut self, upto: u64) {
-        let kept = match upto.checked_add(1) {
-            Some(first_kept) => self.messages.split_off(&first_kept),
-            None => BTreeMap::new(),
+        let Some(first_kept) = upto.checked_add(1) else {
+            self.messages.clear();
+            self.senders.clear();
+            self.floor = upto;
+            return;
         };
-        self.messages = kept;
+        self.messages = self.messages.split_off(&first_kept);
+        self.senders.retain(|_, seqs| {
+            *seqs = seqs.split_off(&first_kept);
+            !seqs.is_empty()
+        });
         self.floor = self.floor.max(upto);
+    }
+
+    /// Why `msg` may not be stored here under its checks, if it may not (after the dedupe
+    /// check, before the inbox's own bound, as the append script checks).
+    fn refuses(&self, msg: &NewMessage) -> Option<AppendOutcome> {
+        if msg.checks.known_recipient && self.devices.records.is_empty() {
+            return Some(AppendOutcome::UnknownRecipient);
+        }
+        let held = self.senders.get(&msg.from).map_or(0, BTreeSet::len) as u64;
+        (msg.checks.max_share > 0 && held >= msg.checks.max_share)
+            .then_some(AppendOutcome::ShareFull)
     }
 
     /// Trims up to the lowest position of the holding devices.
@@ -634,6 +671,7 @@ mod tests {
             id: MessageId::parse(id).unwrap(),
             ts: 1,
             body: Bytes::from_static(b"x"),
+            checks: Default::default(),
         }
     }
 

@@ -154,6 +154,21 @@ pub struct NewMessage {
     pub id: MessageId,
     pub ts: u64,
     pub body: Bytes,
+    /// What the append checks of the sender beyond the inbox's own bounds.
+    pub checks: SenderChecks,
+}
+
+/// The recipient policy an append enforces for its sender (the gateway's `--recipients` and
+/// `--max-inbox-share`); the default checks nothing, as for the server API, whose backend may
+/// publish to anyone.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct SenderChecks {
+    /// The recipient must be known: it has a device record (it connected, and has not been
+    /// erased or removed every device since). Otherwise `UnknownRecipient`.
+    pub known_recipient: bool,
+    /// At most this many of the sender's messages may be in the recipient's inbox at once
+    /// (0: no bound). Beyond it, `ShareFull`.
+    pub max_share: u64,
 }
 
 /// What an append did.
@@ -166,6 +181,10 @@ pub enum AppendOutcome {
     Duplicate { seq: u64 },
     /// The inbox holds `max_inbox` unacknowledged messages; nothing was written.
     InboxFull,
+    /// The inbox holds `max_share` messages of this sender; nothing was written.
+    ShareFull,
+    /// The recipient is not known and the checks ask for a known one; nothing was written.
+    UnknownRecipient,
 }
 
 /// An inbox's incarnation and the highest seq ever allocated in it (0 if none).

@@ -25,7 +25,7 @@ pub use embedded::EmbeddedEngine;
 pub use engine::{
     AppendOutcome, Checked, DeviceInfo, DeviceSeen, Engine, EngineError, EngineOptions, EpochName,
     InboxInfo, InboxMessage, InboxState, Live, LiveEvent, LiveSink, NewMessage, Opened, Page,
-    Position, StoreReport, Stored,
+    Position, SenderChecks, StoreReport, Stored,
 };
 pub use hub::{CatchUpReason, Hub, HubOptions, LiveSignal, Membership};
 pub use record::{RecordError, decode_member, decode_stored, encode_payload, split_live};

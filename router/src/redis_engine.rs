@@ -673,11 +673,12 @@ impl Engine for RedisEngine {
         let core = &self.core;
         let script = &SCRIPTS.append;
         let replicas = core.options.min_replicas_ack;
-        let mut cmd = script.call(4);
+        let mut cmd = script.call(5);
         cmd.arg(core.key(&msg.to, KeyKind::Inbox))
             .arg(core.key(&msg.to, KeyKind::Meta))
             .arg(core.key(&msg.to, KeyKind::Dedupe(&msg.from, &msg.id)))
             .arg(core.key(&msg.to, KeyKind::Devices))
+            .arg(core.key(&msg.to, KeyKind::Sender(&msg.from)))
             .arg(encode_payload(&msg.from, &msg.id, msg.ts, &msg.body))
             .arg(core.options.max_inbox)
             .arg(NewEpoch)
@@ -686,7 +687,9 @@ impl Engine for RedisEngine {
             .arg(core.key(&msg.to, KeyKind::Live))
             .arg(if replicas > 0 { "1" } else { "0" })
             .arg(if core.cluster { "1" } else { "0" })
-            .arg(millis(core.options.device_ttl));
+            .arg(millis(core.options.device_ttl))
+            .arg(if msg.checks.known_recipient { "1" } else { "0" })
+            .arg(msg.checks.max_share);
         let durability = if replicas > 0 {
             Durability::Replicas(replicas)
         } else {

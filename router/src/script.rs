@@ -140,11 +140,21 @@ end
     };
 }
 
-/// KEYS: inbox, meta, dedupe, devices.
+/// KEYS: inbox, meta, dedupe, devices, the sender's share (`KeyKind::Sender`).
 /// ARGV: payload, max_inbox, new epoch, dedupe window (ms), inbox ttl (ms), live channel, `1` when
 /// replicas must acknowledge, `1` on a Redis Cluster (publish with `SPUBLISH`, to the shard's
-/// subscribers only), device ttl (ms).
-/// Returns `{0, seq, epoch, adopted}` stored, `{1, seq}` duplicate, `{2}` inbox full.
+/// subscribers only), device ttl (ms), `1` when the recipient must be known, the sender's
+/// share (0: none).
+/// Returns `{0, seq, epoch, adopted}` stored, `{1, seq}` duplicate, `{2}` inbox full, `{3}`
+/// unknown recipient, `{4}` the sender's share is full.
+///
+/// - A known recipient has a devices hash (it connected, and was not erased or left without
+///   devices since).
+/// - The share key holds the seqs of the sender's messages (counted only when a share is
+///   given). It is pruned only when it reaches the share: seqs below the inbox's lowest have
+///   left the inbox (trims and room-making take the lowest seqs first), so what is left is the
+///   sender's messages still there. It never holds more than the share, and expires with the
+///   inbox's ttl from the sender's last append.
 ///
 /// - When replicas must acknowledge, the script does not publish: it returns the live message
 ///   last (`{0, seq, epoch, adopted, live}`, and `{1, seq, live}` for a duplicate whose message
@@ -178,6 +188,21 @@ if dup then
     end
   end
   return {1, dup}
+end
+if ARGV[10] == '1' and redis.call('EXISTS', KEYS[4]) == 0 then
+  return {3}
+end
+local share = tonumber(ARGV[11])
+if share > 0 and redis.call('ZCARD', KEYS[5]) >= share then
+  local lowest = redis.call('ZRANGE', KEYS[1], 0, 0, 'WITHSCORES')[2]
+  if lowest then
+    redis.call('ZREMRANGEBYSCORE', KEYS[5], '-inf', '(' .. lowest)
+  else
+    redis.call('DEL', KEYS[5])
+  end
+  if redis.call('ZCARD', KEYS[5]) >= share then
+    return {4}
+  end
 end
 local card = redis.call('ZCARD', KEYS[1])
 local max = tonumber(ARGV[2])
@@ -229,6 +254,10 @@ redis.call('SET', KEYS[3], seq, 'PX', ARGV[4])
 redis.call('PEXPIRE', KEYS[1], ARGV[5])
 redis.call('PEXPIRE', KEYS[2], ARGV[5])
 redis.call('PEXPIRE', KEYS[4], ARGV[5])
+if share > 0 then
+  redis.call('ZADD', KEYS[5], seq, seq)
+  redis.call('PEXPIRE', KEYS[5], ARGV[5])
+end
 if ARGV[7] == '1' then
   return {0, seq, epoch, adopted, epoch .. ':' .. member}
 end
@@ -670,7 +699,12 @@ pub(crate) fn parse_append(value: &Value) -> Result<AppendAnswer, EngineError> {
             None,
             rest.first().map(|v| bytes(v).ok_or_else(bad)).transpose()?,
         )),
-        [code] if int(code) == Some(2) => Ok(answer(AppendOutcome::InboxFull, None, None)),
+        [code] => match int(code) {
+            Some(2) => Ok(answer(AppendOutcome::InboxFull, None, None)),
+            Some(3) => Ok(answer(AppendOutcome::UnknownRecipient, None, None)),
+            Some(4) => Ok(answer(AppendOutcome::ShareFull, None, None)),
+            _ => Err(bad()),
+        },
         _ => Err(bad()),
     }
 }

@@ -9,35 +9,8 @@ mod common;
 use std::time::Duration;
 
 use common::*;
-use ferry_router::{
-    AppendOutcome, Checked, DeviceSeen, Engine, EngineOptions, Opened, Page, Position,
-};
+use ferry_router::{AppendOutcome, Checked, DeviceSeen, Engine, EngineOptions, Page, Position};
 use ferry_shared::DeviceId;
-
-fn device(name: &str) -> DeviceId {
-    DeviceId::parse(name).expect("a valid device id")
-}
-
-/// Opens `name`'s inbox as `device`, without a claim.
-async fn open_as(engine: &dyn Engine, name: &str, device: &DeviceId) -> Opened {
-    engine
-        .open_inbox(&user(name), device, None)
-        .await
-        .expect("open_inbox")
-}
-
-/// Acknowledges up to `upto` as `device`, from a valid position in the current epoch.
-async fn ack_as(engine: &dyn Engine, name: &str, device: &DeviceId, upto: u64) {
-    let state = inbox_state(engine, name).await;
-    let at = Position {
-        epoch: &state.epoch,
-        delivered: state.head,
-        stamp: 0,
-        device,
-    };
-    let trimmed = engine.trim(&user(name), &at, upto).await.expect("trim");
-    assert_eq!(trimmed, Checked::Valid(()));
-}
 
 /// Reads `name`'s inbox after `after` as `device`.
 async fn page_as(engine: &dyn Engine, name: &str, device: &DeviceId, after: u64) -> Page {

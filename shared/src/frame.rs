@@ -117,6 +117,8 @@ pub enum ErrorCode {
     InboxFull,
     Unavailable,
     Internal,
+    /// The recipient may not be sent to under the node's recipient policy (`--recipients`).
+    Forbidden,
     /// The session's token expired (and no fresh one came in an `auth` frame): close 1008
     /// follows.
     TokenExpired,
@@ -137,6 +139,7 @@ impl ErrorCode {
             ErrorCode::Unavailable => "unavailable",
             ErrorCode::Internal => "internal",
             ErrorCode::TokenExpired => "token_expired",
+            ErrorCode::Forbidden => "forbidden",
             ErrorCode::Unknown => "unknown",
         }
     }

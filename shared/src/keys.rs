@@ -84,6 +84,8 @@ pub enum KeyKind<'a> {
     /// The dedupe key of (sender, id). They are joined by `/`, which neither alphabet contains
     /// (both may contain `:`), so two different (sender, id) pairs never name one key.
     Dedupe(&'a UserId, &'a MessageId),
+    /// The seqs of a sender's messages in the inbox (a sorted set), for its share.
+    Sender(&'a UserId),
 }
 
 /// A user's key, as `Display`: `<prefix>:{u:<user>}:<suffix>`.
@@ -104,6 +106,7 @@ impl fmt::Display for UserKey<'_> {
             KeyKind::Live => f.write_str("live"),
             KeyKind::Devices => f.write_str("devices"),
             KeyKind::Dedupe(sender, id) => write!(f, "dedupe:{sender}/{id}"),
+            KeyKind::Sender(sender) => write!(f, "from:{sender}"),
         }
     }
 }
@@ -123,6 +126,10 @@ mod tests {
         assert_eq!(k.dedupe(&u, &s, &id), "ferry:{u:bob@x}:dedupe:al/m-1");
         assert_eq!(k.quarantine(&u), "ferry:{u:bob@x}:quarantine");
         assert_eq!(k.live(&u), "ferry:{u:bob@x}:live");
+        assert_eq!(
+            k.key(&u, KeyKind::Sender(&s)).to_string(),
+            "ferry:{u:bob@x}:from:al"
+        );
         assert_eq!(k.user_of_live(&k.live(&u)), Some(u));
         assert_eq!(Keys::new("other").user_of_live("ferry:{u:bob}:live"), None);
     }

@@ -12,8 +12,8 @@ use std::time::Duration;
 use bytes::Bytes;
 use ferry_router::{
     AppendOutcome, Checked, DeviceInfo, Engine, EngineError, EngineOptions, InboxInfo,
-    InboxMessage, InboxState, LiveEvent, LiveSink, NewMessage, Opened, Page, Position, StoreReport,
-    Stored,
+    InboxMessage, InboxState, LiveEvent, LiveSink, NewMessage, Opened, Page, Position,
+    SenderChecks, StoreReport, Stored,
 };
 use ferry_shared::{DeviceId, MessageId, UserId};
 use futures_util::future::BoxFuture;
@@ -107,6 +107,7 @@ pub fn message(from: &str, to: &str, id: &str, body: &[u8]) -> NewMessage {
         id: MessageId::parse(id).expect("a valid message id"),
         ts: 1_764_086_400_000,
         body: Bytes::copy_from_slice(body),
+        checks: SenderChecks::default(),
     }
 }
 
@@ -381,4 +382,29 @@ impl Engine for Recorder {
     fn check(&self) -> BoxFuture<'_, Result<StoreReport, EngineError>> {
         self.inner.check()
     }
+}
+
+pub fn device(name: &str) -> DeviceId {
+    DeviceId::parse(name).expect("a valid device id")
+}
+
+/// Opens `name`'s inbox as `device`, without a claim.
+pub async fn open_as(engine: &dyn Engine, name: &str, device: &DeviceId) -> Opened {
+    engine
+        .open_inbox(&user(name), device, None)
+        .await
+        .expect("open_inbox")
+}
+
+/// Acknowledges up to `upto` as `device`, from a valid position in the current epoch.
+pub async fn ack_as(engine: &dyn Engine, name: &str, device: &DeviceId, upto: u64) {
+    let state = inbox_state(engine, name).await;
+    let at = Position {
+        epoch: &state.epoch,
+        delivered: state.head,
+        stamp: 0,
+        device,
+    };
+    let trimmed = engine.trim(&user(name), &at, upto).await.expect("trim");
+    assert_eq!(trimmed, Checked::Valid(()));
 }

@@ -77,8 +77,15 @@ pub async fn read_request<S: tokio::io::AsyncRead + Unpin>(
 async fn read_head<S: tokio::io::AsyncRead + Unpin>(stream: &mut S) -> Result<Request, HttpError> {
     let mut buf = BytesMut::with_capacity(1024);
     loop {
+        let before = buf.len();
         if stream.read_buf(&mut buf).await? == 0 {
             return Err(HttpError::Closed);
+        }
+        // Parsed on the first read (so garbage is refused at once), then only once the blank
+        // line that ends a head has arrived, or the bound is reached: a client that sends its
+        // head a byte at a time does not make the node parse it again at every byte.
+        if before > 0 && buf.len() < MAX_HEAD_BYTES && !ends_a_head(&buf, before) {
+            continue;
         }
         let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
         let mut req = httparse::Request::new(&mut headers);
@@ -112,6 +119,22 @@ async fn read_head<S: tokio::io::AsyncRead + Unpin>(stream: &mut S) -> Result<Re
             Err(e) => return Err(HttpError::Malformed(e.to_string())),
         }
     }
+}
+
+/// Whether the bytes from `from` on (with the two before them) hold the empty line that ends a
+/// head: `\n\n` or `\n\r\n`, as httparse accepts either line ending.
+fn ends_a_head(buf: &[u8], from: usize) -> bool {
+    buf[from.saturating_sub(2)..]
+        .windows(2)
+        .enumerate()
+        .any(|(i, w)| match w {
+            b"\n\n" => true,
+            b"\r\n" => {
+                let at = from.saturating_sub(2) + i;
+                at > 0 && buf[at - 1] == b'\n'
+            }
+            _ => false,
+        })
 }
 
 /// Writes a complete response and flushes it. The connection is not reused.
@@ -221,6 +244,56 @@ mod tests {
             read_request(&mut empty, Duration::from_secs(1)).await,
             Err(HttpError::Closed)
         ));
+    }
+
+    /// Reads one byte per `read`, as a client that sends its head a byte at a time.
+    struct Trickle<'a>(&'a [u8]);
+
+    impl tokio::io::AsyncRead for Trickle<'_> {
+        fn poll_read(
+            mut self: std::pin::Pin<&mut Self>,
+            _: &mut std::task::Context<'_>,
+            out: &mut tokio::io::ReadBuf<'_>,
+        ) -> std::task::Poll<std::io::Result<()>> {
+            if let Some((&first, rest)) = self.0.split_first() {
+                out.put_slice(&[first]);
+                self.0 = rest;
+            }
+            std::task::Poll::Ready(Ok(()))
+        }
+    }
+
+    #[tokio::test]
+    async fn a_head_a_byte_at_a_time_is_read_whole() {
+        for head in [
+            &b"GET /v1/ws?token=t HTTP/1.1\r\nHost: x\r\n\r\nrest"[..],
+            b"GET /v1/ws HTTP/1.1\nHost: x\n\nrest",
+        ] {
+            let req = read_request(&mut Trickle(head), Duration::from_secs(1))
+                .await
+                .expect("a head");
+            assert_eq!(
+                (req.path.as_str(), req.header("host")),
+                ("/v1/ws", Some("x"))
+            );
+            // Read a byte at a time, nothing past the head has arrived yet.
+            assert!(req.rest.is_empty());
+        }
+        let mut garbage = Trickle(b"\x00\x01 nonsense");
+        assert!(matches!(
+            read_request(&mut garbage, Duration::from_secs(1)).await,
+            Err(HttpError::Malformed(_))
+        ));
+    }
+
+    #[test]
+    fn the_end_of_a_head_is_found_in_new_bytes() {
+        let head = b"GET / HTTP/1.1\r\nx: y\r\n\r\n";
+        for from in 0..head.len() {
+            assert!(ends_a_head(head, from), "from {from}");
+        }
+        assert!(!ends_a_head(b"GET / HTTP/1.1\r\nx: y\r\n", 0));
+        assert!(ends_a_head(b"GET / HTTP/1.1\nx: y\n\n", 20));
     }
 
     #[test]

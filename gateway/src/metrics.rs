@@ -146,6 +146,19 @@ pub static LAGGING: LazyLock<IntGauge> = LazyLock::new(|| {
     .expect(REGISTERED)
 });
 
+/// Kept by `outbound.rs`: added when a frame is queued, taken back when it leaves the queue
+/// (handed to the socket, or dropped with the queue when the connection ends). A live message's
+/// frame is shared by its recipient's sessions and counts in each queue that holds it, so this
+/// can exceed the memory those frames take.
+pub static OUTBOUND_QUEUED_BYTES: LazyLock<IntGauge> = LazyLock::new(|| {
+    register_int_gauge!(
+        "ferry_outbound_queued_bytes",
+        "Bytes of frames queued in this node's connections' outbound queues, not yet handed to \
+         the socket"
+    )
+    .expect(REGISTERED)
+});
+
 pub static ADMISSION_RATE: LazyLock<IntGauge> = LazyLock::new(|| {
     register_int_gauge!(
         "ferry_admission_rate",
@@ -237,6 +250,7 @@ pub fn init() {
     CONNECTIONS_OPEN.get();
     CONNECTIONS_MAX.get();
     LAGGING.get();
+    OUTBOUND_QUEUED_BYTES.get();
     ADMISSION_RATE.get();
     CATCHUP_WAITING.get();
     DRAINS.get();

@@ -4,7 +4,10 @@
 //! inbox later), and the session stops reading the client while the queue is full, so answers
 //! never pile up either. Frames ready together go out in one socket write, and a socket that
 //! takes nothing for the write timeout is closed. Memory per connection stays bounded whatever
-//! the client does, and an idle connection holds no buffer here.
+//! the client does, and an idle connection holds no buffer here. What all of a node's queues
+//! hold is `ferry_outbound_queued_bytes`: every byte added to a queue is taken back when it
+//! leaves, whichever way (handed to the socket, cleared after a close or failure, or dropped
+//! with the connection).
 
 use std::collections::VecDeque;
 use std::pin::Pin;
@@ -89,7 +92,8 @@ pub enum WriteFailed {
 pub struct Outbound {
     socket: Socket,
     queue: VecDeque<Item>,
-    /// Bytes queued and not yet handed to the socket.
+    /// Bytes queued and not yet handed to the socket; always this queue's share of
+    /// `ferry_outbound_queued_bytes`.
     bytes: usize,
     max_items: usize,
     max_bytes: usize,
@@ -178,7 +182,9 @@ impl Outbound {
         if self.failed.is_some() {
             return;
         }
-        self.bytes += item.bytes();
+        let bytes = item.bytes();
+        self.bytes += bytes;
+        metrics::OUTBOUND_QUEUED_BYTES.add(bytes as i64);
         self.queue.push_back(item);
     }
 
@@ -219,9 +225,15 @@ impl Outbound {
 
     fn fail(&mut self, failed: WriteFailed) -> WriteFailed {
         self.failed = Some(failed);
-        self.queue.clear();
-        self.bytes = 0;
+        self.clear();
         failed
+    }
+
+    /// Drops everything queued (nothing more will be written), giving its bytes back.
+    fn clear(&mut self) {
+        self.queue.clear();
+        metrics::OUTBOUND_QUEUED_BYTES.sub(self.bytes as i64);
+        self.bytes = 0;
     }
 
     fn poll_step(&mut self, cx: &mut Context<'_>) -> Poll<Result<Step, WriteFailed>> {
@@ -236,7 +248,9 @@ impl Outbound {
             let Some(item) = self.queue.pop_front() else {
                 break;
             };
-            self.bytes -= item.bytes();
+            let bytes = item.bytes();
+            self.bytes -= bytes;
+            metrics::OUTBOUND_QUEUED_BYTES.sub(bytes as i64);
             let (message, closing) = into_message(item);
             if let Err(e) = self.socket.as_mut().start_send(message) {
                 return Poll::Ready(Err(broken(e)));
@@ -246,8 +260,7 @@ impl Outbound {
             handed += 1;
             if closing {
                 // Nothing may follow a close frame.
-                self.queue.clear();
-                self.bytes = 0;
+                self.clear();
                 return match self.socket.as_mut().poll_flush(cx) {
                     Poll::Ready(_) => Poll::Ready(Err(WriteFailed::Closed)),
                     Poll::Pending => Poll::Pending,
@@ -270,6 +283,13 @@ impl Outbound {
             Poll::Pending if progress => Poll::Ready(Ok(Step::Progress)),
             Poll::Pending => Poll::Pending,
         }
+    }
+}
+
+/// A connection that ends with frames still queued gives their bytes back to the gauge.
+impl Drop for Outbound {
+    fn drop(&mut self) {
+        self.clear();
     }
 }
 

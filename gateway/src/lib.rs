@@ -232,6 +232,7 @@ pub async fn run_with(
         config.send_rate,
         config.send_burst,
         config.store_bytes_rate,
+        engine.shares_quota().then(|| engine.clone()),
     );
     let node = Arc::new(node::Node {
         node_id: config.node_id(),

@@ -4,14 +4,24 @@
 //! burst of that many bytes times `STORE_BURST_SECONDS`), so that one user's connections share
 //! one rate and a reconnect does not refill it.
 //!
+//! On a store shared by several nodes (Redis), the bytes bucket also has a cluster-wide bound:
+//! the user's quota in the store (`Engine::take_quota`, same rate and burst), which the node
+//! leases in chunks of a quarter second's worth. Sends spend the lease; when it runs low the
+//! node asks for the next chunk in the background, so no send waits for the store. A node may
+//! spend at most one chunk (and one body) ahead of what the store granted it, so a user stores
+//! at most the burst, plus the rate over time, plus that margin per node, whatever the number of
+//! nodes its connections are spread over.
+//!
 //! A user's entry lives while the user has a connection, and after the last one closes until
-//! its bucket has refilled: forgetting a full bucket loses nothing. Closed users' entries are
+//! its buckets have refilled and no request to the store's quota is out: forgetting a full
+//! bucket loses nothing. Closed users' entries are
 //! swept every `SWEEP_EVERY` disconnects, so the map is bounded by the users connected now and
 //! those that left within about `--send-burst / --send-rate` seconds.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, PoisonError};
 
+use ferry_router::Engine;
 use ferry_shared::UserId;
 
 use crate::limits::TokenBucket;
@@ -27,6 +37,8 @@ pub struct Users {
     rate: f64,
     burst: f64,
     bytes_rate: f64,
+    /// The store's quota shared by every node, when the engine has one.
+    quota: Option<Arc<dyn Engine>>,
     state: Mutex<State>,
 }
 
@@ -40,6 +52,24 @@ struct User {
     connections: usize,
     sends: TokenBucket,
     bytes: TokenBucket,
+    lease: Lease,
+}
+
+/// This node's lease on the user's quota in the store: bytes granted and not spent yet
+/// (negative: spent ahead of a grant), and whether a request for more is out.
+#[derive(Default)]
+struct Lease {
+    balance: i64,
+    asking: bool,
+}
+
+impl User {
+    /// Nothing would be lost by forgetting it: no connection, full buckets, no request out. What
+    /// the lease owes the store is forgiven then (at most a chunk and a body, once the node's own
+    /// bucket has refilled, which takes its burst's worth of time).
+    fn forgettable(&self) -> bool {
+        self.connections == 0 && self.sends.is_full() && self.bytes.is_full() && !self.lease.asking
+    }
 }
 
 /// One of a user's connection slots on this node, given back when dropped.
@@ -49,14 +79,27 @@ pub struct Slot {
 }
 
 impl Users {
-    pub fn new(max_connections: usize, rate: f64, burst: u32, bytes_rate: f64) -> Arc<Users> {
+    pub fn new(
+        max_connections: usize,
+        rate: f64,
+        burst: u32,
+        bytes_rate: f64,
+        quota: Option<Arc<dyn Engine>>,
+    ) -> Arc<Users> {
         Arc::new(Users {
             max_connections,
             rate,
             burst: f64::from(burst),
             bytes_rate,
+            quota,
             state: Mutex::default(),
         })
+    }
+
+    /// The bytes leased from the store at a time, and spent at most ahead of its grants.
+    fn chunk(&self) -> i64 {
+        // `as` saturates; validation keeps the rate at least 1.
+        ((self.bytes_rate / 4.0).ceil() as i64).max(1)
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, State> {
@@ -71,6 +114,7 @@ impl Users {
             connections: 0,
             sends: TokenBucket::new(self.rate, self.burst),
             bytes: TokenBucket::new(self.bytes_rate, self.bytes_rate * STORE_BURST_SECONDS),
+            lease: Lease::default(),
         });
         if entry.connections >= self.max_connections {
             return None;
@@ -95,15 +139,67 @@ impl Users {
     /// Takes `bytes` of `user`'s store budget (a body about to be stored), or says in how many
     /// milliseconds they are there. A body larger than the burst is never refused for it (the
     /// body limit bounds it), it empties the bucket.
-    pub fn take_bytes(&self, user: &UserId, bytes: usize) -> Result<(), u64> {
+    ///
+    /// On a shared store, the node's lease on the user's quota pays too (see the module docs).
+    pub fn take_bytes(self: &Arc<Self>, user: &UserId, bytes: usize) -> Result<(), u64> {
         let mut state = self.lock();
         let Some(entry) = state.users.get_mut(user) else {
             return Ok(());
         };
+        let chunk = self.chunk();
+        if self.quota.is_some() && entry.lease.balance < -chunk {
+            // A chunk spent ahead of the store's grants: wait for the next one.
+            let owed = (-entry.lease.balance - chunk) as f64;
+            self.ask(user, &mut entry.lease);
+            return Err(((owed * 1000.0 / self.bytes_rate).ceil() as u64).max(1));
+        }
         let burst = self.bytes_rate * STORE_BURST_SECONDS;
         // `as` saturates; a body is at most --max-body-bytes.
         let wanted = (bytes as f64).min(burst) as u32;
-        entry.bytes.take_n(wanted)
+        entry.bytes.take_n(wanted)?;
+        if self.quota.is_some() {
+            entry.lease.balance = entry.lease.balance.saturating_sub(bytes as i64);
+            if entry.lease.balance < chunk / 2 {
+                self.ask(user, &mut entry.lease);
+            }
+        }
+        Ok(())
+    }
+
+    /// Asks the store for enough of `user`'s quota to bring the lease back to a chunk, unless a
+    /// request is out already.
+    fn ask(self: &Arc<Self>, user: &UserId, lease: &mut Lease) {
+        let Some(engine) = &self.quota else {
+            return;
+        };
+        if lease.asking {
+            return;
+        }
+        lease.asking = true;
+        let want = (self.chunk() - lease.balance).max(1) as u64;
+        // `as` saturates; validation keeps the rate finite.
+        let (rate, burst) = (
+            self.bytes_rate.ceil() as u64,
+            (self.bytes_rate * STORE_BURST_SECONDS).ceil() as u64,
+        );
+        let grant = engine.take_quota(user, want, rate, burst);
+        let (users, user) = (Arc::clone(self), user.clone());
+        tokio::spawn(async move {
+            let granted = grant.await;
+            let mut state = users.lock();
+            let Some(entry) = state.users.get_mut(&user) else {
+                return;
+            };
+            entry.lease.asking = false;
+            match granted {
+                Ok(bytes) => {
+                    let bytes = i64::try_from(bytes).unwrap_or(i64::MAX);
+                    entry.lease.balance = entry.lease.balance.saturating_add(bytes);
+                }
+                // The next send asks again; appends fail too while the store is away.
+                Err(e) => tracing::debug!(error = %e, "store quota request failed"),
+            }
+        });
     }
 
     /// Users with an entry (connected, or left with a bucket still refilling).
@@ -119,16 +215,14 @@ impl Users {
         let mut state = self.lock();
         if let Some(entry) = state.users.get_mut(user) {
             entry.connections = entry.connections.saturating_sub(1);
-            if entry.connections == 0 && entry.sends.is_full() && entry.bytes.is_full() {
+            if entry.forgettable() {
                 state.users.remove(user);
             }
         }
         state.disconnects += 1;
         if state.disconnects >= SWEEP_EVERY {
             state.disconnects = 0;
-            state
-                .users
-                .retain(|_, e| e.connections > 0 || !e.sends.is_full() || !e.bytes.is_full());
+            state.users.retain(|_, e| !e.forgettable());
         }
     }
 }
@@ -147,7 +241,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn slots_are_bounded_and_buckets_outlive_a_reconnect() {
-        let users = Users::new(2, 1.0, 2, 1000.0);
+        let users = Users::new(2, 1.0, 2, 1000.0, None);
         let alice = UserId::parse("alice").unwrap();
         let one = users.connect(&alice).expect("a slot");
         let two = users.connect(&alice).expect("a slot");

@@ -1,7 +1,7 @@
 //! The recipient policy (issue 13, M1 and H4): `--recipients known` refuses a `send` to a user
 //! who never connected with `forbidden`; `--max-inbox-share` keeps one sender from filling an
 //! inbox alone (`inbox_full` for that sender, room for the others). Redis's own counters show
-//! what a flood of sends to made-up users stores.
+//! what a flood of sends to made-up users stores, and the store quota holds across nodes.
 
 mod common;
 
@@ -200,5 +200,35 @@ async fn a_flood_to_made_up_users_stores_a_bounded_number_of_bytes() {
     assert!(
         grown as f64 <= 2.0 * quota,
         "Redis grew by {grown} bytes for {stored} bodies in {seconds:.1} s"
+    );
+}
+
+// H4 across nodes: the store quota was per node, so a user connected to two nodes stored twice
+// its rate. Now both nodes lease from one bucket in Redis (chunks of a quarter second's worth,
+// spent at most one chunk and one body ahead of the grants on each node).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_store_quota_holds_across_nodes() {
+    const RATE: f64 = 256.0 * 1024.0;
+    const N: usize = 40;
+    const SIZE: usize = 32 * 1024;
+    let one = TestGateway::start_with(EngineKind::Redis, |c| {
+        c.store_bytes_rate = RATE;
+        c.send_rate = 10_000.0;
+        c.send_burst = 10_000;
+    })
+    .await;
+    let two = one.another_node("gw-two").await;
+    let (mut on_one, _) = one.raw("mallory").await;
+    let (mut on_two, _) = two.raw("mallory").await;
+    let started = tokio::time::Instant::now();
+    let (a, b) = tokio::join!(flood(&mut on_one, N, SIZE), flood(&mut on_two, N, SIZE));
+    let seconds = started.elapsed().as_secs_f64();
+    let stored = ((a + b) * SIZE) as f64;
+    let (burst, margin) = (4.0 * RATE, (RATE / 4.0 + SIZE as f64) * 2.0);
+    let bound = burst + RATE * seconds + margin;
+    eprintln!("{a} + {b} bodies stored in {seconds:.2} s: {stored} bytes, bound {bound}");
+    assert!(
+        stored <= bound,
+        "{a} + {b} bodies of {SIZE} bytes stored in {seconds:.2} s"
     );
 }

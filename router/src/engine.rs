@@ -398,6 +398,26 @@ pub trait Engine: Send + Sync + 'static {
         device: &DeviceId,
     ) -> BoxFuture<'static, Result<bool, EngineError>>;
 
+    /// Takes up to `want` bytes from `user`'s store quota, a token bucket of `burst` bytes
+    /// refilled at `rate` bytes per second, kept in the store so that every node shares it (the
+    /// gateway leases from it in chunks, see `users.rs`): how many bytes it granted. An engine
+    /// that serves one node has no quota of its own to share and grants everything.
+    fn take_quota(
+        &self,
+        user: &UserId,
+        want: u64,
+        rate: u64,
+        burst: u64,
+    ) -> BoxFuture<'static, Result<u64, EngineError>> {
+        let _ = (user, rate, burst);
+        Box::pin(std::future::ready(Ok(want)))
+    }
+
+    /// Whether `take_quota` is shared by several nodes (a store of its own).
+    fn shares_quota(&self) -> bool {
+        false
+    }
+
     /// The inbox's state, without creating anything: `None` if it has no epoch.
     fn inbox_info(
         &self,

@@ -29,10 +29,12 @@ pub enum StoreOp {
     Check,
     /// Moving an undecodable member out of an inbox, and auditing appends after a restart.
     Repair,
+    /// Taking bytes from a sender's store quota (`Engine::take_quota`).
+    Quota,
 }
 
 impl StoreOp {
-    pub const ALL: [StoreOp; 9] = [
+    pub const ALL: [StoreOp; 10] = [
         StoreOp::Append,
         StoreOp::Read,
         StoreOp::Trim,
@@ -42,6 +44,7 @@ impl StoreOp {
         StoreOp::Ping,
         StoreOp::Check,
         StoreOp::Repair,
+        StoreOp::Quota,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -55,6 +58,7 @@ impl StoreOp {
             StoreOp::Ping => "ping",
             StoreOp::Check => "check",
             StoreOp::Repair => "repair",
+            StoreOp::Quota => "quota",
         }
     }
 }

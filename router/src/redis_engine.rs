@@ -914,6 +914,37 @@ impl Engine for RedisEngine {
         ))
     }
 
+    fn take_quota(
+        &self,
+        user: &UserId,
+        want: u64,
+        rate: u64,
+        burst: u64,
+    ) -> BoxFuture<'static, Result<u64, EngineError>> {
+        let core = &self.core;
+        let script = &SCRIPTS.quota;
+        let mut cmd = script.call(1);
+        cmd.arg(core.key(user, KeyKind::Quota))
+            .arg(want)
+            .arg(rate.max(1))
+            .arg(burst);
+        let answer = core.submit(user, cmd, script);
+        Box::pin(timed(
+            StoreOp::Quota,
+            core.options.store_timeout,
+            async move {
+                let value = received(answer).await?;
+                int(&value).ok_or_else(|| {
+                    EngineError::Internal(format!("unexpected quota answer: {value:?}"))
+                })
+            },
+        ))
+    }
+
+    fn shares_quota(&self) -> bool {
+        true
+    }
+
     fn delete_inbox(&self, user: &UserId) -> BoxFuture<'static, Result<bool, EngineError>> {
         let core = &self.core;
         let script = &SCRIPTS.erase;

@@ -494,6 +494,7 @@ pub(crate) struct Scripts {
     pub remove_device: LuaScript,
     pub info: LuaScript,
     pub erase: LuaScript,
+    pub quota: LuaScript,
 }
 
 pub(crate) static SCRIPTS: LazyLock<Scripts> = LazyLock::new(|| Scripts {
@@ -509,7 +510,29 @@ pub(crate) static SCRIPTS: LazyLock<Scripts> = LazyLock::new(|| Scripts {
     remove_device: LuaScript::new(REMOVE_DEVICE),
     info: LuaScript::new(INFO),
     erase: LuaScript::new(ERASE),
+    quota: LuaScript::new(QUOTA),
 });
+
+/// KEYS: the sender's quota. ARGV: bytes wanted, rate (bytes per second), burst (bytes).
+/// Returns the bytes granted: at most what the bucket holds, refilled at `rate` since it was
+/// last taken from, up to `burst`. A bucket untouched for a burst's worth of time is full, so the
+/// key expires then (and reads as full).
+const QUOTA: &str = r#"
+local now = redis.call('TIME')
+local now_ms = tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000)
+local want, rate, burst = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
+local state = redis.call('HMGET', KEYS[1], 'tokens', 'at')
+local tokens = tonumber(state[1] or ARGV[3])
+local at = tonumber(state[2] or now_ms)
+if now_ms > at then
+  tokens = math.min(burst, tokens + (now_ms - at) * rate / 1000)
+end
+local granted = math.max(0, math.min(want, math.floor(tokens)))
+tokens = tokens - granted
+redis.call('HSET', KEYS[1], 'tokens', string.format('%.3f', tokens), 'at', string.format('%d', now_ms))
+redis.call('PEXPIRE', KEYS[1], string.format('%d', math.ceil((burst - tokens) * 1000 / rate) + 1000))
+return granted
+"#;
 
 /// Why a checked script found a session's position void: the epoch had changed already, or the
 /// script ended it now for the reason given (a `ferry_epochs_replaced_total` reason).

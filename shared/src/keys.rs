@@ -86,6 +86,8 @@ pub enum KeyKind<'a> {
     Dedupe(&'a UserId, &'a MessageId),
     /// The seqs of a sender's messages in the inbox (a sorted set), for its share.
     Sender(&'a UserId),
+    /// The user's store quota as a sender (a hash: tokens, at).
+    Quota,
 }
 
 /// A user's key, as `Display`: `<prefix>:{u:<user>}:<suffix>`.
@@ -107,6 +109,7 @@ impl fmt::Display for UserKey<'_> {
             KeyKind::Devices => f.write_str("devices"),
             KeyKind::Dedupe(sender, id) => write!(f, "dedupe:{sender}/{id}"),
             KeyKind::Sender(sender) => write!(f, "from:{sender}"),
+            KeyKind::Quota => f.write_str("quota"),
         }
     }
 }

@@ -136,7 +136,8 @@ pub struct Config {
     pub recipients: Recipients,
 
     /// The share of an inbox (of --max-inbox) one sender's `send`s may hold at once, so that no
-    /// single sender fills an inbox alone; beyond it, `inbox_full`. 1 turns the bound off. The
+    /// single sender fills an inbox alone; beyond it, `inbox_full`. Counted once the inbox holds a
+    /// quarter of a share, so a sender holds at most 1.25 shares. 1 turns the bound off. The
     /// server HTTP API's publishes neither count nor are bounded.
     #[arg(long, env = "FERRY_MAX_INBOX_SHARE", default_value_t = 0.5)]
     pub max_inbox_share: f64,

@@ -139,15 +139,18 @@ impl EmbeddedEngine {
             return AppendOutcome::Duplicate { seq: seen.seq };
         }
         let (now_ms, ttl_ms) = (self.unix_ms(now), self.device_ttl_ms());
-        match state.live_inbox(&msg.to, now) {
+        // Whether the sender's share counts this message, on the inbox as it is before room is
+        // made (as the append script decides it).
+        let counted = match state.live_inbox(&msg.to, now) {
             Some(inbox) => {
                 if let Some(refused) = inbox.refuses(msg) {
                     return refused;
                 }
+                inbox.counts_share(msg)
             }
             None if msg.checks.known_recipient => return AppendOutcome::UnknownRecipient,
-            None => {}
-        }
+            None => msg.checks.max_share > 0 && msg.checks.max_share / 4 == 0,
+        };
         if let Some(inbox) = state.live_inbox(&msg.to, now)
             && inbox.messages.len() as u64 >= self.options.max_inbox
             && !inbox.make_room(self.options.max_inbox, now_ms, ttl_ms)
@@ -176,7 +179,7 @@ impl EmbeddedEngine {
             stamp,
         };
         inbox.messages.insert(seq, stored.clone());
-        if msg.checks.max_share > 0 {
+        if counted {
             inbox
                 .senders
                 .entry(msg.from.clone())
@@ -267,8 +270,14 @@ impl Inbox {
             return Some(AppendOutcome::UnknownRecipient);
         }
         let held = self.senders.get(&msg.from).map_or(0, BTreeSet::len) as u64;
-        (msg.checks.max_share > 0 && held >= msg.checks.max_share)
-            .then_some(AppendOutcome::ShareFull)
+        (self.counts_share(msg) && held >= msg.checks.max_share).then_some(AppendOutcome::ShareFull)
+    }
+
+    /// Whether `msg` counts against its sender's share: a share is given, and the inbox holds a
+    /// quarter of one already (as the append script counts).
+    fn counts_share(&self, msg: &NewMessage) -> bool {
+        let share = msg.checks.max_share;
+        share > 0 && self.messages.len() as u64 >= share / 4
     }
 
     /// Trims up to the lowest position of the holding devices.

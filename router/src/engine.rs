@@ -167,7 +167,9 @@ pub struct SenderChecks {
     /// erased or removed every device since). Otherwise `UnknownRecipient`.
     pub known_recipient: bool,
     /// At most this many of the sender's messages may be in the recipient's inbox at once
-    /// (0: no bound). Beyond it, `ShareFull`.
+    /// (0: no bound). Beyond it, `ShareFull`. Messages are counted once the inbox holds a
+    /// quarter of the share (so that an inbox that is read costs nothing to count): a sender
+    /// holds at most a share and a quarter.
     pub max_share: u64,
 }
 

@@ -150,11 +150,13 @@ end
 ///
 /// - A known recipient has a devices hash (it connected, and was not erased or left without
 ///   devices since).
-/// - The share key holds the seqs of the sender's messages (counted only when a share is
-///   given). It is pruned only when it reaches the share: seqs below the inbox's lowest have
-///   left the inbox (trims and room-making take the lowest seqs first), so what is left is the
-///   sender's messages still there. It never holds more than the share, and expires with the
-///   inbox's ttl from the sender's last append.
+/// - The share key holds the seqs of the sender's messages, counted only when a share is given
+///   and the inbox already holds a quarter of a share: an inbox that is read costs nothing more,
+///   and a sender holds at most 1.25 shares (a quarter stored before counting began). The key is
+///   pruned only when it reaches the share: seqs below the inbox's lowest have left the inbox
+///   (trims and room-making take the lowest seqs first), so what is left is the sender's
+///   messages still there. It never holds more than the share, and expires with the inbox's ttl
+///   from the sender's last counted append.
 ///
 /// - When replicas must acknowledge, the script does not publish: it returns the live message
 ///   last (`{0, seq, epoch, adopted, live}`, and `{1, seq, live}` for a duplicate whose message
@@ -192,8 +194,10 @@ end
 if ARGV[10] == '1' and redis.call('EXISTS', KEYS[4]) == 0 then
   return {3}
 end
+local card = redis.call('ZCARD', KEYS[1])
 local share = tonumber(ARGV[11])
-if share > 0 and redis.call('ZCARD', KEYS[5]) >= share then
+local counted = share > 0 and card >= math.floor(share / 4)
+if counted and redis.call('ZCARD', KEYS[5]) >= share then
   local lowest = redis.call('ZRANGE', KEYS[1], 0, 0, 'WITHSCORES')[2]
   if lowest then
     redis.call('ZREMRANGEBYSCORE', KEYS[5], '-inf', '(' .. lowest)
@@ -204,7 +208,6 @@ if share > 0 and redis.call('ZCARD', KEYS[5]) >= share then
     return {4}
   end
 end
-local card = redis.call('ZCARD', KEYS[1])
 local max = tonumber(ARGV[2])
 if card >= max then
   local state = redis.call('HMGET', KEYS[2], 'epoch', 'floor')
@@ -254,7 +257,7 @@ redis.call('SET', KEYS[3], seq, 'PX', ARGV[4])
 redis.call('PEXPIRE', KEYS[1], ARGV[5])
 redis.call('PEXPIRE', KEYS[2], ARGV[5])
 redis.call('PEXPIRE', KEYS[4], ARGV[5])
-if share > 0 then
+if counted then
   redis.call('ZADD', KEYS[5], seq, seq)
   redis.call('PEXPIRE', KEYS[5], ARGV[5])
 end

@@ -47,21 +47,23 @@ on_both_engines!(
                     .unwrap()
             }
         };
+        // Shares are counted once the inbox holds a quarter of one (here, one message).
+        stored(&*engine, &message("alice", "bob", "a0", b"x")).await;
         for i in 1..=4 {
             assert_eq!(
                 send("mallory", format!("m{i}")).await,
-                AppendOutcome::Stored { seq: i }
+                AppendOutcome::Stored { seq: i + 1 }
             );
         }
         assert_eq!(send("mallory", "m5".into()).await, AppendOutcome::ShareFull);
         // Nothing was written, and a duplicate of what was stored is still answered.
-        assert_eq!(inbox_state(&*engine, "bob").await.head, 4);
+        assert_eq!(inbox_state(&*engine, "bob").await.head, 5);
         assert_eq!(
             send("mallory", "m2".into()).await,
-            AppendOutcome::Duplicate { seq: 2 }
+            AppendOutcome::Duplicate { seq: 3 }
         );
         // Others still have room: the inbox is not full.
-        for i in 1..=4 {
+        for i in 1..=3 {
             assert!(matches!(
                 send("alice", format!("a{i}")).await,
                 AppendOutcome::Stored { .. }
@@ -70,8 +72,9 @@ on_both_engines!(
         // Messages without checks (the server API) do not count against a share either way.
         stored(&*engine, &message("mallory", "bob", "api-1", b"x")).await;
         assert_eq!(send("mallory", "m5".into()).await, AppendOutcome::ShareFull);
-        // Once bob acknowledges two of mallory's messages, mallory has room for two more.
-        trim(&*engine, "bob", 2).await;
+        // Once bob acknowledges up to seq 3 (alice's first, mallory's first two), mallory has room
+        // for two more.
+        trim(&*engine, "bob", 3).await;
         assert!(matches!(
             send("mallory", "m5".into()).await,
             AppendOutcome::Stored { .. }
@@ -84,6 +87,27 @@ on_both_engines!(
     }
 );
 
+// What a sender stored before the inbox held a quarter of a share is not counted: it holds at
+// most a share and a quarter (so an inbox that is read costs nothing to count).
+on_both_engines!(
+    a_share_counts_from_a_quarter_full_inbox,
+    ten_max(),
+    |engine| async move {
+        for i in 1..=5 {
+            let outcome = engine
+                .append(&checked("mallory", "bob", &format!("m{i}"), SHARE_OF_FOUR))
+                .await
+                .unwrap();
+            assert_eq!(outcome, AppendOutcome::Stored { seq: i });
+        }
+        let sixth = engine
+            .append(&checked("mallory", "bob", "m6", SHARE_OF_FOUR))
+            .await
+            .unwrap();
+        assert_eq!(sixth, AppendOutcome::ShareFull);
+    }
+);
+
 // Messages made room for at `max_inbox` leave the sender's share too.
 on_both_engines!(
     room_made_at_the_bound_leaves_the_share,
@@ -93,14 +117,15 @@ on_both_engines!(
         let (phone, laptop) = (device("phone"), device("laptop"));
         open_as(&*engine, "bob", &laptop).await;
         open_as(&*engine, "bob", &phone).await;
+        fill(&*engine, "bob", "a", 1).await;
         for i in 1..=4 {
             let outcome = engine
                 .append(&checked("mallory", "bob", &format!("m{i}"), SHARE_OF_FOUR))
                 .await
                 .unwrap();
-            assert_eq!(outcome, AppendOutcome::Stored { seq: i });
+            assert_eq!(outcome, AppendOutcome::Stored { seq: i + 1 });
         }
-        fill(&*engine, "bob", "a", 6).await;
+        fill(&*engine, "bob", "b", 5).await;
         ack_as(&*engine, "bob", &phone, 10).await;
         assert_eq!(
             engine
@@ -109,7 +134,7 @@ on_both_engines!(
                 .unwrap(),
             AppendOutcome::ShareFull
         );
-        // Four more from carol push mallory's four out.
+        // Four more from carol push out alice's first and mallory's first three.
         fill(&*engine, "bob", "c", 4).await;
         let info = engine
             .inbox_info(&user("bob"))
@@ -132,20 +157,26 @@ on_both_engines!(
     erasure_empties_every_share,
     ten_max(),
     |engine| async move {
+        let send = |id: String| {
+            let engine = engine.clone();
+            async move {
+                engine
+                    .append(&checked("mallory", "bob", &id, SHARE_OF_FOUR))
+                    .await
+                    .unwrap()
+            }
+        };
+        fill(&*engine, "bob", "a", 1).await;
         for i in 1..=4 {
-            engine
-                .append(&checked("mallory", "bob", &format!("m{i}"), SHARE_OF_FOUR))
-                .await
-                .unwrap();
+            send(format!("m{i}")).await;
         }
+        assert_eq!(send("m5".into()).await, AppendOutcome::ShareFull);
         assert!(engine.delete_inbox(&user("bob")).await.unwrap());
+        fill(&*engine, "bob", "b", 1).await;
         for i in 5..=8 {
             assert_eq!(
-                engine
-                    .append(&checked("mallory", "bob", &format!("m{i}"), SHARE_OF_FOUR))
-                    .await
-                    .unwrap(),
-                AppendOutcome::Stored { seq: i }
+                send(format!("m{i}")).await,
+                AppendOutcome::Stored { seq: i + 2 }
             );
         }
     }

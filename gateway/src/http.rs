@@ -83,7 +83,8 @@ async fn read_head<S: tokio::io::AsyncRead + Unpin>(stream: &mut S) -> Result<Re
         }
         // Parsed on the first read (so garbage is refused at once), then only once the blank
         // line that ends a head has arrived, or the bound is reached: a client that sends its
-        // head a byte at a time does not make the node parse it again at every byte.
+        // head a byte at a time does not make the node parse it again at every byte. Garbage
+        // after a well-formed start is refused then, or at the head timeout.
         if before > 0 && buf.len() < MAX_HEAD_BYTES && !ends_a_head(&buf, before) {
             continue;
         }

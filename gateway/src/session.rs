@@ -405,6 +405,8 @@ impl Session {
                 }
                 () = wait_until(self.paused_until), if self.paused_until.is_some() => {
                     self.paused_until = None;
+                    // Not reading was the node's choice: the client's pongs wait in the socket.
+                    self.last_activity = Instant::now();
                 }
                 // The client is read while its answers have room, its sends are few enough and
                 // admission control has not paused it.
@@ -460,7 +462,9 @@ impl Session {
                     }
                 },
                 _ = heartbeat.tick() => {
-                    if self.last_activity.elapsed() > node.config.heartbeat * 2 {
+                    if self.paused_until.is_none()
+                        && self.last_activity.elapsed() > node.config.heartbeat * 2
+                    {
                         return End::closing("heartbeat", close::NORMAL);
                     }
                     self.out.push(Item::Ping);

@@ -14,7 +14,9 @@
 //!
 //! A user's entry lives while the user has a connection, and after the last one closes until
 //! its buckets have refilled and no request to the store's quota is out: forgetting a full
-//! bucket loses nothing. Closed users' entries are
+//! bucket loses nothing. The lease is settled with the store then: what the node spent ahead of
+//! its grants is charged to the user's quota, and what it was granted and did not spend is given
+//! back, so neither a reconnect loop nor a user's coming and going moves the cluster-wide bound. Closed users' entries are
 //! swept every `SWEEP_EVERY` disconnects, so the map is bounded by the users connected now and
 //! those that left within about `--send-burst / --send-rate` seconds.
 
@@ -64,9 +66,8 @@ struct Lease {
 }
 
 impl User {
-    /// Nothing would be lost by forgetting it: no connection, full buckets, no request out. What
-    /// the lease owes the store is forgiven then (at most a chunk and a body, once the node's own
-    /// bucket has refilled, which takes its burst's worth of time).
+    /// Nothing would be lost by forgetting it (once its lease is settled with the store): no
+    /// connection, full buckets, no request out.
     fn forgettable(&self) -> bool {
         self.connections == 0 && self.sends.is_full() && self.bytes.is_full() && !self.lease.asking
     }
@@ -177,12 +178,7 @@ impl Users {
         }
         lease.asking = true;
         let want = (self.chunk() - lease.balance).max(1) as u64;
-        // `as` saturates; validation keeps the rate finite.
-        let (rate, burst) = (
-            self.bytes_rate.ceil() as u64,
-            (self.bytes_rate * STORE_BURST_SECONDS).ceil() as u64,
-        );
-        let grant = engine.take_quota(user, want, rate, burst);
+        let grant = engine.take_quota(user, want, self.quota_rate(), self.quota_burst());
         let (users, user) = (Arc::clone(self), user.clone());
         tokio::spawn(async move {
             let granted = grant.await;
@@ -215,15 +211,50 @@ impl Users {
         let mut state = self.lock();
         if let Some(entry) = state.users.get_mut(user) {
             entry.connections = entry.connections.saturating_sub(1);
-            if entry.forgettable() {
-                state.users.remove(user);
+            if entry.forgettable()
+                && let Some(entry) = state.users.remove(user)
+            {
+                self.settle(user, &entry.lease);
             }
         }
         state.disconnects += 1;
         if state.disconnects >= SWEEP_EVERY {
             state.disconnects = 0;
-            state.users.retain(|_, e| !e.forgettable());
+            state.users.retain(|user, entry| {
+                let keep = !entry.forgettable();
+                if !keep {
+                    self.settle(user, &entry.lease);
+                }
+                keep
+            });
         }
+    }
+
+    /// Settles a lease the node forgets with the store's quota (see the module docs).
+    fn settle(&self, user: &UserId, lease: &Lease) {
+        let Some(engine) = &self.quota else {
+            return;
+        };
+        if lease.balance == 0 {
+            return;
+        }
+        let settled =
+            engine.settle_quota(user, -lease.balance, self.quota_rate(), self.quota_burst());
+        tokio::spawn(async move {
+            if let Err(e) = settled.await {
+                tracing::debug!(error = %e, "settling a store quota lease failed");
+            }
+        });
+    }
+
+    /// The store quota's rate and burst, in whole bytes.
+    fn quota_rate(&self) -> u64 {
+        // `as` saturates; validation keeps the rate finite and at least 1.
+        self.bytes_rate.ceil() as u64
+    }
+
+    fn quota_burst(&self) -> u64 {
+        (self.bytes_rate * STORE_BURST_SECONDS).ceil() as u64
     }
 }
 

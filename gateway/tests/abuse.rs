@@ -148,6 +148,25 @@ both_engines! {
         assert!(refused <= stored + 1, "{refused} refused, {stored} stored");
     }
 
+    // A pause for a refused send is the node's doing, not a silent client: a pause longer than
+    // the heartbeat's two intervals must not close the connection as dead.
+    async fn a_long_pause_is_not_taken_for_a_dead_client(kind: EngineKind) {
+        let gw = TestGateway::start_with(kind, |c| {
+            c.store_bytes_rate = 1_000.0;
+            c.heartbeat = Duration::from_millis(200);
+        })
+        .await;
+        let (mut alice, _) = gw.raw("alice").await;
+        let body = "b".repeat(3_000);
+        raw_send(&mut alice, "big-1", "bob", &body).await;
+        alice.send_frame(&send_frame("big-2", "bob", &body)).await.expect("send");
+        let (_, _, retry) = expect_error(&mut alice, ErrorCode::RateLimited).await;
+        let retry = retry.expect("retry_after_ms");
+        assert!(retry > 1_000, "a pause of {retry} ms, over two heartbeats");
+        tokio::time::sleep(Duration::from_millis(retry + 100)).await;
+        raw_send(&mut alice, "big-2", "bob", &body).await;
+    }
+
     // Pings beyond their rate are not answered at once: the node stops reading the client for a
     // while rather than answer a flood.
     async fn a_ping_flood_is_throttled(kind: EngineKind) {

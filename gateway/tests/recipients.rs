@@ -232,3 +232,97 @@ async fn the_store_quota_holds_across_nodes() {
         "{a} + {b} bodies of {SIZE} bytes stored in {seconds:.2} s"
     );
 }
+
+// Found in review: a node forgot a user's lease (and what it had spent ahead of the grants)
+// once the user left and the node's own bucket had refilled, so a reconnect loop on one node
+// stored at that node's own rate, uncharged, while the user's connection on another node took
+// every grant the store had: twice the rate. Now a node settles the lease with the store when
+// it forgets it. The user's quota in Redis starts empty: what both nodes store is bounded by what
+// refills over the run, plus a chunk and a body ahead on each node.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reconnect_loop_does_not_outrun_the_store_quota() {
+    const RATE: f64 = 64.0 * 1024.0;
+    const SIZE: usize = 8 * 1024;
+    let one = TestGateway::start_with(EngineKind::Redis, |c| {
+        c.store_bytes_rate = RATE;
+        c.send_rate = 10_000.0;
+        c.send_burst = 10_000;
+    })
+    .await;
+    let two = one.another_node("gw-two").await;
+    let now_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock")
+        .as_millis()
+        .to_string();
+    let key = one.key("mallory", "quota");
+    one.store_cmd(&key, &["HSET", &key, "tokens", "0", "at", &now_ms]);
+    let body = "x".repeat(SIZE);
+    let started = tokio::time::Instant::now();
+    let deadline = started + std::time::Duration::from_secs(4);
+
+    // On node one, a connection that sends whenever it may.
+    let (mut steady, _) = one.raw("mallory").await;
+    let steady = async {
+        let mut stored = 0;
+        for n in 0.. {
+            if tokio::time::Instant::now() >= deadline {
+                break;
+            }
+            steady
+                .send_frame(&send_frame(&format!("s-{n}"), "bob", &body))
+                .await
+                .expect("send");
+            match next_frame(&mut steady).await {
+                ServerFrame::Sent { .. } => stored += 1,
+                ServerFrame::Error {
+                    code: ErrorCode::RateLimited,
+                    retry_after_ms,
+                    ..
+                } => {
+                    let wait = retry_after_ms.unwrap_or(10);
+                    tokio::time::sleep(std::time::Duration::from_millis(wait)).await;
+                }
+                other => panic!("unexpected {other:?}"),
+            }
+        }
+        stored
+    };
+    // On node two, a connection per round that sends until refused, then leaves long enough
+    // for the node's own bucket to refill (so that the node forgets the user between rounds).
+    let rounds = async {
+        let mut stored = 0;
+        for round in 0.. {
+            if tokio::time::Instant::now() >= deadline {
+                break;
+            }
+            let (mut conn, _) = two.raw("mallory").await;
+            for n in 0.. {
+                let id = format!("r{round}-{n}");
+                conn.send_frame(&send_frame(&id, "bob", &body))
+                    .await
+                    .expect("send");
+                match next_frame(&mut conn).await {
+                    ServerFrame::Sent { .. } => stored += 1,
+                    ServerFrame::Error {
+                        code: ErrorCode::RateLimited,
+                        ..
+                    } => break,
+                    other => panic!("unexpected {other:?}"),
+                }
+            }
+            drop(conn);
+            tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+        }
+        stored
+    };
+    let (a, b) = tokio::join!(steady, rounds);
+    let seconds = started.elapsed().as_secs_f64();
+    let bound = RATE * seconds + 2.0 * (RATE / 4.0 + SIZE as f64);
+    let bytes = ((a + b) * SIZE) as f64;
+    eprintln!("{a} + {b} bodies in {seconds:.2} s: {bytes} bytes, bound {bound}");
+    assert!(
+        bytes <= bound,
+        "{a} + {b} bodies of {SIZE} bytes in {seconds:.2} s"
+    );
+}

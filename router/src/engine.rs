@@ -415,6 +415,20 @@ pub trait Engine: Send + Sync + 'static {
         Box::pin(std::future::ready(Ok(want)))
     }
 
+    /// Settles a node's lease on `user`'s quota when the node forgets it: charges `owed` bytes
+    /// spent ahead of the grants (the bucket may go below zero), or gives back `-owed` bytes
+    /// granted and not spent.
+    fn settle_quota(
+        &self,
+        user: &UserId,
+        owed: i64,
+        rate: u64,
+        burst: u64,
+    ) -> BoxFuture<'static, Result<(), EngineError>> {
+        let _ = (user, owed, rate, burst);
+        Box::pin(std::future::ready(Ok(())))
+    }
+
     /// Whether `take_quota` is shared by several nodes (a store of its own).
     fn shares_quota(&self) -> bool {
         false

@@ -927,7 +927,8 @@ impl Engine for RedisEngine {
         cmd.arg(core.key(user, KeyKind::Quota))
             .arg(want)
             .arg(rate.max(1))
-            .arg(burst);
+            .arg(burst)
+            .arg("take");
         let answer = core.submit(user, cmd, script);
         Box::pin(timed(
             StoreOp::Quota,
@@ -938,6 +939,29 @@ impl Engine for RedisEngine {
                     EngineError::Internal(format!("unexpected quota answer: {value:?}"))
                 })
             },
+        ))
+    }
+
+    fn settle_quota(
+        &self,
+        user: &UserId,
+        owed: i64,
+        rate: u64,
+        burst: u64,
+    ) -> BoxFuture<'static, Result<(), EngineError>> {
+        let core = &self.core;
+        let script = &SCRIPTS.quota;
+        let mut cmd = script.call(1);
+        cmd.arg(core.key(user, KeyKind::Quota))
+            .arg(owed)
+            .arg(rate.max(1))
+            .arg(burst)
+            .arg("settle");
+        let answer = core.submit(user, cmd, script);
+        Box::pin(timed(
+            StoreOp::Quota,
+            core.options.store_timeout,
+            async move { received(answer).await.map(drop) },
         ))
     }
 

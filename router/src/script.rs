@@ -516,10 +516,13 @@ pub(crate) static SCRIPTS: LazyLock<Scripts> = LazyLock::new(|| Scripts {
     quota: LuaScript::new(QUOTA),
 });
 
-/// KEYS: the sender's quota. ARGV: bytes wanted, rate (bytes per second), burst (bytes).
-/// Returns the bytes granted: at most what the bucket holds, refilled at `rate` since it was
-/// last taken from, up to `burst`. A bucket untouched for a burst's worth of time is full, so the
-/// key expires then (and reads as full).
+/// KEYS: the sender's quota. ARGV: bytes, rate (bytes per second), burst (bytes), `take` or
+/// `settle`. The bucket is refilled at `rate` since it was last used, up to `burst`; then `take`
+/// grants at most what it holds of the bytes wanted and returns the grant, and `settle` charges
+/// the bytes (a node's spending ahead of its grants, which may take the bucket below zero: the
+/// user then waits until it has refilled) or, when negative, gives them back (a lease not
+/// spent), and returns 0. A bucket untouched
+/// for as long as it takes to refill is full, so the key expires then (and reads as full).
 const QUOTA: &str = r#"
 local now = redis.call('TIME')
 local now_ms = tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000)
@@ -530,8 +533,13 @@ local at = tonumber(state[2] or now_ms)
 if now_ms > at then
   tokens = math.min(burst, tokens + (now_ms - at) * rate / 1000)
 end
-local granted = math.max(0, math.min(want, math.floor(tokens)))
-tokens = tokens - granted
+local granted = 0
+if ARGV[4] == 'settle' then
+  tokens = math.min(burst, tokens - want)
+else
+  granted = math.max(0, math.min(want, math.floor(tokens)))
+  tokens = tokens - granted
+end
 redis.call('HSET', KEYS[1], 'tokens', string.format('%.3f', tokens), 'at', string.format('%d', now_ms))
 redis.call('PEXPIRE', KEYS[1], string.format('%d', math.ceil((burst - tokens) * 1000 / rate) + 1000))
 return granted

@@ -60,3 +60,26 @@ on_both_engines!(
         assert!((1_500..=10_000).contains(&refilled), "{refilled}");
     }
 );
+
+// A node that forgets its lease settles it: bytes spent ahead of the grants are charged (the
+// bucket may go below zero and the user waits for it to refill), unspent ones given back.
+on_both_engines!(a_lease_is_settled, options(), |engine| async move {
+    if !engine.shares_quota() {
+        return;
+    }
+    let alice = user("alice");
+    assert_eq!(
+        engine.take_quota(&alice, 1_000, 1, 1_000).await.unwrap(),
+        1_000
+    );
+    engine.settle_quota(&alice, 500, 1, 1_000).await.unwrap();
+    engine.settle_quota(&alice, -300, 1, 1_000).await.unwrap();
+    // 300 given back, 500 owed: nothing to grant until 200 more have refilled.
+    assert_eq!(engine.take_quota(&alice, 100, 1, 1_000).await.unwrap(), 0);
+    engine.settle_quota(&alice, -5_000, 1, 1_000).await.unwrap();
+    // Given back beyond the burst, the bucket is full, no more.
+    assert_eq!(
+        engine.take_quota(&alice, 5_000, 1, 1_000).await.unwrap(),
+        1_000
+    );
+});

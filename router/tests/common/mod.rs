@@ -224,9 +224,14 @@ impl Gate {
         self.0.1.notify_all();
     }
 
+    /// Called by the engine on a runtime worker: `block_in_place` hands the worker's other tasks
+    /// to another thread meanwhile, so a held sink cannot starve the appends it waits for (with
+    /// two workers, two held events did, now and then).
     fn wait(&self) {
-        let open = self.0.0.lock().unwrap();
-        let _ = self.0.1.wait_timeout_while(open, WAIT, |open| !*open);
+        tokio::task::block_in_place(|| {
+            let open = self.0.0.lock().unwrap();
+            let _ = self.0.1.wait_timeout_while(open, WAIT, |open| !*open);
+        });
     }
 }
 

@@ -191,8 +191,9 @@ impl RedisEngine {
     }
 
     /// Reads every primary's run id and eviction policy (`INFO server memory`), and marks each
-    /// shard up or down (`ferry_store_shard_up`). Fails when any primary does not answer, or a
-    /// slot has no primary (the cluster is failing over or down).
+    /// shard up or down (`ferry_store_shard_up`). Fails when no primary answers (or the slot map
+    /// cannot be read); primaries that did not answer, and slots without a primary (a failover
+    /// in progress), are in the report's `shards_down`.
     async fn info(&self) -> Result<(Vec<String>, StoreReport), EngineError> {
         let mut cmd = redis::cmd("INFO");
         cmd.arg("server").arg("memory");

@@ -60,7 +60,11 @@ async fn answer(mut stream: TcpStream, node: Arc<Node>) {
             http::respond_text(&mut stream, status, text).await
         }
         ("GET", "/metrics") => {
-            let body = metrics::render();
+            // Off the runtime's threads: the process collector reads /proc, and counting the
+            // open descriptors lists them all (one per connection) on kernels before 6.2.
+            let body = tokio::task::spawn_blocking(metrics::render)
+                .await
+                .unwrap_or_else(|e| format!("# metrics rendering failed: {e}\n"));
             let kind = "text/plain; version=0.0.4; charset=utf-8";
             http::respond(&mut stream, 200, kind, body.as_bytes()).await
         }

@@ -1,6 +1,9 @@
 //! Every metric the gateway exports, defined in one place, in prometheus's default registry
-//! (the router registers its store and pub/sub metrics there too). Label values come from closed
-//! sets: frame types, outcomes, paths and reasons; never a user, message or connection id.
+//! (the router registers its store and pub/sub metrics there too, and the prometheus crate's
+//! `process` feature registers its process collector there on Linux: `process_cpu_seconds_total`,
+//! `process_resident_memory_bytes`, `process_open_fds`, `process_max_fds` and the rest). Label
+//! values come from closed sets: frame types, outcomes, paths and reasons; never a user, message
+//! or connection id.
 
 use std::sync::LazyLock;
 
@@ -29,6 +32,17 @@ pub static NODE_INFO: LazyLock<IntGaugeVec> = LazyLock::new(|| {
         .expect(REGISTERED)
 });
 
+/// Always 1, labelled with the gateway's version (the crate's): one series per process, to
+/// count versions during a rollout and join other series on.
+pub static BUILD_INFO: LazyLock<IntGaugeVec> = LazyLock::new(|| {
+    register_int_gauge_vec!(
+        "ferry_build_info",
+        "This gateway's build: its version",
+        &["version"]
+    )
+    .expect(REGISTERED)
+});
+
 /// The node's connection limit (`--max-connections`), so alerts can compare
 /// `ferry_connections_open` with it.
 pub static CONNECTIONS_MAX: LazyLock<IntGauge> = LazyLock::new(|| {
@@ -45,6 +59,16 @@ pub static CONNECTIONS_REFUSED: LazyLock<IntCounterVec> = LazyLock::new(|| {
         "Connections refused before the WebSocket opened (admin_capacity: on the admin port), \
          by reason",
         &["reason"]
+    )
+    .expect(REGISTERED)
+});
+
+/// Requests for a path the listener does not serve (scanners, a browser's favicon): not a
+/// refusal, so kept out of `ferry_connections_refused_total`, which the alerts watch.
+pub static HTTP_NOT_FOUND: LazyLock<IntCounter> = LazyLock::new(|| {
+    register_int_counter!(
+        "ferry_http_not_found_total",
+        "Requests answered 404 on the WebSocket listener (an unknown path)"
     )
     .expect(REGISTERED)
 });
@@ -125,6 +149,21 @@ pub static DELIVERY_LATENCY: LazyLock<HistogramVec> = LazyLock::new(|| {
         "Time from a message being stored to its write to the recipient's socket, by path",
         &["path"],
         exponential_buckets(0.000_25, 2.0, 16).expect(REGISTERED)
+    )
+    .expect(REGISTERED)
+});
+
+/// How old a message is when it reaches its recipient's socket, from seconds to days: the
+/// latency histogram above stops at 8 s, while a message kept for an offline recipient is
+/// minutes to days old when its catch-up delivers it. 14 buckets ×4 from 10 ms to 7.8 days: past
+/// the default `--device-ttl` (7 days), after which a silent device no longer holds the inbox.
+pub static DELIVERY_AGE: LazyLock<HistogramVec> = LazyLock::new(|| {
+    register_histogram_vec!(
+        "ferry_delivery_age_seconds",
+        "Age of a message (time since it was stored) when it is written to the recipient's \
+         socket, by path; up to days for messages kept for offline recipients",
+        &["path"],
+        exponential_buckets(0.01, 4.0, 14).expect(REGISTERED)
     )
     .expect(REGISTERED)
 });
@@ -257,16 +296,11 @@ pub fn init() {
     STORE_OUTAGES.get();
     STORE_UP.get();
     HELLO_DURATION.get_sample_count();
-    for reason in [
-        "capacity",
-        "draining",
-        "bad_request",
-        "protocol",
-        "not_found",
-        "origin",
-        "query_token",
-        "admin_capacity",
-    ] {
+    HTTP_NOT_FOUND.get();
+    BUILD_INFO
+        .with_label_values(&[env!("CARGO_PKG_VERSION")])
+        .set(1);
+    for reason in REFUSAL_REASONS {
         CONNECTIONS_REFUSED.with_label_values(&[reason]);
     }
     for at in crate::auth::AuthAt::ALL {
@@ -308,6 +342,7 @@ pub fn init() {
     for path in ["live", "catchup"] {
         DELIVERED.with_label_values(&[path]);
         DELIVERY_LATENCY.with_label_values(&[path]);
+        DELIVERY_AGE.with_label_values(&[path]);
     }
     for reason in ["resume", "gap", "lagged", "resync", "position"] {
         CATCHUPS.with_label_values(&[reason]);
@@ -320,6 +355,19 @@ pub fn init() {
     }
     ferry_router::metrics::init();
 }
+
+/// Why a connection was refused before its WebSocket opened (`server.rs`, `admin.rs`).
+pub const REFUSAL_REASONS: [&str; 9] = [
+    "capacity",
+    "unauthenticated",
+    "address",
+    "draining",
+    "bad_request",
+    "protocol",
+    "origin",
+    "query_token",
+    "admin_capacity",
+];
 
 pub const SEND_OUTCOMES: [&str; 8] = [
     "stored",

@@ -2,7 +2,8 @@
 //! request, checks its `Origin` (`--allowed-origins`) and where it carries a token
 //! (`--refuse-query-token`), negotiates the subprotocol, answers `101`, and runs a session. It
 //! also serves the JavaScript client; in `--dev`, the demo page and (without a configured key)
-//! the token endpoint too. Refusals are plain HTTP statuses, counted by reason.
+//! the token endpoint too. Refusals are plain HTTP statuses, counted by reason; a path it does not
+//! serve is a 404, counted apart (`ferry_http_not_found_total`).
 
 use std::sync::Arc;
 
@@ -140,9 +141,7 @@ async fn serve(mut stream: TcpStream, node: Arc<Node>, mut entry: Entry) {
             dev_token(stream, &request, &node).await;
         }
         ("GET", "/dev/token") if node.config.dev => {
-            metrics::CONNECTIONS_REFUSED
-                .with_label_values(&["not_found"])
-                .inc();
+            metrics::HTTP_NOT_FOUND.inc();
             let text = "no /dev/token beside a configured key (--jwt-secret, --jwt-public-key): \
                         it would sign tokens for any user with it; get tokens from the issuer";
             refuse(stream, 404, text).await;
@@ -156,10 +155,10 @@ async fn serve(mut stream: TcpStream, node: Arc<Node>, mut entry: Entry) {
         ("GET", "/" | "/demo") if node.config.dev => {
             let _ = http::respond(&mut stream, 200, HTML_TYPE, DEMO_HTML.as_bytes()).await;
         }
+        // Scanners and browsers (a favicon) ask for anything: counted apart from the refusals,
+        // whose rate the alerts watch.
         _ => {
-            metrics::CONNECTIONS_REFUSED
-                .with_label_values(&["not_found"])
-                .inc();
+            metrics::HTTP_NOT_FOUND.inc();
             refuse(stream, 404, "not found; the WebSocket endpoint is /v1/ws").await;
         }
     }

@@ -14,7 +14,9 @@
 //! session sends the client away (`reconnect`, close 1012): its resume then gets `reset`. A live
 //! message of another epoch starts a catch-up (whose read checks the position), and one at or
 //! below `delivered` stored after `stamp` is a reused seq: the session ends the epoch itself.
-//! An entry that cannot be decoded is stepped over; the read moved it out of the inbox.
+//! An entry that cannot be decoded is stepped over; the read moved it out of the inbox. A read
+//! that found everything after `delivered` also vouches for the inbox's head it checked: the
+//! seqs up to it that are gone are stepped over (`step_over_to_head`).
 //!
 //! A session leaves with `reconnect` when the node drains (1012) or when the store watchdog
 //! declares an outage (1013): a node that cannot reach the store can neither store nor deliver.
@@ -304,8 +306,10 @@ struct Session {
     refused: Option<(Box<str>, Instant)>,
     /// Highest seq the client acknowledged (clamped to `delivered`).
     ack_wanted: u64,
-    /// The end of the last `gap` this session announced (0 if none).
-    gap_to: u64,
+    /// The highest seq this session stepped over without its stamp (0 if none): the end of a
+    /// `gap` it announced, or a head below which a complete catch-up read found nothing more
+    /// (see `catch_up_page`). A late live copy of such a seq is no sign of a reused seq.
+    stepped_over_to: u64,
     /// Highest seq trimmed from the inbox by this session.
     ack_done: u64,
     /// The one trim in flight, if any, and the seq it trims up to.
@@ -339,7 +343,7 @@ impl Session {
             refused: None,
             ack_wanted: 0,
             ack_done: 0,
-            gap_to: 0,
+            stepped_over_to: 0,
             trim: None,
             next_trim_at: Instant::now(),
             last_activity: Instant::now(),
@@ -722,9 +726,9 @@ impl Session {
             }
         };
         if msg.seq <= self.delivered {
-            // Seqs up to a session's gap were stepped over without their stamps: a late live
-            // copy of one is no sign of a reused seq.
-            if msg.stamp > self.stamp && msg.seq > self.gap_to {
+            // Seqs up to a session's gap, or to a head a read vouched for, were stepped over
+            // without their stamps: a late live copy of one is no sign of a reused seq.
+            if msg.stamp > self.stamp && msg.seq > self.stepped_over_to {
                 // Stored after everything this connection delivered, yet at or below it: the
                 // store went back in time and reuses seqs. End the epoch for every connection.
                 return Some(self.seq_reused().await);
@@ -808,6 +812,7 @@ impl Session {
                 cut,
                 floor,
                 device_acked,
+                head,
             })) => {
                 self.catchup_retry_at = None;
                 // Trimmed before this device acknowledged them (it stopped holding the inbox):
@@ -822,7 +827,7 @@ impl Session {
                         to: floor,
                     });
                     self.delivered = floor;
-                    self.gap_to = floor;
+                    self.stepped_over_to = floor;
                 }
                 // Acknowledged by another connection of this device, and still stored for the
                 // user's other devices: stepped over, never delivered again to this device (G4).
@@ -847,6 +852,11 @@ impl Session {
                         Stored::Undecodable { seq, stamp } => self.step_to(*seq, *stamp),
                     }
                 }
+                // Found everything after `delivered` and took it: what is left up to the head
+                // this read checked is gone.
+                if complete && entries.last().is_none_or(|e| e.seq() <= self.delivered) {
+                    self.step_over_to_head(head);
+                }
                 if complete {
                     self.catching_up = None;
                     if self.lagging {
@@ -862,6 +872,31 @@ impl Session {
                 self.catchup_retry_at = Some(Instant::now() + CATCHUP_RETRY);
                 None
             }
+        }
+    }
+
+    /// After a complete read (not cut by the byte bound, fewer entries than asked, every entry
+    /// taken): moves `delivered` up to the `head` that read checked. Without it, a session whose
+    /// missing seqs are gone (this device acknowledged them on another connection, and the trim
+    /// took them) reads nothing at every position check, since the head stays above
+    /// `delivered`: the empty reads that made `FerryCatchUpStorm` fire (issue 14).
+    ///
+    /// Nothing that exists is skipped (G2, G3). The read ran in one atomic step with the head it
+    /// returns, and a seq is allocated and stored in one step (the append), so every seq after
+    /// the read's last entry up to `head` had been stored and was gone again when it ran. Gone
+    /// by a trim, or to make room in a full inbox: then it is at or below `floor`, and the read
+    /// either told the client of it (the `gap` above) or it is at or below `device_acked`,
+    /// acknowledged by this device on another connection, which G3 lets a connection skip. Or
+    /// moved out as undecodable by another session's read, which this read would have stepped
+    /// over too. (A store that evicts keys loses messages outright; `ferry_store_may_evict`
+    /// warns of it.)
+    fn step_over_to_head(&mut self, head: u64) {
+        if head > self.delivered {
+            self.delivered = head;
+            // Their stamps are unknown, so `stamp` stays: the store's check finds no member
+            // above the old `delivered` to compare with it, and a late live copy of one is told
+            // apart by `stepped_over_to`.
+            self.stepped_over_to = head;
         }
     }
 

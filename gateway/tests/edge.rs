@@ -238,6 +238,28 @@ async fn a_query_token_works_by_default() {
     );
 }
 
+/// A path the listener does not serve (a scanner, a browser's favicon) is a 404, counted as one
+/// and not as a refused connection: `ferry_connections_refused_total` is for the capacity and
+/// policy refusals the alerts watch (issue 14).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_404_is_not_a_refused_connection() {
+    let gw = TestGateway::start(EngineKind::Embedded).await;
+    let series = "ferry_http_not_found_total";
+    let before = metric(&gw, series)
+        .await
+        .expect("the 404 counter is exported");
+    for path in ["/favicon.ico", "/wp-login.php", "/v1/ws/../admin"] {
+        let (status, body) = get_ws_port(&gw, path).await;
+        assert_eq!(status, 404, "{path}: {body}");
+    }
+    assert!(metric(&gw, series).await >= Some(before + 3.0));
+    let (_, exposition) = gw.get("/metrics").await.expect("scrape");
+    assert!(
+        !exposition.contains(r#"ferry_connections_refused_total{reason="not_found"}"#),
+        "a 404 is not a refusal"
+    );
+}
+
 // --- L3: authentication failures ---------------------------------------------------------------
 
 /// `hello` with `token`: the `unauthorized` error's message (the connection then closes).

@@ -26,6 +26,14 @@ const PHASE: Duration = Duration::from_secs(15);
 static SERIAL: Mutex<()> = Mutex::const_new(());
 
 async fn slow_gateway(kind: EngineKind) -> TestGateway {
+    slow_gateway_with(kind, |_| {}).await
+}
+
+/// `slow_gateway` with `tweak` applied last.
+async fn slow_gateway_with(
+    kind: EngineKind,
+    tweak: impl FnOnce(&mut ferry_gateway::Config),
+) -> TestGateway {
     TestGateway::start_with(kind, |c| {
         c.outbound_queue = 16;
         c.outbound_queue_bytes = 64 * 1024;
@@ -34,6 +42,7 @@ async fn slow_gateway(kind: EngineKind) -> TestGateway {
         c.send_rate = 1_000_000.0;
         c.send_burst = 1_000_000;
         c.store_bytes_rate = 1e12;
+        tweak(c);
     })
     .await
 }
@@ -115,6 +124,45 @@ async fn lagged_catchups(gateway: &TestGateway) -> f64 {
     metric(gateway, series).await.unwrap_or(0.0)
 }
 
+async fn position_catchups(gateway: &TestGateway) -> f64 {
+    let series = r#"ferry_catchup_reads_total{reason="position"}"#;
+    metric(gateway, series).await.unwrap_or(0.0)
+}
+
+/// Reads `msg` frames until none comes for `quiet`: their seqs, which must increase by one each
+/// (no `gap` either).
+async fn read_until_quiet(conn: &mut RawConnection, quiet: Duration) -> Vec<u64> {
+    let mut seqs: Vec<u64> = Vec::new();
+    loop {
+        match conn.next_frame(quiet).await {
+            Err(_) => return seqs,
+            Ok(RawEvent::Frame(ServerFrame::Msg { seq, .. })) => {
+                if let Some(last) = seqs.last() {
+                    assert_eq!(seq, last + 1, "in order, nothing skipped");
+                }
+                seqs.push(seq);
+            }
+            Ok(RawEvent::Frame(ServerFrame::Gap { from, to })) => {
+                panic!("gap {from}..={to}: the device acknowledged those seqs itself")
+            }
+            Ok(RawEvent::Frame(_)) => {}
+            Ok(RawEvent::Closed { code, reason }) => panic!("closed ({code:?}, {reason})"),
+        }
+    }
+}
+
+/// The default device's position kept by the store for `user`, as a new connection's
+/// `welcome` reports it (`resume`, with no position of its own).
+async fn kept_position(gateway: &TestGateway, user: &str) -> u64 {
+    match gateway.raw(user).await.1 {
+        ServerFrame::Welcome {
+            resume: Some(resume),
+            ..
+        } => resume,
+        other => panic!("expected a welcome with resume, got {other:?}"),
+    }
+}
+
 both_engines! {
     async fn a_slow_reader_gets_everything_once_in_order(kind: EngineKind) {
         let _serial = SERIAL.lock().await;
@@ -181,6 +229,56 @@ both_engines! {
         }
         read_all_in_order(&mut reader, 51, FLOOD).await;
         ping_pong(&mut bystander).await;
+    }
+
+    // Two connections of one device (issue 14): one lags while the other reads the flood and
+    // acknowledges it, so the trim takes what the lagging one never had. Its catch-up finds the
+    // rest gone and steps to the head that read checked, once: it does not read nothing again
+    // at every position check (the false FerryCatchUpStorm), and it is told of no gap (its
+    // device acknowledged those seqs, G3).
+    async fn seqs_acknowledged_on_another_connection_are_read_for_once(kind: EngineKind) {
+        let _serial = SERIAL.lock().await;
+        const CHECK: Duration = Duration::from_millis(100);
+        let gateway = slow_gateway_with(kind, |c| c.position_check = CHECK).await;
+        let (mut sender, _) = gateway.raw("sender").await;
+        let (mut reader, _) = gateway.raw("multi").await;
+        // The same (default) device; it reads nothing while the flood arrives.
+        let (mut slow, _) = gateway.raw("multi").await;
+        let mut observed = Observed::default();
+        tokio::time::timeout(PHASE, flood(&gateway, &mut sender, "multi", 1, FLOOD, &mut observed))
+            .await
+            .expect("the flood is stored in time");
+        read_all_in_order(&mut reader, 1, FLOOD).await;
+        reader
+            .send_frame(&ferry_shared::ClientFrame::Ack { seq: FLOOD })
+            .await
+            .expect("ack");
+        let deadline = tokio::time::Instant::now() + PHASE;
+        while kept_position(&gateway, "multi").await < FLOOD {
+            assert!(tokio::time::Instant::now() < deadline, "the ack is never applied");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+
+        // The lagging connection gets what its socket and queue held, then nothing.
+        let got = read_until_quiet(&mut slow, Duration::from_millis(500)).await;
+        assert!(
+            got.last() < Some(&FLOOD),
+            "the second connection never fell behind ({} messages): {observed:?}",
+            got.len()
+        );
+        let before = position_catchups(&gateway).await;
+        tokio::time::sleep(CHECK * 15).await;
+        let reads = position_catchups(&gateway).await - before;
+        assert!(
+            reads <= 1.0,
+            "{reads} position catch-up reads in 15 checks: the empty read repeats"
+        );
+        // Still live, from the head it stepped to.
+        raw_send(&mut sender, &format!("m{}", FLOOD + 1), "multi", "after").await;
+        assert_eq!(
+            read_until_quiet(&mut slow, Duration::from_millis(500)).await,
+            [FLOOD + 1]
+        );
     }
 
     // A session that lags while its inbox is full and its device no longer holds it (silent past

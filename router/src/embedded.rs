@@ -402,6 +402,7 @@ impl Engine for EmbeddedEngine {
                 Some(inbox) if at.delivered < u64::MAX => {
                     let mut page = Page {
                         floor: inbox.floor,
+                        head: inbox.seq,
                         device_acked: inbox
                             .devices
                             .records

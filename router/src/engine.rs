@@ -63,6 +63,11 @@ pub struct Page {
     /// The reading device's acknowledged position in this epoch (0 if none): what lies between
     /// it and `floor` was trimmed before the device acknowledged it, a gap it must be told of.
     pub device_acked: u64,
+    /// The inbox's head (its highest seq allocated) when the read ran, read in the same atomic
+    /// step as the entries. A seq is allocated and stored in one step, so a read that was not
+    /// cut short and returned fewer entries than asked shows every seq after its last entry up
+    /// to `head` gone from the inbox.
+    pub head: u64,
 }
 
 /// An epoch's name, held inline so that a live message carries it without an allocation.

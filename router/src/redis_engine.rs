@@ -542,14 +542,13 @@ fn millis(d: Duration) -> u64 {
 /// A read entry and, when it could not be decoded, its raw member (to move out of the inbox).
 type ReadEntry = (Stored, Option<Vec<u8>>);
 
-/// The `ZRANGE … WITHSCORES` pairs of a read, decoded, and whether the byte bound cut the page.
-/// The read script's page: its entries, whether the byte bound cut it, the floor and the
-/// device's position.
-type ReadPage = (Vec<ReadEntry>, bool, u64, u64);
+/// The read script's page: its entries (the `ZRANGE … WITHSCORES` pairs, decoded), whether the
+/// byte bound cut it, the floor, the device's position and the head.
+type ReadPage = (Vec<ReadEntry>, bool, u64, u64, u64);
 
 fn decode_page(items: &[Value]) -> Result<ReadPage, EngineError> {
     let bad = || EngineError::Internal("the read script answered a malformed page".into());
-    let [Value::Array(pairs), cut, floor, device_acked] = items else {
+    let [Value::Array(pairs), cut, floor, device_acked, head] = items else {
         return Err(bad());
     };
     let entries = pairs
@@ -580,6 +579,7 @@ fn decode_page(items: &[Value]) -> Result<ReadPage, EngineError> {
         int(cut) == Some(1),
         int(floor).ok_or_else(bad)?,
         int(device_acked).ok_or_else(bad)?,
+        int(head).ok_or_else(bad)?,
     ))
 }
 
@@ -756,7 +756,7 @@ impl Engine for RedisEngine {
                     None => Ok(None),
                 }
             });
-            let Some((page, cut, floor, device_acked)) = read.await? else {
+            let Some((page, cut, floor, device_acked, head)) = read.await? else {
                 return Ok(Checked::Void);
             };
             let mut entries = Vec::with_capacity(page.len());
@@ -771,6 +771,7 @@ impl Engine for RedisEngine {
                 cut,
                 floor,
                 device_acked,
+                head,
             }))
         })
     }

@@ -318,8 +318,8 @@ return {state[1], string.format('%d', head), now[1] .. string.format('%06d', ton
 );
 
 /// KEYS: inbox, meta, devices. ARGV: epoch, delivered, stamp, new epoch, device, limit, max
-/// bytes. Returns `{'ok', {member, score, ...}, cut, floor, device acked}`, or `{why}` (see
-/// `verify_position!`). The page
+/// bytes. Returns `{'ok', {member, score, ...}, cut, floor, device acked, head}`, or `{why}` (see
+/// `verify_position!`); `head` is the meta's `seq` that `verify_position!` read. The page
 /// stops before the member that would pass the byte bound (the first is always returned), so a
 /// read never brings more than the session's queue can take; `cut` is 1 when it did.
 ///
@@ -358,7 +358,7 @@ if rec then
     acked = a
   end
 end
-return {'ok', page, cut, state[3] or '0', acked}
+return {'ok', page, cut, state[3] or '0', acked, state[2] or '0'}
 "#
 );
 

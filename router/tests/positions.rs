@@ -1,7 +1,8 @@
 //! Positions checked by the store (issue 9): reads, trims and position checks act only on a
 //! position the inbox still backs, and end the epoch when the inbox went back in time; `open`
-//! ends it for a claim beyond the head; `end_epoch` is a compare-and-set. On both engines, plus
-//! what only Redis can do to an inbox (reused seqs, a lost `meta`, an undecodable member).
+//! ends it for a claim beyond the head; `end_epoch` is a compare-and-set; a read carries the head
+//! it checked (issue 14). On both engines, plus what only Redis can do to an inbox (reused seqs,
+//! a lost `meta`, an undecodable member).
 
 #[macro_use]
 mod common;
@@ -149,6 +150,47 @@ on_both_engines!(
         ));
     }
 );
+
+/// A page of bob's inbox read from `at`, which must be valid.
+async fn page(engine: &dyn Engine, at: &Position<'_>, limit: usize) -> Page {
+    match engine.read_after(&user("bob"), at, limit, usize::MAX).await {
+        Ok(Checked::Valid(page)) => page,
+        other => panic!("read from {}: {other:?}", at.delivered),
+    }
+}
+
+// A read carries the head it checked (issue 14): a session whose complete read finds nothing
+// after its position learns that everything up to that head is gone, and steps to it instead
+// of reading nothing again at every position check.
+on_both_engines!(
+    a_read_carries_the_head_it_checked,
+    options(),
+    |engine| async move {
+        fill(&*engine, "bob", "m", 5).await;
+        let epoch = inbox_state(&*engine, "bob").await.epoch;
+        let first = page(&*engine, &position(&epoch, 0, 0), 2).await;
+        assert_eq!(
+            (first.entries.len(), first.head),
+            (2, 5),
+            "a page cut by its limit"
+        );
+        let rest = page(&*engine, &position(&epoch, 3, 0), 10).await;
+        assert_eq!((rest.entries.len(), rest.head), (2, 5));
+        // The device acknowledged everything (on another connection) and the trim took it: a
+        // connection still at 2 reads nothing, up to a head of 5.
+        trim(&*engine, "bob", 5).await;
+        let behind = page(&*engine, &position(&epoch, 2, 0), 10).await;
+        assert!(behind.entries.is_empty() && !behind.cut);
+        assert_eq!((behind.floor, behind.device_acked, behind.head), (5, 5, 5));
+        assert_eq!(fill(&*engine, "bob", "n", 1).await, [6]);
+        let next = page(&*engine, &position(&epoch, 2, 0), 10).await;
+        assert_eq!((seqs_of(&next), next.head), (vec![6], 6));
+    }
+);
+
+fn seqs_of(page: &Page) -> Vec<u64> {
+    page.entries.iter().map(Stored::seq).collect()
+}
 
 async fn redis_engine(server: &RedisServer) -> Arc<dyn Engine> {
     Arc::new(

@@ -344,7 +344,15 @@ pub fn init() {
         DELIVERY_LATENCY.with_label_values(&[path]);
         DELIVERY_AGE.with_label_values(&[path]);
     }
-    for reason in ["resume", "gap", "lagged", "resync", "position"] {
+    for reason in [
+        "resume",
+        "gap",
+        "lagged",
+        "resync",
+        "position",
+        "epoch",
+        "undecodable",
+    ] {
         CATCHUPS.with_label_values(&[reason]);
     }
     for reason in CLOSE_REASONS {

@@ -8,18 +8,19 @@
 //! gauge is read only from the binary built here; the RSS bounds apply to every build.
 
 mod common;
+mod process;
 
-use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
-use std::process::{Child, Command, Stdio};
+use std::process::Child;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use common::{WAIT, http_get, next_frame, raw_send, send_frame};
+use common::{WAIT, http_get, next_frame, raw_send, send_frame, series_value};
 use ferry_shared::ServerFrame;
 use ferry_shared::client::{RawConnection, RawEvent};
 use ferry_shared::{ClientFrame, ErrorCode};
+use process::{Started, built_gateway, gateway_command, start_until_serving};
 use tokio::time::Instant;
 
 const KIB: u64 = 1024;
@@ -286,36 +287,25 @@ impl Gateway {
     /// Starts the gateway with `env` as its only `FERRY_*` settings, and waits until it serves.
     fn start(env: &[(&str, &str)]) -> Self {
         let other = std::env::var_os("FERRY_TEST_GATEWAY_BIN");
-        let bin = other
-            .clone()
-            .unwrap_or_else(|| env!("CARGO_BIN_EXE_ferry-gateway").into());
-        let mut command = Command::new(bin);
-        command.args([
-            "--dev",
-            "--listen",
-            "127.0.0.1:0",
-            "--admin-listen",
-            "127.0.0.1:0",
-        ]);
-        for (name, _) in std::env::vars() {
-            if name.starts_with("FERRY_") {
-                command.env_remove(name);
-            }
-        }
+        let bin = other.clone().unwrap_or_else(|| built_gateway().into());
+        let mut command = gateway_command(
+            bin,
+            &[
+                "--dev",
+                "--listen",
+                "127.0.0.1:0",
+                "--admin-listen",
+                "127.0.0.1:0",
+            ],
+        );
         command.envs(env.iter().copied()).env("FERRY_LOG", "info");
-        let mut child = command
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("start the gateway");
-        let mut lines = BufReader::new(child.stdout.take().expect("stdout")).lines();
-        let serving = lines
-            .by_ref()
-            .map_while(Result::ok)
-            .map(|line| strip_ansi(&line))
-            .find(|line| line.contains("gateway serving"));
+        let Started {
+            mut child,
+            serving,
+            rest,
+        } = start_until_serving(command);
         // The rest of the log is read and dropped, so the gateway never blocks on a full pipe.
-        std::thread::spawn(move || lines.map_while(Result::ok).for_each(drop));
+        std::thread::spawn(move || rest.map_while(Result::ok).for_each(drop));
         let Some(serving) = serving else {
             let _ = child.kill();
             let _ = child.wait();
@@ -431,7 +421,7 @@ impl Gateway {
 
     /// The value of `series` now (0 when it is not exported).
     async fn series(&self, series: &str) -> u64 {
-        series_value(&self.metrics().await, series).unwrap_or(0)
+        series_value(&self.metrics().await, series).map_or(0, |v| v as u64)
     }
 
     /// Polls `series` until it reaches `at_least` or `deadline` passes; its last value.
@@ -454,7 +444,8 @@ impl Gateway {
             tokio::spawn(async move {
                 loop {
                     if let Ok((_, body)) = http_get(admin, "/metrics").await {
-                        let value = series_value(&body, GAUGE).expect("the gauge is exported");
+                        let value =
+                            series_value(&body, GAUGE).expect("the gauge is exported") as u64;
                         max.fetch_max(value, Ordering::Relaxed);
                     }
                     tokio::time::sleep(Duration::from_millis(20)).await;
@@ -501,31 +492,4 @@ impl GaugeWatch {
         task.abort();
         Some(self.max.load(Ordering::Relaxed))
     }
-}
-
-/// The value of `series` (its name and labels, exactly) in the exposition text.
-fn series_value(metrics: &str, series: &str) -> Option<u64> {
-    metrics
-        .lines()
-        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' '))
-        .and_then(|v| v.parse::<f64>().ok())
-        .map(|v| v as u64)
-}
-
-/// `line` without terminal colour sequences (`ESC [ ... m`).
-fn strip_ansi(line: &str) -> String {
-    let mut out = String::with_capacity(line.len());
-    let mut chars = line.chars();
-    while let Some(c) = chars.next() {
-        if c == '\u{1b}' {
-            for c in chars.by_ref() {
-                if c == 'm' {
-                    break;
-                }
-            }
-        } else {
-            out.push(c);
-        }
-    }
-    out
 }

@@ -235,6 +235,27 @@ both_engines! {
         bystander.check(&gateway).await;
     }
 
+    // The same bound in JSON: `{"type":"ping","x":[0,0,…]}` of 200,000 values, and an array
+    // nested 100,000 deep in a hello.
+    async fn json_over_the_element_or_depth_bound_is_a_bad_frame(kind: EngineKind) {
+        let gateway = TestGateway::start(kind).await;
+        let bystander = Bystander::open(&gateway).await;
+        let mut conn = raw_json(&gateway, "many-zeros").await;
+        let zeros = vec!["0"; 200_000].join(",");
+        conn.send_text(format!(r#"{{"type":"ping","x":[{zeros}]}}"#)).await.expect("send");
+        let (message, ..) = expect_error(&mut conn, ErrorCode::BadFrame).await;
+        assert_eq!(message, "undecodable frame: more than 1024 array elements and map entries");
+        expect_closed(&mut conn, 1008).await;
+
+        let mut conn = raw_open(&gateway, &[JSON]).await;
+        let deep = format!(r#"{{"type":"hello","x":{}{}}}"#, "[".repeat(100_000), "]".repeat(100_000));
+        conn.send_text(deep).await.expect("send");
+        let (message, ..) = expect_error(&mut conn, ErrorCode::BadFrame).await;
+        assert_eq!(message, "undecodable frame: nested deeper than 16");
+        expect_closed(&mut conn, 1008).await;
+        bystander.check(&gateway).await;
+    }
+
     async fn a_missing_field_is_a_bad_frame(kind: EngineKind) {
         let gateway = TestGateway::start(kind).await;
         let bystander = Bystander::open(&gateway).await;

@@ -6,16 +6,13 @@ use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
+mod process;
+
+use process::{Started, built_gateway, gateway_command, start_until_serving, strip_ansi};
+
+/// The gateway with `args` only.
 fn gateway(args: &[&str]) -> Command {
-    let mut command = Command::new(env!("CARGO_BIN_EXE_ferry-gateway"));
-    command.args(args);
-    // Only the flags given here count: no FERRY_* setting from the environment.
-    for (name, _) in std::env::vars() {
-        if name.starts_with("FERRY_") {
-            command.env_remove(name);
-        }
-    }
-    command
+    gateway_command(built_gateway(), args)
 }
 
 /// `--dev` on loopback ports chosen by the system, plus `args`.
@@ -99,40 +96,29 @@ fn refuses_a_jwt_secret_shorter_than_32_bytes() {
     drop(held);
 
     // 32 bytes is enough.
-    let mut child = gateway(&[
+    let Started {
+        mut child, serving, ..
+    } = start_until_serving(gateway(&[
         "--jwt-secret",
         &"x".repeat(32),
         "--listen",
         "127.0.0.1:0",
         "--admin-listen",
         "127.0.0.1:0",
-    ])
-    .stdout(Stdio::piped())
-    .stderr(Stdio::null())
-    .spawn()
-    .expect("start the gateway");
-    let lines = BufReader::new(child.stdout.take().expect("stdout")).lines();
-    let serving = lines
-        .map_while(Result::ok)
-        .any(|line| line.contains("gateway serving"));
+    ]));
     terminate(&child);
     wait_bounded(&mut child, Duration::from_secs(20));
-    assert!(serving, "a 32-byte secret is accepted");
+    assert!(serving.is_some(), "a 32-byte secret is accepted");
 }
 
 #[test]
 fn sigterm_drains_to_a_clean_exit() {
-    let mut child = dev_gateway(&["--drain-timeout", "1s"])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("start the gateway");
-    let mut lines = BufReader::new(child.stdout.take().expect("stdout")).lines();
-    let serving = lines
-        .by_ref()
-        .map_while(Result::ok)
-        .any(|line| line.contains("gateway serving"));
-    assert!(serving, "the gateway started serving");
+    let Started {
+        mut child,
+        serving,
+        rest: lines,
+    } = start_until_serving(dev_gateway(&["--drain-timeout", "1s"]));
+    assert!(serving.is_some(), "the gateway started serving");
     // Right after start: the handler is installed before the ports are bound.
     terminate(&child);
     let exit = wait_bounded(&mut child, Duration::from_secs(20));
@@ -251,22 +237,4 @@ fn the_open_files_limit_is_raised_to_the_hard_one() {
     let logged = strip_ansi(&logged.expect("the limit is logged at start"));
     assert!(logged.contains("before=512"), "{logged}");
     assert!(logged.contains(&format!("now={hard}")), "{logged}");
-}
-
-/// `line` without terminal colour sequences (`ESC [ ... m`).
-fn strip_ansi(line: &str) -> String {
-    let mut out = String::with_capacity(line.len());
-    let mut chars = line.chars();
-    while let Some(c) = chars.next() {
-        if c == '\u{1b}' {
-            for c in chars.by_ref() {
-                if c == 'm' {
-                    break;
-                }
-            }
-        } else {
-            out.push(c);
-        }
-    }
-    out
 }

@@ -203,6 +203,35 @@ async fn a_flood_to_made_up_users_stores_a_bounded_number_of_bytes() {
     );
 }
 
+/// Two nodes on one Redis whose users may store `rate` bytes per second (and send as often as
+/// they like).
+async fn two_nodes_storing(rate: f64) -> (TestGateway, TestGateway) {
+    let one = TestGateway::start_with(EngineKind::Redis, |c| {
+        c.store_bytes_rate = rate;
+        c.send_rate = 10_000.0;
+        c.send_burst = 10_000;
+    })
+    .await;
+    let two = one.another_node("gw-two").await;
+    (one, two)
+}
+
+/// Sends `body` to bob as `id`: `Ok` when stored, the `retry_after_ms` when rate limited.
+async fn stored_or_retry(conn: &mut RawConnection, id: &str, body: &str) -> Result<(), u64> {
+    conn.send_frame(&send_frame(id, "bob", body))
+        .await
+        .expect("send");
+    match next_frame(conn).await {
+        ServerFrame::Sent { .. } => Ok(()),
+        ServerFrame::Error {
+            code: ErrorCode::RateLimited,
+            retry_after_ms,
+            ..
+        } => Err(retry_after_ms.unwrap_or(10)),
+        other => panic!("unexpected {other:?}"),
+    }
+}
+
 // H4 across nodes: the store quota was per node, so a user connected to two nodes stored twice
 // its rate. Now both nodes lease from one bucket in Redis (chunks of a quarter second's worth,
 // spent at most one chunk and one body ahead of the grants on each node).
@@ -211,13 +240,7 @@ async fn the_store_quota_holds_across_nodes() {
     const RATE: f64 = 256.0 * 1024.0;
     const N: usize = 40;
     const SIZE: usize = 32 * 1024;
-    let one = TestGateway::start_with(EngineKind::Redis, |c| {
-        c.store_bytes_rate = RATE;
-        c.send_rate = 10_000.0;
-        c.send_burst = 10_000;
-    })
-    .await;
-    let two = one.another_node("gw-two").await;
+    let (one, two) = two_nodes_storing(RATE).await;
     let (mut on_one, _) = one.raw("mallory").await;
     let (mut on_two, _) = two.raw("mallory").await;
     let started = tokio::time::Instant::now();
@@ -243,13 +266,7 @@ async fn the_store_quota_holds_across_nodes() {
 async fn a_reconnect_loop_does_not_outrun_the_store_quota() {
     const RATE: f64 = 64.0 * 1024.0;
     const SIZE: usize = 8 * 1024;
-    let one = TestGateway::start_with(EngineKind::Redis, |c| {
-        c.store_bytes_rate = RATE;
-        c.send_rate = 10_000.0;
-        c.send_burst = 10_000;
-    })
-    .await;
-    let two = one.another_node("gw-two").await;
+    let (one, two) = two_nodes_storing(RATE).await;
     let now_ms = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .expect("clock")
@@ -269,21 +286,9 @@ async fn a_reconnect_loop_does_not_outrun_the_store_quota() {
             if tokio::time::Instant::now() >= deadline {
                 break;
             }
-            steady
-                .send_frame(&send_frame(&format!("s-{n}"), "bob", &body))
-                .await
-                .expect("send");
-            match next_frame(&mut steady).await {
-                ServerFrame::Sent { .. } => stored += 1,
-                ServerFrame::Error {
-                    code: ErrorCode::RateLimited,
-                    retry_after_ms,
-                    ..
-                } => {
-                    let wait = retry_after_ms.unwrap_or(10);
-                    tokio::time::sleep(std::time::Duration::from_millis(wait)).await;
-                }
-                other => panic!("unexpected {other:?}"),
+            match stored_or_retry(&mut steady, &format!("s-{n}"), &body).await {
+                Ok(()) => stored += 1,
+                Err(wait) => tokio::time::sleep(std::time::Duration::from_millis(wait)).await,
             }
         }
         stored
@@ -298,18 +303,13 @@ async fn a_reconnect_loop_does_not_outrun_the_store_quota() {
             }
             let (mut conn, _) = two.raw("mallory").await;
             for n in 0.. {
-                let id = format!("r{round}-{n}");
-                conn.send_frame(&send_frame(&id, "bob", &body))
+                if stored_or_retry(&mut conn, &format!("r{round}-{n}"), &body)
                     .await
-                    .expect("send");
-                match next_frame(&mut conn).await {
-                    ServerFrame::Sent { .. } => stored += 1,
-                    ServerFrame::Error {
-                        code: ErrorCode::RateLimited,
-                        ..
-                    } => break,
-                    other => panic!("unexpected {other:?}"),
+                    .is_err()
+                {
+                    break;
                 }
+                stored += 1;
             }
             drop(conn);
             tokio::time::sleep(std::time::Duration::from_millis(500)).await;

@@ -444,6 +444,35 @@ impl Core {
         )
     }
 
+    /// The quota script on `user`'s bucket: `take` (answers the bytes granted) or `settle`.
+    fn quota(
+        &self,
+        user: &UserId,
+        bytes: i64,
+        rate: u64,
+        burst: u64,
+        mode: &'static str,
+    ) -> BoxFuture<'static, Result<u64, EngineError>> {
+        let script = &SCRIPTS.quota;
+        let mut cmd = script.call(1);
+        cmd.arg(self.key(user, KeyKind::Quota))
+            .arg(bytes)
+            .arg(rate.max(1))
+            .arg(burst)
+            .arg(mode);
+        let answer = self.submit(user, cmd, script);
+        Box::pin(timed(
+            StoreOp::Quota,
+            self.options.store_timeout,
+            async move {
+                let value = received(answer).await?;
+                int(&value).ok_or_else(|| {
+                    EngineError::Internal(format!("unexpected quota answer: {value:?}"))
+                })
+            },
+        ))
+    }
+
     /// Moves an undecodable member out of `user`'s inbox into its quarantine set.
     async fn quarantine(&self, user: &UserId, seq: u64, member: Vec<u8>) {
         let script = &SCRIPTS.quarantine;
@@ -923,25 +952,8 @@ impl Engine for RedisEngine {
         rate: u64,
         burst: u64,
     ) -> BoxFuture<'static, Result<u64, EngineError>> {
-        let core = &self.core;
-        let script = &SCRIPTS.quota;
-        let mut cmd = script.call(1);
-        cmd.arg(core.key(user, KeyKind::Quota))
-            .arg(want)
-            .arg(rate.max(1))
-            .arg(burst)
-            .arg("take");
-        let answer = core.submit(user, cmd, script);
-        Box::pin(timed(
-            StoreOp::Quota,
-            core.options.store_timeout,
-            async move {
-                let value = received(answer).await?;
-                int(&value).ok_or_else(|| {
-                    EngineError::Internal(format!("unexpected quota answer: {value:?}"))
-                })
-            },
-        ))
+        let want = i64::try_from(want).unwrap_or(i64::MAX);
+        self.core.quota(user, want, rate, burst, "take")
     }
 
     fn settle_quota(
@@ -951,20 +963,8 @@ impl Engine for RedisEngine {
         rate: u64,
         burst: u64,
     ) -> BoxFuture<'static, Result<(), EngineError>> {
-        let core = &self.core;
-        let script = &SCRIPTS.quota;
-        let mut cmd = script.call(1);
-        cmd.arg(core.key(user, KeyKind::Quota))
-            .arg(owed)
-            .arg(rate.max(1))
-            .arg(burst)
-            .arg("settle");
-        let answer = core.submit(user, cmd, script);
-        Box::pin(timed(
-            StoreOp::Quota,
-            core.options.store_timeout,
-            async move { received(answer).await.map(drop) },
-        ))
+        let settled = self.core.quota(user, owed, rate, burst, "settle");
+        Box::pin(async move { settled.await.map(drop) })
     }
 
     fn shares_quota(&self) -> bool {

@@ -465,9 +465,13 @@ where
 /// The value of a metric series (first line starting with `series`) from `/metrics`.
 pub async fn metric(gateway: &TestGateway, series: &str) -> Option<f64> {
     let (_, body) = gateway.get("/metrics").await.ok()?;
-    body.lines()
-        .find(|l| l.starts_with(series) && l[series.len()..].starts_with(' '))
-        .and_then(|l| l.rsplit(' ').next())
+    series_value(&body, series)
+}
+
+/// The value of `series` (its name and labels, exactly) in Prometheus exposition text.
+pub fn series_value(text: &str, series: &str) -> Option<f64> {
+    text.lines()
+        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' '))
         .and_then(|v| v.parse().ok())
 }
 
